@@ -1,0 +1,48 @@
+# radnode: the two set-up commands of the README.
+#   make run   - create .venv on first use, install, start the node with embedded defaults
+#   make test  - create .venv if needed, install the Debian peers the tests use, run pytest
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A local wheel folder (if the machine has one) lets pip find the CPU build of torch.
+WHEELS := $(wildcard /opt/wheels)
+PIP := $(BIN)/python -m pip --disable-pip-version-check $(if $(WHEELS),--find-links $(WHEELS))
+# Debian packages of the real peers the tests talk to: command -> package.
+DEBIAN_TOOLS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools plastimatch:plastimatch
+PYTEST_ARGS ?=
+
+.PHONY: run test install debian-tools clean-venv
+
+run: $(VENV)/.installed
+	$(BIN)/radnode serve
+
+test: $(VENV)/.installed debian-tools
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(VENV)/.installed
+
+# pyradiomics builds a C extension against the numpy already in the venv, so numpy
+# and versioneer come first and its build runs without isolation; torch is pinned to
+# the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install torch==2.13.0 numpy versioneer
+	$(PIP) install --no-build-isolation pyradiomics
+	$(PIP) install -e '.[test]'
+	touch $@
+
+debian-tools:
+	@missing=""; for pair in $(DEBIAN_TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,372 @@
+"""The one settings model of radnode.
+
+Every tunable of the node lives here, grouped by the part of the system that reads it.
+Defaults are the embedded configuration that ``make run`` starts with: SQLite and a local
+data folder, AE title ``RADNODE`` on port 11112, the bundled demo model, any calling AE
+accepted (with a warning at start). Unknown keys are rejected (``extra="forbid"``) so a
+typo in a YAML file fails loudly instead of being silently ignored.
+
+Sources, highest priority first: environment ``RADNODE_<SECTION>__<KEY>``, the YAML file,
+these defaults (see :mod:`radnode.config.loader`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import date, time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+#: PS3.5 §6.2: an AE title is 1–16 characters of the default repertoire, no backslash or
+#: control characters; leading/trailing spaces are not significant.
+AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
+#: PS3.5 §9.1: a UID root is digits and dots, no leading zeros in a component.
+UID_ROOT_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+
+
+
+def _check_ae_title(value: str) -> str:
+    if not re.fullmatch(AE_TITLE_PATTERN, value) or not value.strip():
+        raise ValueError(
+            "an AE title is 1-16 printable ASCII characters without backslash (PS3.5 §6.2)"
+        )
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Section(BaseModel):
+    """Base for every section: strict about unknown keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ResultObject(str, Enum):
+    """The result objects radnode produces and can send to a destination."""
+
+    SEG = "SEG"
+    RTSTRUCT = "RTSTRUCT"
+    SR = "SR"
+
+
+class TLSSettings(_Section):
+    """TLS for the listener (DICOM over TLS, PS3.15 Annex B)."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle that client certificates must chain to."
+    )
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs both cert_file and key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs ca_file to verify clients against")
+        return self
+
+
+class NodeSettings(_Section):
+    """The DICOM listener: who we are and whom we accept."""
+
+    ae_title: AETitle = "RADNODE"
+    host: str = Field(default="0.0.0.0", description="Address to bind the listener to.")
+    port: Port = 11112
+    strict: bool = Field(
+        default=False,
+        description="Reject calling AEs not in allowed_calling_aes. When false and the list "
+        "is empty, any calling AE is accepted and a warning is logged at start.",
+    )
+    allowed_calling_aes: list[AETitle] = Field(default_factory=list)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Peer IP addresses or networks (CIDR) allowed to associate; empty = any.",
+    )
+    max_associations: int = Field(default=16, ge=1, le=256)
+    max_pdu: int = Field(
+        default=0,
+        ge=0,
+        description="Maximum PDU length we accept in bytes; 0 = unlimited (fastest).",
+    )
+    acse_timeout: float = Field(default=30.0, gt=0)
+    dimse_timeout: float = Field(default=60.0, gt=0)
+    network_timeout: float = Field(default=120.0, gt=0)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    @field_validator("max_pdu")
+    @classmethod
+    def _pdu_range(cls, value: int) -> int:
+        # PS3.8 §D.3.3.2.1: a non-zero maximum length must hold at least one PDV header.
+        if value and value < 4096:
+            raise ValueError("max_pdu must be 0 (unlimited) or at least 4096 bytes")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR network") from exc
+        return value
+
+
+class StorageSettings(_Section):
+    """Where received instances, results and the database live."""
+
+    data_dir: Path = Path("radnode-data")
+    min_free_gb: float = Field(
+        default=1.0,
+        ge=0,
+        description="Below this free space the node answers C-STORE with 0xA700.",
+    )
+    retention_days: int = Field(
+        default=30,
+        ge=0,
+        description="Days to keep processed input series; 0 keeps them forever.",
+    )
+
+
+class SeriesSettings(_Section):
+    """When a series counts as complete (DICOM itself has no such notion)."""
+
+    quiet_seconds: float = Field(default=60.0, gt=0)
+    force_seconds: float = Field(default=1800.0, gt=0)
+    on_update: Literal["reprocess", "ignore"] = "reprocess"
+
+    @model_validator(mode="after")
+    def _force_after_quiet(self) -> SeriesSettings:
+        if self.force_seconds < self.quiet_seconds:
+            raise ValueError(
+                f"force_seconds ({self.force_seconds}) must not be shorter than "
+                f"quiet_seconds ({self.quiet_seconds})"
+            )
+        return self
+
+
+class QCSettings(_Section):
+    """Acceptance limits for an input CT series (see :class:`radnode.dicom_io.qc.QCLimits`)."""
+
+    min_slices: int = Field(default=20, ge=1)
+    max_slice_thickness_mm: float = Field(default=5.0, gt=0)
+    spacing_tolerance_mm: float = Field(default=0.05, gt=0)
+    max_tilt_deg: float = Field(default=0.5, ge=0, lt=90)
+    orientation_tolerance: float = Field(default=1e-3, gt=0)
+
+
+class RuleMatch(_Section):
+    """Conditions of a routing rule; all given conditions must hold."""
+
+    modality: list[str] | None = None
+    body_part: str | None = Field(default=None, description="Regex on BodyPartExamined.")
+    series_description: str | None = Field(default=None, description="Regex on SeriesDescription.")
+    image_type_contains: str | None = None
+    slice_thickness_min: float | None = Field(default=None, ge=0)
+    slice_thickness_max: float | None = Field(default=None, ge=0)
+    min_instances: int | None = Field(default=None, ge=1)
+    calling_ae: list[str] | None = None
+    station_name: str | None = Field(default=None, description="Regex on StationName.")
+    study_date_from: date | None = None
+    study_date_to: date | None = None
+
+    @field_validator("body_part", "series_description", "station_name")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from exc
+        return value
+
+
+class RoutingRule(_Section):
+    """One routing rule; rules are evaluated in order and the first match wins."""
+
+    name: str = Field(min_length=1)
+    match: RuleMatch = Field(default_factory=RuleMatch)
+    action: Literal["process", "forward", "ignore"]
+    profile: str = "default"
+    destinations: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _forward_needs_destination(self) -> RoutingRule:
+        if self.action == "forward" and not self.destinations:
+            raise ValueError(f"rule {self.name!r}: action 'forward' needs destinations")
+        return self
+
+
+def _default_rules() -> list[RoutingRule]:
+    return [
+        RoutingRule(
+            name="chest-ct",
+            match=RuleMatch(modality=["CT"], min_instances=20),
+            action="process",
+        )
+    ]
+
+
+class Destination(_Section):
+    """A DICOM peer that receives results (an archive, a planning system)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: AETitle
+    host: str
+    port: Port
+    objects: list[ResultObject] = Field(
+        default_factory=lambda: [ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR]
+    )
+    tls: bool = False
+
+
+class PACSSettings(_Section):
+    """The archive radnode queries and retrieves from (nightly sweep)."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+    retrieve: Literal["move", "get"] = "move"
+
+
+class SweepSettings(_Section):
+    """The nightly sweep for series that were never processed."""
+
+    enabled: bool = False
+    cron: str = Field(default="0 1 * * *", description="Crontab expression (minute hour dom month dow).")
+    window_start: time = time(1, 0)
+    window_end: time = time(6, 0)
+    lookback_days: int = Field(default=7, ge=1)
+    max_series_per_run: int = Field(default=200, ge=1)
+    max_concurrent_retrievals: int = Field(default=2, ge=1, le=16)
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(
+                f"{value!r} is not a 5-field crontab expression (minute hour day month weekday)"
+            )
+        return value
+
+
+class ModelSettings(_Section):
+    """Which model bundles run, and where."""
+
+    segmentation_bundle: Path | None = Field(
+        default=None, description="Segmentation bundle directory or zip; empty = bundled demo."
+    )
+    classifier_bundles: dict[str, Path] = Field(
+        default_factory=dict, description="Endpoint name (e.g. EGFR) -> classifier bundle."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class OutputSettings(_Section):
+    """How result objects are identified (PS3.5 §9 UIDs, series numbering)."""
+
+    uid_root: str = Field(
+        default="2.25",
+        pattern=UID_ROOT_PATTERN,
+        max_length=24,
+        description="Root for derived UIDs; 2.25 gives UUID-derived UIDs (PS3.5 §B.2).",
+    )
+    seg_series_number: int = Field(default=9101, ge=1)
+    rtstruct_series_number: int = Field(default=9102, ge=1)
+    sr_series_number: int = Field(default=9103, ge=1)
+    series_description_prefix: str = Field(default="radnode", max_length=40)
+
+
+class PipelineSettings(_Section):
+    """Workers that run the processing chain."""
+
+    workers: int = Field(default=1, ge=1, le=16, description="Concurrent jobs (one per GPU).")
+    job_timeout_seconds: float = Field(default=1800.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics and /healthz over HTTP."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 9110
+
+
+class LoggingSettings(_Section):
+    """Log verbosity and format."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(default=False, description="One JSON object per line (for journald/ELK).")
+
+
+class Settings(BaseSettings):
+    """The effective radnode configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RADNODE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
+    qc: QCSettings = Field(default_factory=QCSettings)
+    routing: list[RoutingRule] = Field(default_factory=_default_rules)
+    destinations: list[Destination] = Field(default_factory=list)
+    pacs: PACSSettings | None = None
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init kwargs; the environment must win over it so an
+        # operator can override one key of a deployed file (RADNODE_NODE__PORT=11113).
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique; repeated: {', '.join(duplicates)}")
+        for rule in self.routing:
+            unknown = [d for d in rule.destinations if d not in names]
+            if unknown:
+                raise ValueError(
+                    f"routing rule {rule.name!r} names unknown destinations {unknown}; "
+                    f"configured: {names or 'none'}"
+                )
+        if self.sweep.enabled and self.pacs is None:
+            raise ValueError("sweep.enabled needs a pacs section to query")
+        return self
+
+    def destination(self, name: str) -> Destination:
+        """Return the destination called ``name`` or raise ``KeyError`` naming the known ones."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(f"no destination {name!r}; configured: {[d.name for d in self.destinations]}")

@@ -1,0 +1,1 @@
+"""radnode.dicom_io."""
