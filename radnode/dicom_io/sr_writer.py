@@ -1,0 +1,380 @@
+"""Comprehensive 3D SR with a TID 1500 Measurement Report of radnode's results (highdicom).
+
+Content tree (PS3.16):
+
+* TID 1500 root "Imaging Measurement Report", language, procedure reported "CT Chest"
+  (LOINC 24627-2), observer context TID 1002/1004: device "radnode" with its version.
+* Imaging Measurements:
+
+  - per region that has a segment in the SEG: a TID 1411 Volumetric ROI group that
+    references that segment (TID 1411 row "Referenced Segment", with the CT series as
+    source), finding category/type from the segment, algorithm TID 4019, and TID 300
+    measurements: volume (mL, sum-of-voxels method), mean/min/max attenuation (HU,
+    derivation CID 7464), longest 3D diameter (mm, IBSI L0JK), sphericity (IBSI QCFX),
+    and the selected radiomic features (IBSI codes where they exist, else private
+    ``99RADNODE`` codes, see :mod:`radnode.dicom_io.codes`);
+  - per classifier: a TID 1411 group on the tumour segment whose algorithm is the
+    classifier (name, version, training cohort and endpoint as parameters) with the
+    probability as a measurement (UCUM "1") and, for demo models, the comment
+    "demo — not for clinical use";
+  - a TID 1501 "Tumour detection" group: qualitative evaluation Neoplasm = Present or
+    Absent (and the text "no tumour found").
+
+* Qualitative Evaluations (TID 1500 row 12, UMLS C0034375): the same tumour finding and
+  the demo notice as text, so a viewer that shows only the top level still shows them.
+
+The SR is PRELIMINARY/UNVERIFIED and PARTIAL: nobody has reviewed an automatic result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import highdicom as hd
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    CodeContentItem,
+    ContainerContentItem,
+    FindingSite,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    DeviceObserverIdentifyingAttributes,
+    QualitativeEvaluation,
+    ReferencedSegment,
+    RelationshipTypeValues,
+    SourceSeriesForSegmentation,
+    TextContentItem,
+    TrackingIdentifier,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+from pydicom.sr.coding import Code
+
+from radnode import __version__
+from radnode.config.model import OutputSettings
+from radnode.dicom_io import codes
+from radnode.dicom_io.derived import (
+    SourceLike,
+    fill_type2,
+    quiet_name_warnings,
+    source_datasets,
+    source_geometry,
+)
+from radnode.dicom_io.regions import (
+    AlgorithmInfo,
+    MeasurementSet,
+    Prediction,
+    RegionMeasurements,
+    WriterOptions,
+    as_writer_options,
+)
+from radnode.dicom_io.uids import DerivedObject, derive_uid, derived_object_uids, series_fingerprint
+
+logger = logging.getLogger(__name__)
+
+#: TID 1500 row 12 container.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+#: Concept name of free-text remarks (DCM 121106).
+COMMENT = Code("121106", "DCM", "Comment")
+#: SR documents are UTF-8 so the demo notice's dash (and any patient name) survive.
+UTF8_CHARACTER_SET = "ISO_IR 192"
+#: Segmented Property Types that mark a tumour segment.
+_TUMOUR_TYPES = {(codes.NEOPLASM.value, "SCT"), (codes.NSCLC.value, "SCT")}
+
+_Group = VolumetricROIMeasurementsAndQualitativeEvaluations | MeasurementsAndQualitativeEvaluations
+
+
+def _segments(seg: Dataset | None) -> dict[str, Dataset]:
+    if seg is None:
+        return {}
+    return {str(item.SegmentLabel): item for item in seg.get("SegmentSequence", [])}
+
+
+def _is_tumour(segment: Dataset) -> bool:
+    item = segment.SegmentedPropertyTypeCodeSequence[0]
+    return (str(item.CodeValue), str(item.CodingSchemeDesignator)) in _TUMOUR_TYPES
+
+
+def _coded(item: Dataset) -> CodedConcept:
+    return CodedConcept(
+        str(item.CodeValue), str(item.CodingSchemeDesignator), str(item.CodeMeaning)
+    )
+
+
+def _num(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _region_measurements(
+    region: RegionMeasurements, feature_names: Sequence[str] | None
+) -> list[Measurement]:
+    items: list[Measurement] = []
+    seen: set[tuple[str, str]] = set()
+
+    def add(name: Code, value: float | None, unit: Code, **kw: Code) -> None:
+        value = _num(value)
+        if value is None:
+            return
+        key = (name.value, name.scheme_designator) + tuple(v.value for v in kw.values())
+        if key in seen:
+            return
+        seen.add(key)
+        items.append(Measurement(name=name, value=value, unit=unit, **kw))
+
+    add(codes.VOLUME, region.volume_ml, codes.UNIT_ML, method=codes.SUM_OF_VOXELS)
+    add(codes.ATTENUATION_COEFFICIENT, region.mean_hu, codes.UNIT_HU, derivation=codes.MEAN)
+    add(codes.ATTENUATION_COEFFICIENT, region.min_hu, codes.UNIT_HU, derivation=codes.MINIMUM)
+    add(codes.ATTENUATION_COEFFICIENT, region.max_hu, codes.UNIT_HU, derivation=codes.MAXIMUM)
+    add(codes.MAX_3D_DIAMETER, region.longest_diameter_mm, codes.UNIT_MM)
+    add(codes.SPHERICITY, region.sphericity, codes.UNIT_NONE)
+    names = list(region.features) if feature_names is None else [
+        n for n in feature_names if n in region.features
+    ]
+    skipped = 0
+    for name in names:
+        concept = codes.feature_concept(name)
+        before = len(items)
+        add(concept.name, region.features[name], concept.unit)
+        skipped += len(items) == before
+    if skipped:
+        logger.info("region %r: %d features not written (not finite or duplicate concept)",
+                    region.region_name, skipped)
+    return items
+
+
+def _tracking(root: str, sop_uid: str, label: str) -> TrackingIdentifier:
+    return TrackingIdentifier(uid=derive_uid(root, sop_uid, "tracking", label), identifier=label)
+
+
+def _algorithm(algorithm: AlgorithmInfo) -> AlgorithmIdentification:
+    params = [f"{k}={v}" for k, v in sorted(algorithm.model_versions.items())]
+    if algorithm.demo:
+        params.append("demo=true")
+    return AlgorithmIdentification(
+        name=algorithm.name[:64], version=algorithm.version[:64], parameters=params or None
+    )
+
+
+def _add_text(group: Sequence[Dataset], text: str) -> None:
+    """Append a CONTAINS TEXT "Comment" to a measurement group container."""
+    container = group[0]
+    if "ContentSequence" not in container:
+        container.ContentSequence = hd.sr.ContentSequence()
+    container.ContentSequence.append(
+        TextContentItem(name=COMMENT, value=text, relationship_type=RelationshipTypeValues.CONTAINS)
+    )
+
+
+def _prediction_group(
+    prediction: Prediction,
+    tumour_reference: ReferencedSegment | None,
+    root: str,
+    sop_uid: str,
+) -> _Group:
+    algorithm = AlgorithmIdentification(
+        name=prediction.classifier_name[:64],
+        version=prediction.classifier_version[:64],
+        parameters=[
+            f"endpoint={prediction.endpoint}",
+            f"training cohort={prediction.training_cohort}",
+            *(["demo=true"] if prediction.demo else []),
+        ],
+    )
+    measurement = Measurement(
+        name=codes.probability_code(prediction.endpoint),
+        value=float(prediction.probability),
+        unit=codes.UNIT_NONE,
+    )
+    tracking = _tracking(root, sop_uid, f"{prediction.endpoint} prediction")
+    group: _Group
+    if tumour_reference is not None:
+        group = VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=tumour_reference,
+            finding_type=codes.NSCLC,
+            algorithm_id=algorithm,
+            measurements=[measurement],
+        )
+    else:
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=codes.NSCLC,
+            algorithm_id=algorithm,
+            measurements=[measurement],
+        )
+    if prediction.demo:
+        _add_text(group, codes.DEMO_TEXT)
+    return group
+
+
+def _qualitative_container(tumour_found: bool, demo: bool) -> ContainerContentItem:
+    container = ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence()
+    container.ContentSequence.append(
+        CodeContentItem(
+            name=codes.NEOPLASM,
+            value=codes.PRESENT if tumour_found else codes.ABSENT,
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+    )
+    if not tumour_found:
+        container.ContentSequence.append(
+            TextContentItem(name=COMMENT, value=codes.NO_TUMOUR_TEXT,
+                            relationship_type=RelationshipTypeValues.CONTAINS)
+        )
+    if demo:
+        container.ContentSequence.append(
+            TextContentItem(name=COMMENT, value=codes.DEMO_TEXT,
+                            relationship_type=RelationshipTypeValues.CONTAINS)
+        )
+    return container
+
+
+def build_sr(
+    source: SourceLike,
+    seg: Dataset | None,
+    measurements: MeasurementSet,
+    algorithm: AlgorithmInfo,
+    options: WriterOptions | OutputSettings | None = None,
+) -> Dataset:
+    """Build the TID 1500 Measurement Report (Comprehensive 3D SR) of a job.
+
+    Parameters
+    ----------
+    source
+        CT slices sorted along the slice normal (``CTSeries`` or its ``datasets``).
+    seg
+        The SEG from :func:`build_seg`; each region's group references its segment by
+        label. ``None`` (nothing segmented) still gives a valid report saying so.
+    measurements
+        Region measurements (``region_name`` = segment label) and predictions.
+    algorithm
+        The segmentation algorithm (observer device, TID 4019 in each region group).
+    options
+        UID root, series number and description, radiomic feature subset.
+
+    Returns
+    -------
+    pydicom.dataset.Dataset
+        The ``highdicom.sr.Comprehensive3DSR``.
+    """
+    opts = as_writer_options(options)
+    datasets = source_datasets(source)
+    source_geometry(datasets)
+    first = datasets[0]
+    series_uid = str(first.SeriesInstanceUID)
+    segments = _segments(seg)
+    demo = algorithm.demo or any(p.demo for p in measurements.predictions)
+    uids = derived_object_uids(
+        opts.uid_root,
+        series_uid,
+        DerivedObject.SR,
+        opts.pipeline_version,
+        series_fingerprint(str(ds.SOPInstanceUID) for ds in datasets),
+        *algorithm.identity(),
+        str(seg.SOPInstanceUID) if seg is not None else "no-seg",
+    )
+    sop_uid = uids.sop_instance_uid
+
+    def reference(label: str) -> ReferencedSegment:
+        assert seg is not None
+        return ReferencedSegment(
+            sop_class_uid=str(seg.SOPClassUID),
+            sop_instance_uid=str(seg.SOPInstanceUID),
+            segment_number=int(segments[label].SegmentNumber),
+            source_series=SourceSeriesForSegmentation(series_uid),
+        )
+
+    groups: list[_Group] = []
+    for region in measurements.regions:
+        segment = segments.get(region.region_name)
+        if segment is None:
+            logger.warning(
+                "SR %s: measurements of %r left out, the SEG has no such segment (has %s)",
+                sop_uid, region.region_name, sorted(segments),
+            )
+            continue
+        groups.append(
+            VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=_tracking(opts.uid_root, sop_uid, region.region_name),
+                referenced_segment=reference(region.region_name),
+                finding_category=_coded(segment.SegmentedPropertyCategoryCodeSequence[0]),
+                finding_type=_coded(segment.SegmentedPropertyTypeCodeSequence[0]),
+                finding_sites=[FindingSite(codes.LUNG)],
+                algorithm_id=_algorithm(algorithm),
+                measurements=_region_measurements(region, opts.sr_features) or None,
+            )
+        )
+    tumour_labels = [label for label, item in segments.items() if _is_tumour(item)]
+    tumour_found = bool(tumour_labels)
+    tumour_reference = reference(tumour_labels[0]) if tumour_found else None
+    for prediction in measurements.predictions:
+        groups.append(_prediction_group(prediction, tumour_reference, opts.uid_root, sop_uid))
+    detection = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(opts.uid_root, sop_uid, codes.TRACKING_TUMOUR_DETECTION),
+        finding_type=codes.NEOPLASM,
+        qualitative_evaluations=[
+            QualitativeEvaluation(codes.NEOPLASM, codes.PRESENT if tumour_found else codes.ABSENT)
+        ],
+    )
+    if not tumour_found:
+        _add_text(detection, codes.NO_TUMOUR_TEXT)
+    groups.append(detection)
+
+    observer = ObserverContext(
+        observer_type=dcm_codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=derive_uid(opts.uid_root, "device", opts.manufacturer, __version__),
+            name="radnode",
+            manufacturer_name=opts.manufacturer,
+            model_name=f"radnode {__version__}",
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.PROCEDURE_CT_CHEST,
+        imaging_measurements=groups,
+    )
+    report[0].ContentSequence.append(_qualitative_container(tumour_found, demo))
+    evidence = [fill_type2(ds) for ds in datasets]
+    if seg is not None:
+        evidence.append(seg)
+    with quiet_name_warnings():
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report[0],
+            series_instance_uid=uids.series_instance_uid,
+            series_number=opts.sr_series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=1,
+            manufacturer=opts.manufacturer,
+            is_complete=False,
+            is_final=False,
+            is_verified=False,
+            institution_name=opts.institution_name,
+            series_description=opts.description("SR"),
+            manufacturer_model_name=algorithm.name[:64],
+            software_versions=list(algorithm.software_versions),
+            device_serial_number="0",
+            coding_schemes=[codes.radnode_coding_scheme()],
+            specific_character_set=UTF8_CHARACTER_SET,
+        )
+    logger.info(
+        "SR %s for series %s: %d measurement groups, tumour %s%s",
+        sop_uid, series_uid, len(groups), "found" if tumour_found else "not found",
+        ", demo models" if demo else "",
+    )
+    return sr
+
