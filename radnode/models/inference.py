@@ -1,0 +1,441 @@
+"""RA-Seg inference: box, sliding window, post-processing, deep features.
+
+The flow for one CT (:func:`segment_ct`), coarse to fine:
+
+1. preprocess (:mod:`radnode.models.preprocess`): clip/normalise, 1 × 1 × 1.5 mm, lung VOI;
+2. first stage (:mod:`radnode.models.candidates`): the tumour box from the classical
+   detector, or the whole lung VOI when it finds nothing;
+3. the network over the box grown by ``context_mm`` only, with MONAI's
+   :func:`~monai.inferers.sliding_window_inference` (configurable overlap, Gaussian
+   blending), the box mask as the a2t module's second input, AMP on CUDA;
+4. post-processing: keep connected components that lie in the lung (juxtapleural tumours
+   are inside the lung mask), drop those under ``min_component_mm3``, fill holes;
+5. deep features: a forward hook on the second-last decoder stage during one pass over a
+   window centred on the tumour, averaged over the tumour voxels (paper §3.3);
+6. the mask mapped back onto the CT grid exactly (nearest neighbour).
+
+Each step is a plain function so tests, the benchmark and a training loop can call it
+alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from monai.inferers import sliding_window_inference
+from scipy import ndimage
+
+from radnode.models.candidates import Box, Candidate, DetectorParams, detect_candidates, mm_to_voxels
+from radnode.models.preprocess import PreprocessedCase, PreprocessParams, PreprocessRecord, labels_to_ct, preprocess_ct
+from radnode.models.raseg import RASeg
+
+log = logging.getLogger(__name__)
+
+#: Tumour class index in the network's output.
+TUMOUR_CLASS = 1
+#: Upper bound of the automatic CPU thread count: 3-D convolutions at batch 1 stop scaling
+#: well beyond this, and a worker should leave cores to the listener and other jobs.
+MAX_AUTO_THREADS = 16
+
+_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+class InferenceError(RuntimeError):
+    """Inference cannot run as configured (device unavailable, empty input, bad setting)."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Tunables of :func:`segment_preprocessed` (a bundle may carry defaults under ``inference``).
+
+    Attributes
+    ----------
+    roi_size
+        Sliding window (z, y, x) in voxels of the 1 × 1 × 1.5 mm grid; clamped to the input.
+    overlap
+        Fraction by which neighbouring windows overlap (MONAI ``overlap``).
+    sw_batch_size
+        Windows per forward pass.
+    blend_mode
+        ``gaussian`` (down-weights window edges) or ``constant``.
+    device
+        ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``.
+    amp
+        Mixed precision (float16 autocast) on CUDA; ignored on CPU.
+    num_threads
+        torch CPU threads; ``None`` = the cores this process may use, at most
+        :data:`MAX_AUTO_THREADS`.
+    context_mm
+        Context added around the tumour box before the sliding window runs.
+    threshold
+        Tumour probability at or above which a voxel is tumour.
+    min_component_mm3
+        Connected components smaller than this are dropped.
+    min_lung_fraction
+        A component is kept only if at least this fraction of it lies in the lung mask.
+    fill_holes
+        Fill enclosed holes (3-D, then per axial slice).
+    deep_features
+        Compute the deep-feature vector.
+    detector
+        Thresholds of the first-stage candidate detector.
+    """
+
+    roi_size: tuple[int, int, int] = (64, 96, 96)
+    overlap: float = 0.25
+    sw_batch_size: int = 1
+    blend_mode: Literal["gaussian", "constant"] = "gaussian"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    num_threads: int | None = None
+    context_mm: float = 20.0
+    threshold: float = 0.5
+    min_component_mm3: float = 30.0
+    min_lung_fraction: float = 0.1
+    fill_holes: bool = True
+    deep_features: bool = True
+    detector: DetectorParams = field(default_factory=DetectorParams)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "roi_size", tuple(int(v) for v in self.roi_size))
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise InferenceError(f"roi_size: three positive voxel counts (z, y, x), got {self.roi_size}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise InferenceError(f"overlap: must be in [0, 1), got {self.overlap}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InferenceError(f"device: one of auto, cpu, cuda, got {self.device!r}")
+        if self.blend_mode not in ("gaussian", "constant"):
+            raise InferenceError(f"blend_mode: gaussian or constant, got {self.blend_mode!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise InferenceError(f"num_threads: must be >= 1 or None, got {self.num_threads}")
+        if not 0.0 < self.threshold < 1.0:
+            raise InferenceError(f"threshold: must be in (0, 1), got {self.threshold}")
+        if isinstance(self.detector, Mapping):
+            object.__setattr__(self, "detector", DetectorParams(**self.detector))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready mapping."""
+        data = asdict(self)
+        data["roi_size"] = list(self.roi_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> InferenceSettings:
+        """Build from a mapping (e.g. a bundle's ``inference`` block) plus overrides."""
+        known = {f.name for f in fields(cls)}
+        values = {**data, **overrides}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InferenceError(f"{unknown[0]}: unknown inference setting (known: {sorted(known)})")
+        return cls(**values)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InferenceError("models.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if name not in ("cpu", "cuda"):
+        raise InferenceError(f"device: one of auto, cpu, cuda, got {name!r}")
+    return torch.device(name)
+
+
+def configure_cpu_threads(requested: int | None = None) -> int:
+    """Set torch's intra-op threads to ``requested`` or to the usable cores (capped); return it.
+
+    ``os.sched_getaffinity`` counts the cores this process may run on (a container's or a
+    systemd ``CPUAffinity=`` limit), unlike ``os.cpu_count``.
+    """
+    if requested is None:
+        try:
+            available = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            available = os.cpu_count() or 1
+        requested = max(1, min(available, MAX_AUTO_THREADS))
+    if torch.get_num_threads() != requested:
+        torch.set_num_threads(requested)
+    return requested
+
+
+def _prepare(model: RASeg, settings: InferenceSettings) -> torch.device:
+    device = resolve_device(settings.device)
+    if device.type == "cpu":
+        configure_cpu_threads(settings.num_threads)
+    model.to(device).eval()
+    return device
+
+
+def _autocast(device: torch.device, settings: InferenceSettings) -> Any:
+    if device.type == "cuda" and settings.amp:
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return nullcontext()
+
+
+def predict_probabilities(
+    model: RASeg,
+    image: np.ndarray,
+    box_mask: np.ndarray,
+    settings: InferenceSettings | None = None,
+) -> np.ndarray:
+    """Tumour probability (float32, same shape) of a (z, y, x) image by sliding window.
+
+    The image and the box mask travel as two channels of one tensor so that MONAI cuts
+    both with the same windows; the predictor splits them again for the network.
+    """
+    settings = settings or InferenceSettings()
+    if image.shape != box_mask.shape or image.ndim != 3:
+        raise InferenceError(f"image {image.shape} and box mask {box_mask.shape} must be the same 3-D shape")
+    device = _prepare(model, settings)
+    stacked = torch.from_numpy(np.stack([image, box_mask]).astype(np.float32, copy=False))[None].to(device)
+    roi = tuple(min(r, s) for r, s in zip(settings.roi_size, image.shape))
+
+    def predictor(window: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(window[:, :1], window[:, 1:2]).float(), dim=1)
+
+    with torch.inference_mode(), _autocast(device, settings):
+        probs = sliding_window_inference(
+            stacked, roi, settings.sw_batch_size, predictor,
+            overlap=settings.overlap, mode=settings.blend_mode, device=torch.device("cpu"),
+        )
+    return probs[0, TUMOUR_CLASS].float().numpy()
+
+
+def postprocess_mask(
+    mask: np.ndarray,
+    lung: np.ndarray,
+    spacing_zyx: Sequence[float],
+    min_component_mm3: float = 30.0,
+    min_lung_fraction: float = 0.1,
+    fill_holes: bool = True,
+) -> np.ndarray:
+    """Clean a binary tumour mask.
+
+    Keeps 26-connected components with at least ``min_lung_fraction`` of their voxels in
+    ``lung`` and at least ``min_component_mm3`` of volume, then fills enclosed holes in 3-D
+    and per axial slice (necrotic cores open in 3-D are still closed in-plane).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != lung.shape:
+        raise InferenceError(f"mask {mask.shape} and lung {lung.shape} must have the same shape")
+    labels, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+    if count:
+        index = np.arange(1, count + 1)
+        sizes = ndimage.sum_labels(np.ones_like(mask, dtype=np.int32), labels, index)
+        in_lung = ndimage.sum_labels(lung != 0, labels, index)
+        volume = sizes * float(np.prod(spacing_zyx))
+        keep = (volume >= min_component_mm3) & (in_lung >= min_lung_fraction * sizes)
+        lookup = np.concatenate([[False], keep])
+        mask = lookup[labels]
+    if fill_holes and mask.any():
+        mask = ndimage.binary_fill_holes(mask)
+        for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
+            mask[z] = ndimage.binary_fill_holes(mask[z])
+    return mask
+
+
+@contextmanager
+def capture_stage(module: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Collect the outputs of ``module`` (detached) while the context is open."""
+    outputs: list[torch.Tensor] = []
+
+    def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        outputs.append(output.detach())
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def _centred_window(centre: Sequence[float], size: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    slices = []
+    for c, s, n in zip(centre, size, shape):
+        s = min(s, n)
+        start = int(np.clip(round(c - s / 2), 0, n - s))
+        slices.append(slice(start, start + s))
+    return tuple(slices)
+
+
+def deep_feature_vector(
+    model: RASeg,
+    image: np.ndarray,
+    box_mask: np.ndarray,
+    tumour: np.ndarray,
+    settings: InferenceSettings | None = None,
+) -> np.ndarray:
+    """Second-last decoder stage features averaged over the tumour (paper §3.3).
+
+    One forward pass over a ``roi_size`` window centred on the tumour, with a forward hook
+    on :attr:`RASeg.feature_stage`; the tumour mask is area-averaged to the stage's
+    resolution and used as weights, so partially covered coarse voxels count partially.
+    A tumour larger than the window contributes its central part.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 vector of length ``model.config.feature_channels``.
+    """
+    settings = settings or InferenceSettings()
+    if not tumour.any():
+        raise InferenceError("deep features need a non-empty tumour mask")
+    device = _prepare(model, settings)
+    window = _centred_window(np.argwhere(tumour).mean(axis=0), settings.roi_size, image.shape)
+    img = torch.from_numpy(np.ascontiguousarray(image[window], dtype=np.float32))[None, None].to(device)
+    box = torch.from_numpy(np.ascontiguousarray(box_mask[window], dtype=np.float32))[None, None].to(device)
+    weights = torch.from_numpy(np.ascontiguousarray(tumour[window], dtype=np.float32))[None, None]
+    with torch.inference_mode(), _autocast(device, settings), capture_stage(model.feature_stage) as seen:
+        model(img, box)
+    features = seen[-1].float().cpu()[0]  # (C, d, h, w) on the padded grid
+    size = tuple(weights.shape[2:])
+    pad = [p for s, t in zip(reversed(size), reversed(model.padded_size(size))) for p in (0, t - s)]
+    weights = F.adaptive_avg_pool3d(F.pad(weights, pad), features.shape[1:])[0, 0]
+    total = weights.sum()
+    if total <= 0:
+        raise InferenceError("tumour mask vanished at the feature stage's resolution")
+    return ((features * weights).sum(dim=(1, 2, 3)) / total).numpy().astype(np.float32)
+
+
+@dataclass
+class GridSegmentation:
+    """Result on the preprocessed grid.
+
+    Attributes
+    ----------
+    mask
+        Post-processed tumour mask (bool, preprocessed shape).
+    probability
+        Tumour probability; 0 outside the region the network ran on.
+    box
+        The a2t box used (``None``: no candidate, the whole lung VOI was the box).
+    region
+        Where the network ran.
+    candidates
+        The detector's candidates, best first (empty when a box was given).
+    features
+        Deep-feature vector, or ``None`` (empty mask or switched off).
+    timings
+        Seconds per step.
+    """
+
+    mask: np.ndarray
+    probability: np.ndarray
+    box: Box | None
+    region: Box
+    candidates: list[Candidate]
+    features: np.ndarray | None
+    timings: dict[str, float]
+
+
+def segment_preprocessed(
+    model: RASeg,
+    case: PreprocessedCase,
+    settings: InferenceSettings | None = None,
+    box: Box | None = None,
+) -> GridSegmentation:
+    """Segment the tumour in a preprocessed case (steps 2-5 of the module docstring).
+
+    Parameters
+    ----------
+    model
+        The network (moved to the chosen device and put in eval mode).
+    case
+        Output of :func:`radnode.models.preprocess.preprocess_ct`.
+    settings
+        Inference settings.
+    box
+        A tumour box on the preprocessed grid; ``None`` runs the candidate detector.
+    """
+    settings = settings or InferenceSettings()
+    spacing = case.record.spacing_zyx
+    shape = case.image.shape
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    candidates: list[Candidate] = []
+    if box is None:
+        candidates = detect_candidates(case.record.params.to_hu(case.image), case.lung, spacing, settings.detector)
+        box = candidates[0].box if candidates else None
+    timings["detect"] = time.perf_counter() - start
+    whole = Box((0, 0, 0), shape)  # type: ignore[arg-type]
+    if box is None:
+        log.info("no tumour candidate found; running on the whole lung VOI %s", shape)
+        region, box_mask = whole, np.ones(shape, dtype=np.float32)
+    else:
+        region, box_mask = box.grow(mm_to_voxels(settings.context_mm, spacing), shape), box.mask(shape)
+
+    start = time.perf_counter()
+    probability = np.zeros(shape, dtype=np.float32)
+    probability[region.slices] = predict_probabilities(
+        model, case.image[region.slices], box_mask[region.slices], settings
+    )
+    timings["network"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    mask = postprocess_mask(
+        probability >= settings.threshold, case.lung, spacing,
+        settings.min_component_mm3, settings.min_lung_fraction, settings.fill_holes,
+    )
+    timings["postprocess"] = time.perf_counter() - start
+
+    features = None
+    if settings.deep_features and mask.any():
+        start = time.perf_counter()
+        features = deep_feature_vector(model, case.image, box_mask, mask, settings)
+        timings["features"] = time.perf_counter() - start
+    return GridSegmentation(mask, probability, box, region, candidates, features, timings)
+
+
+@dataclass
+class SegmentationResult:
+    """Tumour segmentation of one CT.
+
+    Attributes
+    ----------
+    mask
+        uint8 tumour mask (1 = tumour) on the CT grid, numpy (z, y, x) order.
+    grid
+        The result on the preprocessed grid.
+    record
+        The preprocessing record (for result.json and re-mapping).
+    """
+
+    mask: np.ndarray
+    grid: GridSegmentation
+    record: PreprocessRecord
+
+    def mask_image(self) -> sitk.Image:
+        """The CT-grid mask as a SimpleITK image with the CT's geometry."""
+        image = sitk.GetImageFromArray(self.mask)
+        image.SetSpacing(tuple(reversed(self.record.ct_spacing_zyx)))
+        image.SetOrigin(self.record.origin_xyz)
+        image.SetDirection(self.record.direction)
+        return image
+
+
+def segment_ct(
+    model: RASeg,
+    ct: sitk.Image,
+    lung_mask: np.ndarray | sitk.Image,
+    preprocessing: PreprocessParams | None = None,
+    settings: InferenceSettings | None = None,
+) -> SegmentationResult:
+    """Segment the tumour in a CT (HU) given its lung mask; the whole flow of the module docstring."""
+    start = time.perf_counter()
+    case = preprocess_ct(ct, lung_mask, preprocessing)
+    preprocess_s = time.perf_counter() - start
+    grid = segment_preprocessed(model, case, settings)
+    start = time.perf_counter()
+    mask = labels_to_ct(grid.mask.astype(np.uint8), case.record)
+    grid.timings = {"preprocess": preprocess_s, **grid.timings, "inverse": time.perf_counter() - start}
+    return SegmentationResult(mask=mask, grid=grid, record=case.record)
