@@ -53,7 +53,7 @@ def main(
 #: Modules that contribute commands; each exposes ``register(app: typer.Typer)``.
 COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.config_cmd",
-    # "radnode.cli.phantom_cmd",
+    "radnode.cli.phantom_cmd",
     "radnode.cli.process_cmd",
 )
 
