@@ -194,3 +194,22 @@ def test_contour_off_the_slices(ibsi: tuple[CTSeries, Path], shift_mm: float, ma
     contour.ContourData = [f"{v:.4f}" for v in pts.ravel()]
     with pytest.raises(RTStructError, match=match):
         rasterise_roi(ds, series, "GTV-1")
+
+
+def test_repeated_identical_contours_do_not_cancel(ibsi: tuple[CTSeries, Path]) -> None:
+    series, rtstruct = ibsi
+    single = rasterise_roi(rtstruct, series, "GTV-1")
+    doubled = pydicom.dcmread(rtstruct)
+    items = doubled.ROIContourSequence[0].ContourSequence
+    for item in list(items):
+        items.append(copy.deepcopy(item))
+    np.testing.assert_array_equal(rasterise_roi(doubled, series, "GTV-1"), single)
+
+
+def test_lung1_002_left_lung_has_no_empty_slices(lung1_002: tuple[CTSeries, Dataset, Path]) -> None:
+    # This planning system repeats identical polygons on some slices of "Lung L".
+    series, rtstruct, _ = lung1_002
+    lung = rasterise_roi(rtstruct, series, "Lung L")
+    filled = np.nonzero(lung.any(axis=(1, 2)))[0]
+    per_slice = lung[filled[0] : filled[-1] + 1].sum(axis=(1, 2))
+    assert per_slice.min() > 0, f"empty slices inside the lung: {np.nonzero(per_slice == 0)[0] + filled[0]}"

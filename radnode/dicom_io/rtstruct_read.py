@@ -11,9 +11,13 @@ CLOSED_PLANAR contour:
    and some planning systems write an empty first item there, see BENCHMARKS.md), so the
    position decides;
 3. mark the pixels whose centres lie inside the polygon (``skimage.draw.polygon`` on the
-   continuous row/column coordinates) and combine contours of one slice with XOR
-   (even-odd), so a contour inside another cuts a hole, as PS3.3 C.8.8.6.3 describes
-   for inner contours of a ROI.
+   continuous row/column coordinates) and combine the contours of one slice by nesting:
+   a contour lying inside a larger one of the same ROI cuts a hole (an inner contour,
+   PS3.3 C.8.8.6.3), one inside a hole is an island again, and everything else is a
+   union. Planning systems also write the same outline two or more times on a slice,
+   exactly or with a point more or less (LUNG1-002's "Lung L"); plain even-odd filling
+   would erase such slices, so a contour covering nearly all of its container
+   (:data:`DUPLICATE_AREA_RATIO`) counts as a repeat of it, not as a hole.
 
 The result is a boolean array ``(z, y, x)`` matching ``series.array``.
 """
@@ -212,6 +216,7 @@ def rasterise_roi(
     contour_items = _contours_of(ds, info.number)
     skipped: dict[str, int] = {}
     n_closed = 0
+    per_slice: dict[int, list[np.ndarray]] = {}
     for index, contour in enumerate(contour_items):
         kind = str(contour.get("ContourGeometricType", ""))
         points = _contour_points(contour) if kind == CLOSED_PLANAR else np.empty(0)
@@ -230,8 +235,12 @@ def rasterise_roi(
         k = _slice_of(idx[:, 2], spacing[2], tolerance, size_z, info.name, index)
         _check_reference(contour, k, sop_to_slice, info.name, index)
         rr, cc = fill_polygon(idx[:, 1], idx[:, 0], shape=(size_y, size_x))
-        mask[k, rr, cc] ^= True  # even-odd: a contour inside another cuts a hole
+        filled = np.zeros((size_y, size_x), dtype=bool)
+        filled[rr, cc] = True
+        per_slice.setdefault(k, []).append(filled)
         n_closed += 1
+    for k, polygons in per_slice.items():
+        mask[k] = _combine_nested(polygons)
     if skipped:
         logger.info(
             "ROI '%s' (number %d): skipped contours that enclose no area: %s",
@@ -299,6 +308,44 @@ def _contours_of(ds: Dataset, number: int) -> list[Dataset]:
         if int(item.get("ReferencedROINumber", -1)) == number:
             return list(item.get("ContourSequence", []))
     return []
+
+
+#: A contour inside another that covers at least this share of the container's area is a
+#: repeat of the container's outline, not a hole in it.
+DUPLICATE_AREA_RATIO = 0.9
+#: Share of a contour's pixels that must lie in another for it to count as inside it.
+_CONTAINED_FRACTION = 0.99
+
+
+def _combine_nested(polygons: list[np.ndarray]) -> np.ndarray:
+    """Combine the filled contours of one slice: holes by nesting depth, repeats ignored."""
+    if len(polygons) == 1:
+        return polygons[0]
+    order = sorted(range(len(polygons)), key=lambda i: -int(polygons[i].sum()))
+    depth: dict[int, int] = {}
+    for position, i in enumerate(order):
+        area = int(polygons[i].sum())
+        parent = None
+        # The smallest earlier (larger-or-equal) contour that holds this one is its container.
+        for j in reversed(order[:position]):
+            if area and np.count_nonzero(polygons[i] & polygons[j]) >= _CONTAINED_FRACTION * area:
+                parent = j
+                break
+        if parent is None:
+            depth[i] = 0
+        elif area >= DUPLICATE_AREA_RATIO * int(polygons[parent].sum()):
+            depth[i] = depth[parent]  # the same outline drawn again
+        else:
+            depth[i] = depth[parent] + 1
+    result = np.zeros_like(polygons[0])
+    for depth_level in sorted(set(depth.values())):
+        for i, d in depth.items():
+            if d == depth_level:
+                if d % 2 == 0:
+                    result |= polygons[i]
+                else:
+                    result &= ~polygons[i]
+    return result
 
 
 def _contour_points(contour: Dataset) -> np.ndarray:
