@@ -21,9 +21,25 @@ from pathlib import Path
 from typing import Any
 
 from radnode import __version__
+from pydicom import Dataset
+
 from radnode.config import Settings
 from radnode.dicom_io.qc import QCLimits
+from radnode.dicom_io.regions import (
+    AlgorithmInfo,
+    MeasurementSet,
+    Region,
+    RegionKind,
+    RegionMeasurements,
+    WriterOptions,
+)
+from radnode.dicom_io.rtstruct_writer import build_rtstruct
+from radnode.dicom_io.seg_writer import build_seg
 from radnode.dicom_io.series import CTSeries, SeriesRejected, load_series
+from radnode.dicom_io.sr_writer import build_sr
+from radnode.models.lungmask import LungMaskResult, segment_lungs
+from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
+from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +49,16 @@ PIPELINE_VERSION = "1"
 
 RESULT_FILE = "result.json"
 
+#: Provenance of the weight-free lung mask (radnode.models.lungmask).
+LUNG_MASK_METHOD = "radnode-lungmask-classical"
+LUNG_MASK_VERSION = "1"
+
 #: Called with (stage name, "start" | "done") so a CLI can draw progress.
 ProgressHook = Callable[[str, str], None]
+#: Called when a delivery phase's objects are on disk: ("contours", {"SEG": path,
+#: "RTSTRUCT": path}) as soon as segmentation is done, then ("report", {"SR": path}).
+#: The worker dispatches each phase at once, so planners get contours before radiomics.
+PhaseHook = Callable[[str, dict[str, Path]], None]
 
 
 @dataclass
@@ -56,6 +80,9 @@ class ChainResult:
     qc: dict[str, Any] = field(default_factory=dict)
     stages: list[StageTiming] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    regions: list[dict[str, Any]] = field(default_factory=list)
+    phases: list[str] = field(default_factory=list)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,7 +94,10 @@ class ChainResult:
             "error": self.error,
             "input": {"path": self.input_path, **self.series},
             "qc": self.qc,
+            "models": self.models,
+            "regions": self.regions,
             "stages": [vars(s) for s in self.stages],
+            "phases": self.phases,
             "outputs": self.outputs,
         }
 
@@ -122,6 +152,106 @@ def describe_series(series: CTSeries) -> dict[str, Any]:
     }
 
 
+def find_lungs(series: CTSeries) -> LungMaskResult:
+    """Stage 2: the classical (DuneAI-style) lung mask, right = 1, left = 2."""
+    return segment_lungs(series.image)
+
+
+def find_tumour(series: CTSeries, lungs: LungMaskResult, settings: Settings) -> TumourSegmentation:
+    """Stage 3: tumour mask inside the lungs (RA-Seg bundle, or the classical outline)."""
+    return segment_tumour(series.image, lungs.lungs, settings.models.segmentation_bundle, settings.models.device)
+
+
+def zyx_spacing(series: CTSeries) -> tuple[float, float, float]:
+    """Voxel spacing in numpy (z, y, x) order."""
+    x, y, z = series.image.GetSpacing()
+    return (float(z), float(y), float(x))
+
+
+def make_regions(series: CTSeries, lungs: LungMaskResult, tumour: TumourSegmentation) -> Regions:
+    """Stage 4: tumour, 3 mm peritumoral ring (physical distance, within lung), whole lung."""
+    return build_regions(tumour.mask, lungs.lungs, zyx_spacing(series))
+
+
+def writer_regions(lungs: LungMaskResult, regions: Regions) -> list[Region]:
+    """The regions as the writers take them: each lung, tumour, ring (empty ones included)."""
+    return [
+        Region.of_kind(RegionKind.LUNG_RIGHT, lungs.right),
+        Region.of_kind(RegionKind.LUNG_LEFT, lungs.left),
+        Region.of_kind(RegionKind.TUMOUR, regions.tumour),
+        Region.of_kind(RegionKind.PERITUMORAL_RING, regions.ring),
+    ]
+
+
+def measure_regions(series: CTSeries, written: list[Region]) -> list[RegionStats]:
+    """Stage 5: volume, HU statistics, longest diameter and sphericity of every region."""
+    image = series.array
+    spacing = zyx_spacing(series)
+    return [region_statistics(r.mask, image, spacing, name=r.name) for r in written]
+
+
+def algorithm_info(tumour: TumourSegmentation) -> AlgorithmInfo:
+    """Provenance written into every object: package, pipeline and model versions."""
+    versions = {"pipeline": PIPELINE_VERSION, LUNG_MASK_METHOD: LUNG_MASK_VERSION}
+    if tumour.method != NO_MODEL:
+        versions[tumour.method] = tumour.version
+    return AlgorithmInfo(model_versions=versions, demo=tumour.demo)
+
+
+def save_dataset(dataset: Dataset, path: Path) -> Path:
+    """Write a DICOM object as a Part 10 file, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    dataset.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    return path
+
+
+def write_contours(
+    series: CTSeries, written: list[Region], algorithm: AlgorithmInfo, options: WriterOptions, out_dir: Path
+) -> tuple[dict[str, Path], Dataset | None]:
+    """Phase 1 objects: SEG and RTSTRUCT (what a planner needs first)."""
+    files: dict[str, Path] = {}
+    present = [r for r in written if not r.is_empty]
+    if not present:
+        return files, None
+    seg = build_seg(series, written, algorithm, options)
+    files["SEG"] = save_dataset(seg, out_dir / "SEG.dcm")
+    files["RTSTRUCT"] = save_dataset(build_rtstruct(series, written, algorithm, options), out_dir / "RTSTRUCT.dcm")
+    return files, seg
+
+
+def measurement_set(stats: list[RegionStats]) -> MeasurementSet:
+    """Region statistics as the SR's volumetric measurement groups (empty regions left out)."""
+    return MeasurementSet(
+        regions=[
+            RegionMeasurements(
+                region_name=s.name,
+                volume_ml=s.volume_ml,
+                mean_hu=s.hu_mean,
+                min_hu=s.hu_min,
+                max_hu=s.hu_max,
+                longest_diameter_mm=s.max_diameter_mm,
+                sphericity=s.sphericity,
+            )
+            for s in stats
+            if not s.empty
+        ]
+    )
+
+
+def write_report(
+    series: CTSeries,
+    seg: Dataset | None,
+    measurements: MeasurementSet,
+    algorithm: AlgorithmInfo,
+    options: WriterOptions,
+    out_dir: Path,
+) -> dict[str, Path]:
+    """Phase 2 object: the TID 1500 Structured Report."""
+    sr = build_sr(series, seg, measurements, algorithm, options)
+    return {"SR": save_dataset(sr, out_dir / "SR.dcm")}
+
+
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON next to ``path`` and rename it in place, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +262,7 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -143,6 +274,7 @@ def run_chain(
     out_dir: Path,
     settings: Settings,
     progress: ProgressHook | None = None,
+    on_phase: PhaseHook | None = None,
 ) -> ChainResult:
     """Run the whole chain on one series folder and write ``out_dir/result.json``.
 
@@ -163,6 +295,26 @@ def run_chain(
                 raise
         result.series = describe_series(series)
         result.qc = series.qc.to_dict()
+        with stages.stage("lung_mask"):
+            lungs = find_lungs(series)
+        result.models["lung_mask"] = {"method": LUNG_MASK_METHOD, "version": LUNG_MASK_VERSION, **lungs.summary()}
+        with stages.stage("tumour"):
+            tumour = find_tumour(series, lungs, settings)
+        result.models["tumour"] = tumour.summary()
+        with stages.stage("regions"):
+            regions = make_regions(series, lungs, tumour)
+            written = writer_regions(lungs, regions)
+        with stages.stage("measurements"):
+            stats = measure_regions(series, written)
+        result.regions = [s.as_dict() for s in stats]
+        algorithm = algorithm_info(tumour)
+        options = WriterOptions.from_settings(settings.output, pipeline_version=PIPELINE_VERSION)
+        with stages.stage("write_contours"):
+            files, seg = write_contours(series, written, algorithm, options, out_dir)
+        _record_phase(result, "contours", files, out_dir, on_phase)
+        with stages.stage("write_report"):
+            files = write_report(series, seg, measurement_set(stats), algorithm, options, out_dir)
+        _record_phase(result, "report", files, out_dir, on_phase)
         result.status = "done"
         log.info("chain done for series %s", series.series_instance_uid)
     except SeriesRejected:
@@ -174,3 +326,14 @@ def run_chain(
     result.outputs["result"] = RESULT_FILE
     write_json_atomically(out_dir / RESULT_FILE, result.to_dict())
     return result
+
+
+def _record_phase(
+    result: ChainResult, phase: str, files: dict[str, Path], out_dir: Path, on_phase: PhaseHook | None
+) -> None:
+    """Note a finished delivery phase and hand its files to the caller (the worker dispatches them)."""
+    result.phases.append(phase)
+    for kind, path in files.items():
+        result.outputs[kind] = str(path.relative_to(out_dir))
+    if on_phase is not None:
+        on_phase(phase, files)
