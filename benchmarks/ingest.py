@@ -1,0 +1,270 @@
+"""Ingest throughput: radnode vs DCMTK storescp vs Orthanc, same slices, same sender.
+
+Sends the same N phantom-like 512x512 CT slices (uncompressed, ~0.5 MB each) with one
+DCMTK ``storescu`` association to each receiver, every receiver on fresh storage, and
+prints instances/s and radnode's ratios; then radnode once more with 4 parallel
+associations. Every DCMTK process and Orthanc get ``TCP_NODELAY=1`` (without it they stall
+~45 ms per instance on loopback; ../shared/BENCHMARKS.md). radnode runs as ``radnode
+serve`` with its durable path (fsync of file and directory, SQLite WAL synchronous=FULL);
+Orthanc with ``SyncStorageArea`` on; storescp writes files without fsync.
+
+Usage::
+
+    .venv/bin/python benchmarks/ingest.py [--slices 500] [--rounds 3] [--workdir DIR]
+
+With several rounds the receivers take turns, and the median per receiver is reported,
+so that a noisy neighbour on the machine hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+TARGET_VS_ORTHANC = 1.2
+TARGET_VS_STORESCP = 0.3
+
+#: Runs ``radnode serve`` even before the command is listed in radnode.cli.main.
+SERVE = """
+from radnode.cli.main import app
+from radnode.cli import serve_cmd
+if "serve" not in {c.name for c in app.registered_commands}:
+    serve_cmd.register(app)
+app(prog_name="radnode")
+"""
+
+
+def env() -> dict[str, str]:
+    variables = dict(os.environ)
+    variables["TCP_NODELAY"] = "1"
+    return variables
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_slices(out: Path, count: int) -> list[Path]:
+    """Phantom-like 512x512 CT slices: body, two lungs, a nodule, noise; one series."""
+    files = sorted(out.glob("*.dcm"))
+    if len(files) == count:
+        return files
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    yy, xx = np.mgrid[:512, :512].astype(np.float32)
+    body = ((xx - 256) / 220) ** 2 + ((yy - 256) / 160) ** 2 < 1
+    lungs = (((xx - 170) / 75) ** 2 + ((yy - 245) / 105) ** 2 < 1) | (((xx - 342) / 75) ** 2 + ((yy - 245) / 105) ** 2 < 1)
+    rng = np.random.default_rng(20240517)
+    for number in range(count):
+        hu = np.full((512, 512), -1000.0, np.float32)
+        hu[body] = 40.0
+        hu[lungs] = -850.0
+        nodule = ((xx - 150) ** 2 + (yy - 230) ** 2) < (12 - abs(number - count / 2) / 30) ** 2
+        hu[nodule] = 20.0
+        hu += rng.normal(0, 12, hu.shape).astype(np.float32)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.PatientName, ds.PatientID = "Bench^Phantom", "BENCH0001"
+        ds.Modality, ds.BodyPartExamined, ds.SeriesDescription = "CT", "CHEST", "Thorax 1.0 phantom"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.InstanceNumber = number + 1
+        ds.SliceThickness, ds.PixelSpacing = 1.0, [0.78, 0.78]
+        ds.ImagePositionPatient = [-200.0, -200.0, -250.0 + number]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.Rows = ds.Columns = 512
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+        ds.PixelData = np.clip(hu + 1024, -32768, 32767).astype(np.int16).tobytes()
+        ds.save_as(out / f"CT_{number + 1:04d}.dcm", enforce_file_format=True)
+    return sorted(out.glob("*.dcm"))
+
+
+def wait_echo(port: int, aec: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{aec} receiver exited during start-up (code {proc.returncode})")
+        echo = subprocess.run(["echoscu", "-aec", aec, "127.0.0.1", str(port)], env=env(), capture_output=True)
+        if echo.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{aec} receiver did not answer C-ECHO within {timeout} s")
+
+
+@contextmanager
+def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env())
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def send(port: int, aec: str, groups: list[list[Path]]) -> float:
+    """Send each group on its own storescu association, all at once; return seconds."""
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", aec, "127.0.0.1", str(port), *map(str, group)],
+            env=env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for group in groups
+    ]
+    errors = [s.communicate()[1].decode() for s in senders]
+    elapsed = time.perf_counter() - started
+    failed = [e for s, e in zip(senders, errors) if s.returncode != 0]
+    if failed:
+        raise RuntimeError(f"storescu to {aec} failed: {failed[0][-500:]}")
+    return elapsed
+
+
+def count_files(folder: Path, suffix: str = "") -> int:
+    return sum(1 for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffix))
+
+
+def run_radnode(work: Path, files: list[Path], associations: int) -> float:
+    data = work / "radnode-data"
+    shutil.rmtree(data, ignore_errors=True)
+    port = free_port()
+    config = work / "radnode.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "node": {"host": "127.0.0.1", "port": port},
+                "storage": {"data_dir": str(data), "min_free_gb": 0.5},
+                "series": {"quiet_seconds": 600, "force_seconds": 3600},
+                "metrics": {"enabled": False},
+                "logging": {"level": "WARNING"},
+            }
+        )
+    )
+    with process([sys.executable, "-c", SERVE, "--config", str(config), "serve"], work / "radnode.log") as proc:
+        wait_echo(port, "RADNODE", proc)
+        groups = [files[k::associations] for k in range(associations)]
+        seconds = send(port, "RADNODE", groups)
+    stored = count_files(data / "incoming", ".dcm")
+    if stored != len(files):
+        raise RuntimeError(f"radnode stored {stored} of {len(files)} instances")
+    return seconds
+
+
+def run_storescp(work: Path, files: list[Path]) -> float:
+    out = work / "storescp-data"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    port = free_port()
+    with process(["storescp", "-od", str(out), "-aet", "STORESCP", str(port)], work / "storescp.log") as proc:
+        wait_echo(port, "STORESCP", proc)
+        seconds = send(port, "STORESCP", [files])
+    if count_files(out) != len(files):
+        raise RuntimeError(f"storescp stored {count_files(out)} of {len(files)} instances")
+    return seconds
+
+
+def run_orthanc(work: Path, files: list[Path]) -> float:
+    db = work / "orthanc-data"
+    shutil.rmtree(db, ignore_errors=True)
+    db.mkdir()
+    port = free_port()
+    config = work / "orthanc.json"
+    config.write_text(
+        json.dumps(
+            {
+                "Name": "bench",
+                "StorageDirectory": str(db),
+                "IndexDirectory": str(db),
+                "DicomAet": "ORTHANC",
+                "DicomPort": port,
+                "DicomCheckCalledAet": False,
+                "HttpServerEnabled": False,
+                "RemoteAccessAllowed": False,
+                "AuthenticationEnabled": False,
+                "StorageCompression": False,
+                "SyncStorageArea": True,
+                "StableAge": 600,
+                "Plugins": [],
+            }
+        )
+    )
+    with process(["Orthanc", str(config)], work / "orthanc.log") as proc:
+        wait_echo(port, "ORTHANC", proc)
+        seconds = send(port, "ORTHANC", [files])
+    stored = sum(1 for p in db.rglob("*") if p.is_file() and len(p.name) == 36)  # attachment UUIDs
+    if stored != len(files):
+        raise RuntimeError(f"Orthanc stored {stored} of {len(files)} instances")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--slices", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="Keep slices and logs here (default: a temp dir).")
+    args = parser.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="radnode-ingest-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    files = make_slices(work / "slices", args.slices)
+    size_mb = sum(f.stat().st_size for f in files) / 1e6
+    print(f"{len(files)} slices, {size_mb:.0f} MB, {args.rounds} round(s), work dir {work}")
+
+    receivers: dict[str, Callable[[], float]] = {
+        "storescp": lambda: run_storescp(work, files),
+        "orthanc": lambda: run_orthanc(work, files),
+        "radnode": lambda: run_radnode(work, files, 1),
+        "radnode x4": lambda: run_radnode(work, files, 4),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in receivers}
+    for round_number in range(args.rounds):
+        for name, run in receivers.items():
+            seconds = run()
+            rates[name].append(len(files) / seconds)
+            print(f"  round {round_number + 1} {name:11s} {len(files) / seconds:7.1f} instances/s ({seconds:.2f} s)")
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    print("\nmedian instances/s (one storescu association unless noted):")
+    for name, value in median.items():
+        print(f"  {name:11s} {value:7.1f}")
+    vs_orthanc = median["radnode"] / median["orthanc"]
+    vs_storescp = median["radnode"] / median["storescp"]
+    print(f"\nradnode / Orthanc  = {vs_orthanc:.2f}  (target >= {TARGET_VS_ORTHANC})")
+    print(f"radnode / storescp = {vs_storescp:.2f}  (target >= {TARGET_VS_STORESCP})")
+    print(f"radnode x4 / radnode = {median['radnode x4'] / median['radnode']:.2f}")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""``radnode serve``: run the DICOM node until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+
+from radnode.cli.context import fail, get_settings
+from radnode.config.model import Settings
+
+LOGGER = logging.getLogger("radnode.serve")
+
+#: Seconds open associations get to finish after SIGTERM before they are aborted.
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def _apply_overrides(
+    settings: Settings, port: int | None, host: str | None, ae_title: str | None, data_dir: Path | None
+) -> None:
+    """Apply command-line overrides, validated like the file (exit 2 naming the setting)."""
+    overrides = (
+        (settings.node, "node", "port", port),
+        (settings.node, "node", "host", host),
+        (settings.node, "node", "ae_title", ae_title),
+        (settings.storage, "storage", "data_dir", data_dir),
+    )
+    for section, section_name, key, value in overrides:
+        if value is None:
+            continue
+        try:
+            setattr(section, key, value)
+        except ValidationError as exc:
+            reasons = "; ".join(e["msg"] for e in exc.errors(include_url=False))
+            fail(f"invalid option: {section_name}.{key} = {value!r}: {reasons}", code=2)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``serve`` command."""
+
+    @app.command("serve")
+    def serve(
+        ctx: typer.Context,
+        port: Annotated[Optional[int], typer.Option("--port", "-p", help="Override node.port.")] = None,
+        host: Annotated[Optional[str], typer.Option("--host", help="Override node.host.")] = None,
+        ae_title: Annotated[Optional[str], typer.Option("--ae-title", help="Override node.ae_title.")] = None,
+        data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Override storage.data_dir.")] = None,
+    ) -> None:
+        """Run the node: DICOM listener, series completion, routing, workers, dispatch, scheduler.
+
+        Received series complete after series.quiet_seconds without new instances and are
+        routed by the rules; processed results are sent to the destinations. Stopping
+        refuses new associations, lets open ones and the running job finish or hands the
+        job back to the queue, then exits 0.
+        """
+        from radnode.node.scp import StorageNode
+        from radnode.node.tls import TLSConfigError
+        from radnode.pipeline.service import PipelineBusy, PipelineService
+
+        settings = get_settings(ctx)
+        _apply_overrides(settings, port, host, ae_title, data_dir)
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            LOGGER.info("received %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+        node = StorageNode(settings)
+        # The node keeps its own completion timer; the pipeline subscribes to its events.
+        pipeline = PipelineService(settings, completion=node.completion, schedule_completion_checks=False)
+        pipeline.register_metrics(node.metrics.registry)
+        node.add_health_check("pipeline", pipeline.health)
+        try:
+            node.start()
+        except TLSConfigError as exc:
+            node.stop()
+            fail(str(exc), code=2)
+        except OSError as exc:
+            node.stop()
+            fail(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}", code=1)
+        try:
+            pipeline.start()
+        except PipelineBusy as exc:
+            node.stop()
+            fail(str(exc), code=1)
+        while not stop.wait(1.0):
+            pass
+        # The pipeline first: it finishes or re-queues jobs while the node's index is open.
+        pipeline.stop()
+        node.stop(grace_seconds=SHUTDOWN_GRACE_SECONDS)
+        raise typer.Exit(0)

@@ -1,0 +1,192 @@
+"""When is a series complete? DICOM does not say, so radnode has an explicit, tested rule.
+
+A series (round) is complete when the first of these holds:
+
+* **expected count** - the data announced how many instances the series has
+  ((0020,1209) Number of Series Related Instances, else (0020,1002) Images in
+  Acquisition; see :attr:`radnode.node.header.InstanceHeader.expected_count`) and that
+  many distinct SOP instances have arrived in this round: complete at once;
+* **quiet** - ``series.quiet_seconds`` have passed without a new instance;
+* **force** - ``series.force_seconds`` have passed since the round's first instance, even
+  if instances still trickle in.
+
+Timers are timestamps in the SQLite index (wall clock, so they survive a restart): after
+a crash, the first :meth:`SeriesCompletion.check_due` completes everything that fell due
+while the node was down. Completion is announced to subscribers through
+:meth:`SeriesCompletion.subscribe`; the durable record is the series row in state
+``complete``, which :meth:`SeriesCompletion.pending` lists again for a subscriber that
+starts later (at-least-once delivery is the subscriber's job, not the listener's).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from radnode.config.model import SeriesSettings
+from radnode.node.index import NodeIndex, SeriesRecord, SeriesState
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SeriesCompleted:
+    """A series (or a new round of an updated series) is complete and can be routed."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    round: int
+    reason: str
+    instance_count: int
+    expected_count: int | None
+    completed_at: float
+    calling_ae: str
+    modality: str | None
+    attributes: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_update(self) -> bool:
+        """True for a later round: instances arrived after the series was complete."""
+        return self.round > 1
+
+    @classmethod
+    def from_record(cls, record: SeriesRecord, reason: str | None = None) -> SeriesCompleted:
+        """Build the event from a series row in state ``complete``."""
+        return cls(
+            series_instance_uid=record.series_instance_uid,
+            study_instance_uid=record.study_instance_uid,
+            round=record.round,
+            reason=reason or record.completion_reason or "unknown",
+            instance_count=record.instance_count,
+            expected_count=record.expected_count,
+            completed_at=record.completed_at or 0.0,
+            calling_ae=record.calling_ae,
+            modality=record.modality,
+            attributes=record.attributes,
+        )
+
+
+class CompletionSubscriber(Protocol):
+    """Anything called with each :class:`SeriesCompleted` (the pipeline, a logger)."""
+
+    def __call__(self, event: SeriesCompleted) -> None: ...
+
+
+class SeriesCompletion:
+    """Applies the completion rule to the index and notifies subscribers.
+
+    Parameters
+    ----------
+    index
+        The node's index, which holds series state and timers.
+    settings
+        ``series`` section: ``quiet_seconds`` and ``force_seconds``.
+    """
+
+    def __init__(self, index: NodeIndex, settings: SeriesSettings) -> None:
+        self.index = index
+        self.settings = settings
+        self._subscribers: list[CompletionSubscriber] = []
+        self._lock = threading.Lock()
+        self._check_lock = threading.Lock()
+
+    def subscribe(self, subscriber: CompletionSubscriber) -> None:
+        """Call ``subscriber(event)`` for every completion from now on."""
+        with self._lock:
+            self._subscribers.append(subscriber)
+
+    def unsubscribe(self, subscriber: CompletionSubscriber) -> None:
+        """Stop calling ``subscriber``; unknown subscribers are ignored."""
+        with self._lock:
+            if subscriber in self._subscribers:
+                self._subscribers.remove(subscriber)
+
+    def check_due(self, now: float | None = None) -> list[SeriesCompleted]:
+        """Complete every series that is due at ``now`` (default: the wall clock).
+
+        The state change commits before any subscriber runs; a subscriber that raises is
+        logged and does not stop the others. Returns the events, in order.
+        """
+        now = time.time() if now is None else now
+        with self._check_lock:
+            done = self.index.complete_due(now, self.settings.quiet_seconds, self.settings.force_seconds)
+        events = [SeriesCompleted.from_record(record, reason) for record, reason in done]
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for event in events:
+            LOGGER.info(
+                "series %s complete (round %d, %s, %d instance(s)%s)",
+                event.series_instance_uid,
+                event.round,
+                event.reason,
+                event.instance_count,
+                f" of {event.expected_count} expected" if event.expected_count else "",
+            )
+            for subscriber in subscribers:
+                try:
+                    subscriber(event)
+                except Exception:
+                    LOGGER.exception(
+                        "completion subscriber %r failed for series %s", subscriber, event.series_instance_uid
+                    )
+        return events
+
+    def pending(self) -> list[SeriesCompleted]:
+        """Series that are complete but not yet processed (to re-announce after a restart)."""
+        return [SeriesCompleted.from_record(r) for r in self.index.series_in_state(SeriesState.COMPLETE)]
+
+    def mark_processed(self, series_instance_uid: str, now: float | None = None) -> bool:
+        """Record that a complete series was processed; False if it was not complete."""
+        return self.index.mark_processed(series_instance_uid, time.time() if now is None else now)
+
+
+class CompletionTimer:
+    """Runs :meth:`SeriesCompletion.check_due` on a small background thread.
+
+    A stop-gap until the pipeline's scheduler calls ``check_due`` itself. :meth:`wake`
+    makes it check at once (used when a series reaches its expected count).
+
+    Parameters
+    ----------
+    completion
+        The checker to run.
+    interval
+        Seconds between checks; by default a quarter of ``quiet_seconds``, clamped to
+        0.2-5 s, so a quiet period overshoots by at most that much.
+    """
+
+    def __init__(self, completion: SeriesCompletion, interval: float | None = None) -> None:
+        self.completion = completion
+        quiet = completion.settings.quiet_seconds
+        self.interval = interval if interval is not None else min(5.0, max(0.2, quiet / 4))
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="radnode-completion", daemon=True)
+
+    def start(self) -> None:
+        """Start the thread (an immediate first check resumes timers after a restart)."""
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Check now instead of at the next tick."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and wait for a running check to finish."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.completion.check_due()
+            except Exception:
+                LOGGER.exception("series completion check failed; retrying in %.1f s", self.interval)
+            self._wake.wait(self.interval)
+            self._wake.clear()
+

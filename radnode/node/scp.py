@@ -1,0 +1,453 @@
+"""The DICOM listener: a pynetdicom Storage and Verification SCP with access control.
+
+:class:`StorageNode` wires the pieces together - access policy, TLS, durable ingest,
+series completion, audit log and metrics - and owns their life cycle. The C-STORE handler
+is deliberately short: it hands the encoded data set (never decoded) to
+:class:`radnode.node.ingest.Ingestor` and turns the outcome into a named status.
+
+Receive-path choices (see ``benchmarks/ingest.py`` for the figures):
+
+* the data set stays encoded in memory as pynetdicom assembled it and is written straight
+  through behind a hand-encoded File Meta (no pydicom decode or re-encode); only the few
+  header attributes needed are scanned (:mod:`radnode.node.header`);
+* ``node.max_pdu`` defaults to 0 (unlimited), so senders use their largest PDUs;
+* pynetdicom's per-PDU and per-DIMSE logging handlers are unbound: they format every PDU
+  (and copy every data set once) even when nothing is logged;
+* each association's DUL waits in ``select()`` instead of polling with 1 ms sleeps, and
+  reads PDUs with ``recv_into`` (:mod:`radnode.node.fastpath`);
+* the ingest of a C-STORE starts on a worker thread as soon as its last PDU is decoded
+  (``evt.EVT_DIMSE_RECV``), overlapping the write and fsync with the time pynetdicom's
+  association thread takes to pick the request up; the C-STORE handler waits for it;
+* associations run in parallel, one thread each, up to ``node.max_associations``.
+
+This module never imports torch or MONAI: the listener must start in a second and stay up
+whatever the models do.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from io import BytesIO
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, build_context, evt
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from radnode.config.model import Settings
+from radnode.node import status
+from radnode.node.access import AccessPolicy
+from radnode.node.audit import AuditLog
+from radnode.node.completion import CompletionSubscriber, CompletionTimer, SeriesCompleted, SeriesCompletion
+from radnode.node.fastpath import tune_association
+from radnode.node.index import NodeIndex
+from radnode.node.ingest import Ingestor, StoreOutcome, StoreRequest
+from radnode.node.metrics import MetricsServer, NodeMetrics
+from radnode.node.storage import InstanceStore
+from radnode.node.tls import build_server_context
+
+LOGGER = logging.getLogger(__name__)
+
+#: A health check reports ``(healthy, details)`` for ``/healthz``.
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+#: Use :mod:`radnode.node.fastpath` for each association (select-based DUL, recv_into).
+FAST_RECEIVE_PATH = True
+#: Start the ingest on a worker as soon as a C-STORE request is decoded (see _on_dimse_recv).
+PRESTORE = True
+#: pynetdicom's logging handlers that run once per PDU or DIMSE message.
+_CHATTY_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+#: Files below ``data_dir``.
+INDEX_FILE = "radnode.sqlite"
+AUDIT_FILE = Path("audit") / "audit.jsonl"
+
+
+def storage_contexts() -> list[Any]:
+    """Presentation contexts we accept: every storage SOP class pynetdicom knows, plus
+    Verification, each with every transfer syntax (compressed ones included)."""
+    contexts = [build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    contexts.append(build_context(Verification, ALL_TRANSFER_SYNTAXES))
+    return contexts
+
+
+class StorageNode:
+    """The running DICOM node.
+
+    Parameters
+    ----------
+    settings
+        The effective configuration; ``node``, ``storage``, ``series``, ``output``
+        and ``metrics`` are read.
+
+    Examples
+    --------
+    >>> node = StorageNode(settings)            # doctest: +SKIP
+    >>> node.completion.subscribe(print)        # doctest: +SKIP
+    >>> node.start(); ...; node.stop()          # doctest: +SKIP
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        data_dir = Path(settings.storage.data_dir)
+        self.store = InstanceStore(data_dir, settings.storage.min_free_gb)
+        self.index = NodeIndex(self.store.data_dir / INDEX_FILE)
+        self.audit = AuditLog(self.store.data_dir / AUDIT_FILE)
+        self.metrics = NodeMetrics()
+        self.completion = SeriesCompletion(self.index, settings.series)
+        self.timer = CompletionTimer(self.completion)
+        self.ingestor = Ingestor(
+            self.store, self.index, self.audit, settings.series.on_update, on_expected_reached=self.timer.wake
+        )
+        self.access = AccessPolicy(settings.node)
+        self.completion.subscribe(self._record_completion)
+        self._server: ThreadedAssociationServer | None = None
+        self._metrics_server: MetricsServer | None = None
+        self._in_flight = 0
+        self._in_flight_cv = threading.Condition()
+        self._closing = False
+        self._stopped = threading.Event()
+        self._workers = ThreadPoolExecutor(settings.node.max_associations, thread_name_prefix="radnode-store")
+        self._pending: dict[int, dict[int, Future[StoreOutcome]]] = {}
+        self._pending_lock = threading.Lock()
+        self._health_checks: dict[str, HealthCheck] = {}
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover from a crash, then listen. Returns once the socket is bound."""
+        node = self.settings.node
+        if _config.STORE_RECV_CHUNKED_DATASET:
+            raise RuntimeError(
+                "the listener needs pynetdicom's _config.STORE_RECV_CHUNKED_DATASET = False "
+                "(it writes the received bytes itself)"
+            )
+        self.store.clean_temporary()
+        recovered = self.ingestor.recover_orphans()
+        if recovered:
+            LOGGER.warning("indexed %d file(s) written before a crash but never indexed", recovered)
+        ae = AE(ae_title=node.ae_title)
+        ae.maximum_associations = node.max_associations
+        ae.maximum_pdu_size = node.max_pdu
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.network_timeout = node.network_timeout
+        ae.require_called_aet = False  # checked (and audited) in _on_requested
+        ssl_context = build_server_context(node.tls) if node.tls.enabled else None
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected_by_pynetdicom),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+            (evt.EVT_C_STORE, self._on_c_store),
+        ]
+        server = ae.start_server(
+            (node.host, node.port),
+            block=False,
+            ssl_context=ssl_context,
+            evt_handlers=handlers,
+            contexts=storage_contexts(),
+        )
+        assert server is not None
+        for event in _CHATTY_EVENTS:
+            for handler, _args in list(server.get_handlers(event)):
+                if getattr(handler, "__self__", None) is not self:
+                    server.unbind(event, handler)
+        self._server = server
+        self.metrics.active_associations.set_function(lambda: len(server.active_associations))
+        self.timer.start()
+        if self.settings.metrics.enabled:
+            self._metrics_server = MetricsServer(
+                self.metrics, self.settings.metrics.host, self.settings.metrics.port, self.health
+            )
+            self._metrics_server.start()
+            LOGGER.info(
+                "metrics on http://%s:%d/metrics", self.settings.metrics.host, self._metrics_server.port
+            )
+        if self.access.accepts_any_calling_ae:
+            LOGGER.warning(
+                "node.strict is off: associations from ANY calling AE title are accepted%s; "
+                "set node.strict and node.allowed_calling_aes for production",
+                "" if not node.allowed_calling_aes else " (unlisted ones are logged)",
+            )
+        elif not node.allowed_calling_aes:
+            LOGGER.warning("node.strict is on but node.allowed_calling_aes is empty: every association will be rejected")
+        LOGGER.info(
+            "%s listening on %s:%d%s, data in %s",
+            node.ae_title,
+            node.host,
+            self.port,
+            " (TLS)" if ssl_context else "",
+            self.store.data_dir,
+        )
+
+    @property
+    def port(self) -> int:
+        """The TCP port the listener is bound to (useful when ``node.port`` is 0)."""
+        if self._server is None:
+            raise RuntimeError("the node is not started")
+        return int(self._server.server_address[1])
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the metrics endpoint, or ``None`` when disabled."""
+        return self._metrics_server.port if self._metrics_server else None
+
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop gracefully: refuse new associations, let open ones finish, then close.
+
+        Associations still open after ``grace_seconds`` get an A-ABORT, but only once
+        no C-STORE is being written, so nothing half-acknowledged remains.
+        """
+        if self._stopped.is_set():
+            return
+        server = self._server
+        if server is not None:
+            server.shutdown()
+            deadline = time.monotonic() + grace_seconds
+            while server.active_associations and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with self._in_flight_cv:
+                self._closing = True
+                self._in_flight_cv.wait_for(lambda: self._in_flight == 0, timeout=self.settings.node.dimse_timeout)
+            for assoc in server.active_associations:
+                LOGGER.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+                assoc.abort()
+        self._workers.shutdown(wait=True)
+        self.timer.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+        self.index.close()
+        self.audit.close()
+        self._stopped.set()
+        LOGGER.info("%s stopped", self.settings.node.ae_title)
+
+    def __enter__(self) -> StorageNode:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def subscribe(self, subscriber: CompletionSubscriber) -> None:
+        """Shortcut for ``node.completion.subscribe``."""
+        self.completion.subscribe(subscriber)
+
+    def add_health_check(self, name: str, check: HealthCheck) -> None:
+        """Let another part of the process (the pipeline) report in ``/healthz``."""
+        self._health_checks[name] = check
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``/healthz``: listening, enough disk to accept data, and every added check."""
+        free = self.store.free_bytes()
+        self.metrics.disk_free_bytes.set(free)
+        listening = self._server is not None and not self._stopped.is_set() and not self._closing
+        room = free >= self.store.min_free_bytes
+        healthy = listening and room
+        details: dict[str, Any] = {"listening": listening, "disk_ok": room, "free_bytes": free}
+        for name, check in self._health_checks.items():
+            ok, extra = check()
+            healthy = healthy and ok
+            details[name] = {"ok": ok, **extra}
+        return healthy, details
+
+    # --- association events ---------------------------------------------------------------
+
+    def _on_conn_open(self, event: Event) -> None:
+        # Runs before the association thread starts: tune its receive path.
+        assoc = event.assoc
+        for chatty in _CHATTY_EVENTS:
+            for handler, _args in list(assoc.get_handlers(chatty)):
+                if getattr(handler, "__self__", None) is not self:
+                    assoc.unbind(chatty, handler)
+        if FAST_RECEIVE_PATH:
+            tune_association(assoc)
+
+    def _on_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        peer = assoc.requestor.address
+        decision = self.access.check(calling, called, peer)
+        if decision.accepted:
+            if decision.unlisted_calling_ae and self.settings.node.allowed_calling_aes:
+                LOGGER.warning("accepting unlisted calling AE %r from %s (node.strict is off)", calling, peer)
+            return
+        assert decision.result is not None and decision.source is not None and decision.reason is not None
+        LOGGER.warning("rejecting association from %r at %s: %s", calling, peer, decision.explanation)
+        self.audit.record(
+            "association-rejected",
+            calling_ae=calling,
+            called_ae=called,
+            peer_address=peer,
+            peer_port=assoc.requestor.port,
+            result=int(decision.result),
+            source=int(decision.source),
+            reason=int(decision.reason),
+            detail=decision.explanation,
+        )
+        self.metrics.associations.labels(outcome="rejected").inc()
+        assoc.acse.send_reject(int(decision.result), int(decision.source), int(decision.reason))
+        assoc.kill()
+
+    def _on_rejected_by_pynetdicom(self, event: Event) -> None:
+        # pynetdicom's own refusals, e.g. maximum associations reached (transient,
+        # service-provider presentation, local-limit-exceeded; PS3.8 Table 9-21).
+        assoc = event.assoc
+        primitive = assoc.acceptor.primitive
+        self.audit.record(
+            "association-rejected",
+            calling_ae=str(assoc.requestor.primitive.calling_ae_title).strip(),
+            peer_address=assoc.requestor.address,
+            result=getattr(primitive, "result", None),
+            source=getattr(primitive, "result_source", None),
+            reason=getattr(primitive, "diagnostic", None),
+            detail="refused by the association layer (limit or negotiation)",
+        )
+        self.metrics.associations.labels(outcome="rejected").inc()
+
+    def _on_accepted(self, event: Event) -> None:
+        assoc = event.assoc
+        self.metrics.associations.labels(outcome="accepted").inc()
+        self.audit.record(
+            "association-accepted",
+            calling_ae=assoc.requestor.ae_title,
+            called_ae=self.settings.node.ae_title,
+            peer_address=assoc.requestor.address,
+            peer_port=assoc.requestor.port,
+            tls=self.settings.node.tls.enabled,
+        )
+
+    def _on_released(self, event: Event) -> None:
+        self.metrics.associations.labels(outcome="released").inc()
+
+    def _on_aborted(self, event: Event) -> None:
+        self.metrics.associations.labels(outcome="aborted").inc()
+        self.audit.record(
+            "association-aborted",
+            calling_ae=event.assoc.requestor.ae_title,
+            peer_address=event.assoc.requestor.address,
+        )
+
+    # --- C-STORE --------------------------------------------------------------------------
+
+    def _on_dimse_recv(self, event: Event) -> None:
+        """Start ingesting a C-STORE request as soon as its last PDU is decoded.
+
+        This runs on the association's DUL thread; the ingest itself goes to a worker, so
+        the write and fsync overlap the time pynetdicom's association thread takes to pick
+        the request up (it polls every millisecond). :meth:`_on_c_store` then only waits.
+        """
+        message = event.message
+        if not isinstance(message, C_STORE_RQ) or not PRESTORE:
+            return
+        assoc = event.assoc
+        command = message.command_set
+        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == message.context_id), None)
+        if context is None:
+            return  # pynetdicom aborts the association for an unknown context
+        future = self._workers.submit(
+            self._ingest,
+            str(command.AffectedSOPClassUID or ""),
+            str(command.AffectedSOPInstanceUID or ""),
+            str(context.transfer_syntax[0]),
+            assoc.requestor.ae_title,
+            assoc.requestor.address,
+            message.data_set,
+        )
+        with self._pending_lock:
+            self._pending.setdefault(id(assoc), {})[int(command.MessageID)] = future
+
+    def _on_conn_close(self, event: Event) -> None:
+        with self._pending_lock:
+            self._pending.pop(id(event.assoc), None)
+
+    def _on_c_store(self, event: Event) -> int | Dataset:
+        """validate -> write (fsync, rename) -> index -> named status."""
+        request = event.request
+        with self._pending_lock:
+            future = self._pending.get(id(event.assoc), {}).pop(int(request.MessageID), None)
+        if future is not None:
+            outcome = future.result()
+        else:
+            outcome = self._ingest(
+                str(request.AffectedSOPClassUID or ""),
+                str(request.AffectedSOPInstanceUID or ""),
+                str(event.context.transfer_syntax),
+                event.assoc.requestor.ae_title,
+                event.assoc.requestor.address,
+                request.DataSet,
+            )
+        if outcome.status == status.SUCCESS:
+            return status.SUCCESS
+        return _status(outcome.status, outcome.error_comment)
+
+    def _ingest(
+        self,
+        sop_class: str,
+        sop_instance: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        peer: str,
+        data: BytesIO,
+    ) -> StoreOutcome:
+        started = time.perf_counter()
+        with self._in_flight_cv:
+            if self._closing:
+                return StoreOutcome(
+                    status.PROCESSING_FAILURE, "rejected", "Node is shutting down; retry later", "shutting-down"
+                )
+            self._in_flight += 1
+        try:
+            with data.getbuffer() as dataset:
+                outcome = self.ingestor.ingest(
+                    StoreRequest(sop_class, sop_instance, transfer_syntax, calling_ae, peer, dataset)
+                )
+                size = len(dataset)
+        finally:
+            with self._in_flight_cv:
+                self._in_flight -= 1
+                self._in_flight_cv.notify_all()
+        self.metrics.bytes_received.inc(size)
+        self.metrics.store_seconds.observe(time.perf_counter() - started)
+        if outcome.status == status.SUCCESS:
+            self.metrics.instances_received.labels(outcome=outcome.outcome).inc()
+        else:
+            self.metrics.instances_rejected.labels(outcome.reason or "unknown").inc()
+        return outcome
+
+    # --- completion -----------------------------------------------------------------------
+
+    def _record_completion(self, event: SeriesCompleted) -> None:
+        self.metrics.series_completed.labels(reason=event.reason).inc()
+        self.audit.record(
+            "series-complete",
+            series_instance_uid=event.series_instance_uid,
+            study_instance_uid=event.study_instance_uid,
+            round=event.round,
+            reason=event.reason,
+            instance_count=event.instance_count,
+            expected_count=event.expected_count,
+            calling_ae=event.calling_ae,
+        )
+
+
+def _status(code: int, comment: str | None) -> Dataset:
+    """A C-STORE response status with an Error Comment (0000,0902), LO of <= 64 chars."""
+    response = Dataset()
+    response.Status = code
+    if comment:
+        response.ErrorComment = comment[:64]
+    return response

@@ -1,0 +1,429 @@
+"""The node's pure parts without a network: UIDs, File Meta, header parsing, access rules,
+routing rules, series completion and the audit allow-list."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from node_support import IBSI_SLICES, dataset_bytes
+
+from radnode.config.model import NodeSettings, RoutingRule, RuleMatch, SeriesSettings
+from radnode.node.access import AccessPolicy
+from radnode.node.audit import AuditLog, read_audit
+from radnode.node.completion import SeriesCompletion
+from radnode.node.header import HeaderError, parse_header
+from radnode.node.index import InstanceRecord, NodeIndex, SeriesState
+from radnode.node.routing import SeriesFacts, evaluate, format_decision
+from radnode.node.status import RejectReason, RejectResult, RejectSource
+from radnode.node.storage import InstanceStore, InvalidUIDError, encode_file_meta, validate_uid
+
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+# --- UIDs and paths ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["../../etc/x", "1.2/3", "1..2", "1.02.3", "", "1.2.a", "1." + "2" * 63, ".1.2", "1.2.", None, 12],
+)
+def test_invalid_uids_are_refused(value: object) -> None:
+    with pytest.raises(InvalidUIDError) as info:
+        validate_uid(value, "SOPInstanceUID")
+    assert "SOPInstanceUID" in str(info.value)
+
+
+def test_valid_uid_loses_its_padding() -> None:
+    assert validate_uid("1.2.840.10008.1.2\x00", "TransferSyntaxUID") == "1.2.840.10008.1.2"
+    assert validate_uid("0.0", "X") == "0.0"
+    uid = "1." + "2" * 62
+    assert validate_uid(uid, "X") == uid
+
+
+def test_instance_path_refuses_traversal(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "data", min_free_gb=0)
+    with pytest.raises(InvalidUIDError):
+        store.instance_path("1.2", "1.3", "../../etc/x")
+    path = store.instance_path("1.2", "1.3", "1.4", version=2)
+    assert path == store.incoming / "1.2" / "1.3" / "1.4_v2.dcm"
+
+
+# --- Part 10 files ------------------------------------------------------------------------------
+
+
+def test_written_file_is_part10_with_exact_bytes(shared_data: Path, tmp_path: Path) -> None:
+    source = sorted((shared_data / IBSI_SLICES).glob("*.dcm"))[3]
+    original = pydicom.dcmread(source)
+    body = dataset_bytes(source)
+    store = InstanceStore(tmp_path / "data", min_free_gb=0)
+    meta = encode_file_meta(original.SOPClassUID, original.SOPInstanceUID, original.file_meta.TransferSyntaxUID, "SCANNER1")
+    final = store.instance_path(original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID)
+    stored = store.write_instance(final, [meta, body])
+
+    assert stored.size == final.stat().st_size
+    assert dataset_bytes(final) == body
+    copy = pydicom.dcmread(final)
+    assert copy.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID
+    assert copy.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
+    assert copy.file_meta.SourceApplicationEntityTitle.strip() == "SCANNER1"
+    assert np.array_equal(copy.pixel_array, original.pixel_array)
+    assert list(store.tmp_dir.iterdir()) == []
+    # DCMTK agrees that the File Meta is well formed.
+    dump = subprocess.run(["dcmdump", "-q", str(final)], capture_output=True, text=True)
+    assert dump.returncode == 0, dump.stderr
+    assert "MediaStorageSOPInstanceUID" in dump.stdout
+
+
+def test_clean_temporary_removes_leftovers(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path / "data", min_free_gb=0)
+    (store.tmp_dir / "abc.part").write_bytes(b"half a file")
+    assert store.clean_temporary() == 1
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+# --- header parsing -----------------------------------------------------------------------------
+
+
+def test_parse_header_implicit_and_deflated(shared_data: Path, tmp_path: Path) -> None:
+    source = sorted((shared_data / IBSI_SLICES).glob("*.dcm"))[0]
+    original = pydicom.dcmread(source, stop_before_pixels=True)
+    header = parse_header(dataset_bytes(source), original.file_meta.TransferSyntaxUID)
+    assert header.sop_instance_uid == original.SOPInstanceUID
+    assert header.series_instance_uid == original.SeriesInstanceUID
+    assert header.study_instance_uid == original.StudyInstanceUID
+    assert header.modality == original.Modality
+    assert header.slice_thickness == pytest.approx(float(original.SliceThickness))
+    assert header.image_type == tuple(original.ImageType)
+    assert not header.has_file_meta_elements
+
+    deflated = tmp_path / "deflated.dcm"
+    subprocess.run(["dcmconv", "+td", str(source), str(deflated)], check=True)
+    meta = pydicom.dcmread(deflated, stop_before_pixels=True).file_meta
+    assert meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+    inflated = parse_header(dataset_bytes(deflated), meta.TransferSyntaxUID)
+    assert inflated.sop_instance_uid == original.SOPInstanceUID
+    assert inflated.series_instance_uid == original.SeriesInstanceUID
+
+
+@pytest.mark.parametrize("transfer_syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_fast_header_scanner_agrees_with_pydicom(shared_data: Path, tmp_path: Path, transfer_syntax: str) -> None:
+    from pydicom.dataset import Dataset
+
+    from radnode.node.header import _parse, _scan_header
+
+    sources = [
+        sorted((shared_data / IBSI_SLICES).glob("*.dcm"))[0],
+        next((shared_data / "ibsi_ct_phantom" / "dicom" / "mask").glob("*.dcm")),
+        next((shared_data / "nsclc_radiomics" / "LUNG1-002" / "RTSTRUCT").rglob("*.dcm")),
+    ]
+    implicit = transfer_syntax == "1.2.840.10008.1.2"
+    for number, source in enumerate(sources):
+        ds = pydicom.dcmread(source)
+        # Undefined-length sequences (nested) before the attributes we read.
+        inner = Dataset()
+        inner.CodeValue, inner.CodingSchemeDesignator = "T-D3000", "SRT"
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = "1.2.3", "1.2.3.4"
+        item.PurposeOfReferenceCodeSequence = [inner]
+        item.PurposeOfReferenceCodeSequence.is_undefined_length = True
+        ds.ReferencedImageSequence = [item, item]
+        ds.ReferencedImageSequence.is_undefined_length = True
+        ds.SeriesDescription = "Thorax Lunge nativ"
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        if number == 0:
+            ds.SeriesDescription = "Thorax ü 1.0"  # Latin-1, decoded with the character set
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        path = tmp_path / f"{number}.dcm"
+        ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+        body = dataset_bytes(path)
+        fast, _ = _scan_header(memoryview(body), implicit, True)
+        slow, _ = _parse(body, implicit, True)
+        assert fast == slow, source
+        assert fast == parse_header(body, transfer_syntax)
+        assert fast.sop_instance_uid == ds.SOPInstanceUID and fast.series_description == ds.SeriesDescription
+
+
+def test_parse_header_rejects_garbage() -> None:
+    rng = np.random.default_rng(7)
+    garbage = rng.integers(0, 256, 20_000, dtype=np.uint8).tobytes()
+    with pytest.raises(HeaderError):
+        parse_header(b"\x08\x00\x18\x00" + garbage, "1.2.840.10008.1.2.1.99")
+    try:
+        header = parse_header(garbage, "1.2.840.10008.1.2.1")
+    except HeaderError:
+        return
+    assert header.sop_instance_uid is None or header.series_instance_uid is None
+
+
+# --- access control -----------------------------------------------------------------------------
+
+
+def test_access_policy_decisions() -> None:
+    strict = AccessPolicy(
+        NodeSettings(ae_title="RADNODE", strict=True, allowed_calling_aes=["PACS"], allowed_hosts=["10.1.0.0/16", "127.0.0.1"])
+    )
+    ok = strict.check("PACS", "RADNODE", "127.0.0.1")
+    assert ok.accepted and not ok.unlisted_calling_ae
+
+    unknown = strict.check("INTRUDER", "RADNODE", "127.0.0.1")
+    assert not unknown.accepted
+    assert (unknown.result, unknown.source, unknown.reason) == (
+        RejectResult.PERMANENT,
+        RejectSource.SERVICE_USER,
+        RejectReason.CALLING_AE_NOT_RECOGNIZED,
+    )
+    assert strict.check("PACS", "OTHER", "127.0.0.1").reason == RejectReason.CALLED_AE_NOT_RECOGNIZED
+    host = strict.check("PACS", "RADNODE", "192.168.1.5")
+    assert not host.accepted and host.reason == RejectReason.NO_REASON_GIVEN
+    assert strict.check("PACS", "RADNODE", "10.1.200.3").accepted
+    assert strict.check("PACS", "RADNODE", "::ffff:10.1.2.3").accepted
+
+    lenient = AccessPolicy(NodeSettings(ae_title="RADNODE"))
+    anyone = lenient.check("WHOEVER", "RADNODE", "192.168.1.5")
+    assert anyone.accepted and anyone.unlisted_calling_ae and lenient.accepts_any_calling_ae
+    assert not lenient.check("WHOEVER", "NOTME", "192.168.1.5").accepted
+
+
+# --- routing ------------------------------------------------------------------------------------
+
+
+def _ct_facts(**changes: object) -> SeriesFacts:
+    values: dict[str, object] = dict(
+        series_instance_uid="1.2.3.4",
+        sop_instance_uid="1.2.3.4.1",
+        sop_class_uid=CT_IMAGE_STORAGE,
+        modality="CT",
+        body_part_examined="CHEST",
+        series_description="Thorax 1.0 B31f",
+        image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
+        slice_thickness=1.0,
+        station_name="CT-ROOM-2",
+        study_date=date(2024, 5, 17),
+        manufacturer="SIEMENS",
+        instance_count=120,
+        calling_ae="CT2",
+    )
+    values.update(changes)
+    return SeriesFacts(**values)  # type: ignore[arg-type]
+
+
+RULES = [
+    RoutingRule(name="skip-scouts", match=RuleMatch(image_type_contains="derived"), action="ignore"),
+    RoutingRule(
+        name="thin-chest",
+        match=RuleMatch(
+            modality=["ct"],
+            body_part="chest|lung",
+            series_description=r"thorax",
+            slice_thickness_min=0.5,
+            slice_thickness_max=2.0,
+            min_instances=50,
+            calling_ae=["CT1", "CT2"],
+            station_name=r"^CT-ROOM",
+            study_date_from=date(2024, 1, 1),
+            study_date_to=date(2024, 12, 31),
+        ),
+        action="process",
+        profile="lung",
+    ),
+    RoutingRule(name="everything-else", action="ignore"),
+]
+
+
+def test_rule_matches_when_every_condition_holds() -> None:
+    decision = evaluate(RULES, _ct_facts(), "2.25")
+    assert (decision.action, decision.rule_name, decision.profile) == ("process", "thin-chest", "lung")
+    thin = decision.checks[1]
+    assert len(thin.conditions) == 8 and all(c.passed for c in thin.conditions)
+
+
+@pytest.mark.parametrize(
+    ("change", "failing"),
+    [
+        ({"modality": "MR"}, "modality"),
+        ({"body_part_examined": "ABDOMEN"}, "body_part"),
+        ({"body_part_examined": None}, "body_part"),
+        ({"series_description": "Abdomen"}, "series_description"),
+        ({"slice_thickness": 5.0}, "slice_thickness"),
+        ({"slice_thickness": 0.4}, "slice_thickness"),
+        ({"instance_count": 49}, "min_instances"),
+        ({"calling_ae": "PACS"}, "calling_ae"),
+        ({"station_name": "MR-1"}, "station_name"),
+        ({"study_date": date(2023, 12, 31)}, "study_date"),
+        ({"study_date": None}, "study_date"),
+    ],
+)
+def test_each_condition_can_fail(change: dict[str, object], failing: str) -> None:
+    decision = evaluate(RULES, _ct_facts(**change), "2.25")
+    assert decision.action == "ignore" and decision.rule_name == "everything-else"
+    failed = [c.name for c in decision.checks[1].conditions if not c.passed]
+    assert failed == [failing]
+    text = format_decision(decision, _ct_facts(**change))
+    assert f"[FAIL] {failing}" in text
+
+
+def test_first_matching_rule_wins() -> None:
+    decision = evaluate(RULES, _ct_facts(image_type=("DERIVED", "SECONDARY", "AXIAL")), "2.25")
+    assert decision.rule_name == "skip-scouts" and decision.action == "ignore"
+
+
+def test_loop_guard_and_non_image_series_are_never_processed() -> None:
+    ours = _ct_facts(series_instance_uid="2.25.1234", sop_instance_uid="2.25.99", manufacturer="radnode")
+    decision = evaluate(RULES, ours, "2.25")
+    assert decision.action == "ignore" and decision.guard and "loop guard" in decision.guard
+    assert decision.checks[1].matched and decision.checks[1].blocked_by
+    # Same UID root but another manufacturer: not ours, processed.
+    assert evaluate(RULES, _ct_facts(series_instance_uid="2.25.1234"), "2.25").action == "process"
+    # Software Versions naming radnode (as the writers set it) is recognised too...
+    by_software = _ct_facts(series_instance_uid="2.25.1234", software_versions=("radnode 0.1.0",))
+    assert evaluate(RULES, by_software, "2.25").action == "ignore"
+    # ...but the synthetic phantom is input to process, not radnode's own output.
+    phantom = _ct_facts(
+        series_instance_uid="2.25.1234", manufacturer="radnode-phantom", software_versions=("radnode-phantom 0.1.0",)
+    )
+    assert evaluate(RULES, phantom, "2.25").action == "process"
+
+    for facts in (
+        _ct_facts(sop_class_uid=SEG_STORAGE, modality="SEG"),
+        _ct_facts(modality="RTSTRUCT", sop_class_uid="1.2.840.10008.5.1.4.1.1.481.3"),
+        _ct_facts(image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
+    ):
+        rules = [RoutingRule(name="all", action="process")]
+        assert evaluate(rules, facts, "2.25").action == "ignore"
+    forward = [
+        RoutingRule(name="all", action="process"),
+        RoutingRule(name="send-on", match=RuleMatch(modality=["SEG"]), action="forward", destinations=["archive"]),
+    ]
+    seg = evaluate(forward, _ct_facts(sop_class_uid=SEG_STORAGE, modality="SEG"), "2.25")
+    assert (seg.action, seg.destinations) == ("forward", ("archive",))
+
+
+# --- series completion --------------------------------------------------------------------------
+
+
+def _record(series: str, sop: str, at: float, sop_class: str = CT_IMAGE_STORAGE) -> InstanceRecord:
+    return InstanceRecord(sop, 1, series, "1.9", sop_class, "1.2.840.10008.1.2", "CT", "CT1", "127.0.0.1", f"x/{sop}.dcm", 10, at)
+
+
+def test_completion_quiet_force_expected_update_and_restart(tmp_path: Path) -> None:
+    db = tmp_path / "index.sqlite"
+    index = NodeIndex(db)
+    completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=10, force_seconds=100))
+    seen = []
+    completion.subscribe(seen.append)
+
+    # quiet: 3 instances, then silence
+    for i in range(3):
+        index.add_instance(_record("1.1", f"1.1.{i}", 1000.0 + i), {}, None)
+    assert completion.check_due(1011.9) == []
+    (event,) = completion.check_due(1012.0)
+    assert (event.reason, event.instance_count, event.round) == ("quiet", 3, 1)
+    assert index.series("1.1").state is SeriesState.COMPLETE
+
+    # force: an instance every 5 s never leaves 10 s of quiet
+    for i in range(21):
+        index.add_instance(_record("2.1", f"2.1.{i}", 2000.0 + 5 * i), {}, None)
+        events = completion.check_due(2000.0 + 5 * i + 4.9)
+        if i < 20:
+            assert events == []
+    (event,) = events
+    assert (event.series_instance_uid, event.reason, event.instance_count) == ("2.1", "force", 21)
+    assert index.series("2.1").state is SeriesState.COMPLETE
+    assert seen[-1] == event
+
+    # expected count: complete as soon as the 4th of 4 arrives
+    for i in range(4):
+        change = index.add_instance(_record("3.1", f"3.1.{i}", 3000.0 + i), {}, 4)
+        assert change.expected_reached == (i == 3)
+    (event,) = completion.check_due(3003.0)
+    assert (event.reason, event.expected_count) == ("expected-count", 4)
+
+    # update: a new instance for a complete series opens round 2
+    change = index.add_instance(_record("1.1", "1.1.9", 5000.0), {}, None)
+    assert (change.state, change.round) == (SeriesState.UPDATED, 2)
+    assert completion.mark_processed("1.1") is False  # not complete now
+    index.close()
+
+    # restart: a fresh index object on the same file resumes the timers
+    index = NodeIndex(db)
+    completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=10, force_seconds=100))
+    (event,) = completion.check_due(5010.0)
+    assert (event.series_instance_uid, event.round, event.instance_count, event.is_update) == ("1.1", 2, 4, True)
+    assert completion.mark_processed("1.1") is True
+    assert index.series("1.1").state is SeriesState.PROCESSED
+    assert [e.series_instance_uid for e in completion.pending()] == ["2.1", "3.1"]
+
+
+def test_update_ignored_when_configured(tmp_path: Path) -> None:
+    index = NodeIndex(tmp_path / "index.sqlite")
+    completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=1, force_seconds=10))
+    index.add_instance(_record("1.1", "1.1.1", 100.0), {}, None)
+    completion.check_due(200.0)
+    change = index.add_instance(_record("1.1", "1.1.2", 300.0), {}, None, on_update="ignore")
+    assert change.update_ignored and change.state is SeriesState.COMPLETE
+    assert completion.check_due(400.0) == []
+    assert index.series("1.1").instance_count == 2
+
+
+def test_subscriber_failure_does_not_stop_others(tmp_path: Path) -> None:
+    index = NodeIndex(tmp_path / "index.sqlite")
+    completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=1, force_seconds=10))
+    got = []
+
+    def broken(event: object) -> None:
+        raise RuntimeError("pipeline down")
+
+    completion.subscribe(broken)
+    completion.subscribe(got.append)
+    index.add_instance(_record("1.1", "1.1.1", 100.0), {}, None)
+    assert len(completion.check_due(102.0)) == 1 and len(got) == 1
+
+
+# --- audit --------------------------------------------------------------------------------------
+
+
+def test_audit_refuses_fields_outside_allow_list(tmp_path: Path) -> None:
+    audit = AuditLog(tmp_path / "audit.jsonl")
+    audit.record("instance-stored", sop_instance_uid="1.2.3", calling_ae="CT1")
+    with pytest.raises(ValueError, match="patient_name"):
+        audit.record("instance-stored", patient_name="DOE^JANE")
+    audit.close()
+    (entry,) = read_audit(tmp_path / "audit.jsonl")
+    assert entry["event"] == "instance-stored" and entry["sop_instance_uid"] == "1.2.3"
+
+
+# --- listener hygiene ---------------------------------------------------------------------------
+
+
+def test_listener_never_imports_torch_or_monai() -> None:
+    code = (
+        "import sys\n"
+        "import radnode.node.scp, radnode.node.routing, radnode.cli.serve_cmd, radnode.cli.route_cmd\n"
+        "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_fast_path_swaps_only_the_classes_it_knows() -> None:
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+    from pynetdicom.transport import AssociationSocket
+
+    from radnode.node.fastpath import RecvIntoSocket, SelectingDUL, tune_association
+
+    with socket.socket() as raw:
+        assoc = Association(AE(), "acceptor")
+        assoc.set_socket(AssociationSocket(assoc, client_socket=raw))
+        assert tune_association(assoc) is True
+        assert type(assoc.dul) is SelectingDUL and type(assoc.dul.socket) is RecvIntoSocket
+        assert tune_association(assoc) is False  # already tuned: left alone
