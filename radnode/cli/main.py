@@ -55,6 +55,11 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.config_cmd",
     "radnode.cli.phantom_cmd",
     "radnode.cli.process_cmd",
+    "radnode.cli.serve_cmd",
+    "radnode.cli.route_cmd",
+    "radnode.cli.status_cmd",
+    "radnode.cli.jobs_cmd",
+    "radnode.cli.sweep_cmd",
 )
 
 for _name in COMMAND_MODULES:

@@ -39,13 +39,11 @@ from radnode.dicom_io.series import CTSeries, SeriesRejected, load_series
 from radnode.dicom_io.sr_writer import build_sr
 from radnode.models.lungmask import LungMaskResult, segment_lungs
 from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
+from radnode.pipeline.version import PIPELINE_VERSION
 from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
 
 log = logging.getLogger(__name__)
 
-#: Bumped whenever a change alters what the chain produces; part of derived output UIDs
-#: and of the "already processed" check, so new outputs never collide with old ones.
-PIPELINE_VERSION = "1"
 
 RESULT_FILE = "result.json"
 

@@ -1,0 +1,283 @@
+"""Send what waits in the outbox to each destination with C-STORE (PS3.4 Annex B).
+
+One association per destination and round, proposing exactly the SOP classes of the due
+items (a peer that accepts only what it is offered, like ``storescu -R``, then works).
+Every attempt's outcome goes back to :class:`~radnode.pipeline.outbox.Outbox`, which
+decides the item's next state; this module only talks DICOM and classifies statuses.
+
+Status handling (PS3.4 B.2.3, PS3.7 Annex C):
+
+* ``0x0000`` success, and the warnings ``0xB000`` (coercion of data elements), ``0xB006``
+  (elements discarded), ``0xB007`` (data set does not match SOP class): stored; the code
+  is recorded with the item;
+* any failure status (``0xA7xx`` out of resources, ``0xA9xx`` data set does not match SOP
+  class, ``0xCxxx`` cannot understand, ``0x0122`` SOP class not supported, ...): refused,
+  counts towards the outbox's attempt limit;
+* no association, an abort, or no response within the DIMSE timeout: the destination is
+  *down*; its items wait (exponential backoff), they are never given up.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.status import code_to_category
+
+from radnode.config import Destination, Settings
+from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, OutboxItem, format_status
+
+log = logging.getLogger(__name__)
+
+#: PS3.7 C.1.1: success.
+STATUS_SUCCESS = 0x0000
+#: PS3.4 B.2.3 warnings: coercion of data elements, elements discarded, data set does not
+#: match SOP class. The object is stored.
+STATUS_WARNING_COERCION = 0xB000
+STATUS_WARNING_ELEMENTS_DISCARDED = 0xB006
+STATUS_WARNING_DATASET_MISMATCH = 0xB007
+#: PS3.4 B.2.3 failure: refused, out of resources (start of the 0xA7xx range).
+STATUS_OUT_OF_RESOURCES = 0xA700
+#: PS3.7 C.5.x: SOP class not supported.
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+#: Category names returned by :func:`pynetdicom.status.code_to_category`.
+_CATEGORY_SUCCESS = "Success"
+_CATEGORY_WARNING = "Warning"
+
+#: Most items sent on one association per round; the rest follow in the next round.
+DEFAULT_BATCH_LIMIT = 100
+#: Most presentation contexts one association may propose (PS3.8 9.3.2.2: odd IDs 1-255).
+MAX_CONTEXTS = 128
+
+
+def classify_status(status: int) -> AttemptOutcome:
+    """Map a C-STORE response status to the outbox's outcome."""
+    category = code_to_category(status)
+    if category == _CATEGORY_SUCCESS:
+        return AttemptOutcome.SUCCESS
+    if category == _CATEGORY_WARNING:
+        return AttemptOutcome.WARNING
+    return AttemptOutcome.REFUSED
+
+
+@dataclass
+class DispatchSummary:
+    """What one round did (for logs, metrics and tests)."""
+
+    sent: int = 0
+    refused: int = 0
+    unreachable: int = 0
+    local_errors: int = 0
+    destinations_down: list[str] = field(default_factory=list)
+
+    def add(self, other: DispatchSummary) -> None:
+        self.sent += other.sent
+        self.refused += other.refused
+        self.unreachable += other.unreachable
+        self.local_errors += other.local_errors
+        self.destinations_down += other.destinations_down
+
+
+def _tls_args(settings: Settings, dest: Destination) -> tuple[ssl.SSLContext, str] | None:
+    """Client TLS context for a destination with ``tls: true`` (PS3.15 B.1)."""
+    if not dest.tls:
+        return None
+    tls = settings.node.tls
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context, dest.host
+
+
+class Dispatcher:
+    """Sends due outbox items to the configured destinations.
+
+    Parameters
+    ----------
+    outbox
+        Where items come from and outcomes go.
+    settings
+        Destinations, our AE title and the network timeouts (``node.*_timeout``).
+    batch_limit
+        Most items per destination and round.
+    """
+
+    def __init__(self, outbox: Outbox, settings: Settings, batch_limit: int = DEFAULT_BATCH_LIMIT) -> None:
+        self.outbox = outbox
+        self.settings = settings
+        self.batch_limit = batch_limit
+        self._lock = threading.Lock()
+
+    def destinations(self) -> dict[str, Destination]:
+        return {d.name: d for d in self.settings.destinations}
+
+    def run_once(self) -> DispatchSummary:
+        """Send every due item once; safe to call from several threads (rounds serialise)."""
+        summary = DispatchSummary()
+        with self._lock:
+            configured = self.destinations()
+            due = self.outbox.due(configured.keys(), limit=self.batch_limit * max(1, len(configured)))
+            for name, items in due.items():
+                summary.add(self.send(configured[name], items[: self.batch_limit]))
+        return summary
+
+    def _contexts(self, ae: AE, items: Sequence[OutboxItem]) -> None:
+        syntaxes: dict[str, list[str]] = {}
+        for item in items:
+            wanted = syntaxes.setdefault(item.sop_class_uid, [])
+            for ts in (item.transfer_syntax_uid, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                if ts not in wanted:
+                    wanted.append(ts)
+        if len(syntaxes) > MAX_CONTEXTS:
+            raise ValueError(f"{len(syntaxes)} SOP classes exceed the {MAX_CONTEXTS} presentation contexts of one association")
+        for sop_class, transfer_syntaxes in syntaxes.items():
+            ae.add_requested_context(sop_class, transfer_syntaxes)
+
+    def _down(self, dest: Destination, items: Sequence[OutboxItem], reason: str, summary: DispatchSummary) -> None:
+        self.outbox.record_destination(dest.name, reachable=False, error=reason)
+        for item in items:
+            self.outbox.record(item, AttemptOutcome.UNREACHABLE, error=reason)
+            summary.unreachable += 1
+        delay = self.outbox.defer_destination(dest.name)
+        summary.destinations_down.append(dest.name)
+        log.warning(
+            "destination %s (%s@%s:%d) unreachable: %s; %d item(s) wait, next try in %.0f s",
+            dest.name, dest.ae_title, dest.host, dest.port, reason, len(items), delay,
+        )
+
+    def send(self, dest: Destination, items: Sequence[OutboxItem]) -> DispatchSummary:
+        """Send ``items`` to ``dest`` over one association and record every attempt."""
+        summary = DispatchSummary()
+        if not items:
+            return summary
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.network_timeout = node.network_timeout
+        self._contexts(ae, items)
+        try:
+            assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=_tls_args(self.settings, dest))
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._down(dest, items, f"cannot associate: {exc}", summary)
+            return summary
+        if not assoc.is_established:
+            reason = "association rejected" if assoc.is_rejected else "association aborted or no connection"
+            self._down(dest, items, reason, summary)
+            return summary
+        self.outbox.record_destination(dest.name, reachable=True)
+        try:
+            for index, item in enumerate(items):
+                if not assoc.is_established:
+                    self._down(dest, items[index:], "association lost during the round", summary)
+                    break
+                started = time.time()
+                try:
+                    dataset = pydicom.dcmread(item.path)
+                except (InvalidDicomError, OSError, EOFError) as exc:
+                    self.outbox.record(
+                        item, AttemptOutcome.LOCAL_ERROR, error=f"cannot read outbox file {item.path}: {exc}", started_at=started
+                    )
+                    summary.local_errors += 1
+                    continue
+                try:
+                    response = assoc.send_c_store(dataset)
+                except (ValueError, AttributeError) as exc:
+                    # No accepted presentation context for this SOP class / transfer syntax.
+                    self.outbox.record(item, AttemptOutcome.REFUSED, error=f"not sendable to {dest.name}: {exc}", started_at=started)
+                    summary.refused += 1
+                    continue
+                except RuntimeError as exc:
+                    self._down(dest, items[index:], f"association failed: {exc}", summary)
+                    break
+                if "Status" not in response:
+                    # Timeout, abort or invalid response: the peer, not the object, is the problem.
+                    self._down(dest, items[index:], "no C-STORE response (timeout or abort)", summary)
+                    break
+                status = int(response.Status)
+                outcome = classify_status(status)
+                comment = str(response.get("ErrorComment", "") or "") or None
+                updated = self.outbox.record(item, outcome, status=status, error=comment, started_at=started)
+                if outcome is AttemptOutcome.REFUSED:
+                    summary.refused += 1
+                    log.warning(
+                        "%s %s refused by %s with status %s%s (attempt %d%s)",
+                        item.object_type, item.sop_instance_uid, dest.name, format_status(status),
+                        f": {comment}" if comment else "", updated.attempts,
+                        ", giving up" if updated.state is ItemState.FAILED else "",
+                    )
+                else:
+                    summary.sent += 1
+                    log.info(
+                        "%s %s stored at %s (status %s)", item.object_type, item.sop_instance_uid, dest.name, format_status(status)
+                    )
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return summary
+
+
+class DispatchLoop:
+    """A thread that runs dispatch rounds when woken, when items fall due, or every ``idle_seconds``.
+
+    Parameters
+    ----------
+    dispatcher
+        Does the sending.
+    idle_seconds
+        Longest sleep between rounds when nothing is due.
+    """
+
+    #: Shortest sleep between rounds, so overdue items of an unconfigured destination
+    #: cannot turn the loop into a busy wait.
+    MIN_WAIT_SECONDS = 0.2
+
+    def __init__(self, dispatcher: Dispatcher, idle_seconds: float = 30.0) -> None:
+        self.dispatcher = dispatcher
+        self.idle_seconds = idle_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.rounds = 0
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="radnode-dispatch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the current round (a round ends after at most one C-STORE per item)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        """Run a round now (new items were staged, or the retry schedule fired)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.dispatcher.run_once()
+            except Exception:
+                log.exception("dispatch round failed")
+            self.rounds += 1
+            next_due = self.dispatcher.outbox.next_due_at(self.dispatcher.destinations().keys())
+            wait = self.idle_seconds
+            if next_due is not None:
+                wait = min(self.idle_seconds, max(self.MIN_WAIT_SECONDS, next_due - time.time()))
+            self._wake.wait(wait)
+            self._wake.clear()

@@ -1,0 +1,691 @@
+"""The outbox: result objects wait here, on disk and in SQLite, until every destination has them.
+
+A job's result objects are copied to ``<data_dir>/outbox/<SOPInstanceUID>.dcm`` (fsync,
+then rename) and one *item* per (SOP Instance UID, destination) is recorded in
+``<data_dir>/outbox.sqlite``. The dispatcher (:mod:`radnode.pipeline.dispatch`) sends due
+items and reports every attempt back here. The rules this module enforces:
+
+* **exactly once per (object, destination)**: the item table has a unique key on
+  ``(sop_instance_uid, destination)``; staging the same object again (a re-run after a
+  crash derives the same UIDs) adds nothing, and a ``sent`` item is never sent again.
+  A crash between the peer's success response and the ``sent`` record makes the next
+  start send that one object again; since the SOP Instance UID is the same, the archive
+  still holds it once (PS3.4 B.4.1: a C-STORE of a known SOP Instance UID replaces or is
+  ignored, it never adds a second instance);
+* **a down destination delays, never loses**: when the association cannot be established
+  the destination's items wait with exponential backoff, forever; only a *peer status*
+  failure (PS3.4 B.2.3, e.g. 0xA700 out of resources, 0xA900 data set does not match SOP
+  class, 0xCxxx cannot understand) counts towards ``max_attempts``, after which the item
+  is ``failed``, visible in ``radnode status`` and re-armed by ``radnode jobs retry``;
+* **every attempt is persisted** with its outcome and the peer's status code.
+
+All outbox SQL lives in this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from radnode.config import Destination, ResultObject
+from radnode.pipeline.jobs import Backoff, Phase, phase_of
+
+log = logging.getLogger(__name__)
+
+OUTBOX_DIR = "outbox"
+OUTBOX_DB = "outbox.sqlite"
+BUSY_TIMEOUT_SECONDS = 30.0
+#: Default number of peer-refused attempts before an item is marked failed.
+DEFAULT_MAX_ATTEMPTS = 8
+#: Default backoff between attempts (per item after a refusal, per destination when down).
+DEFAULT_BACKOFF = Backoff(base_seconds=10.0, factor=2.0, max_seconds=600.0)
+
+#: Modality (0008,0060) of each result object (PS3.3 C.8.20.1, C.8.8.1, C.17.1).
+MODALITY_TO_OBJECT: dict[str, ResultObject] = {
+    "SEG": ResultObject.SEG,
+    "RTSTRUCT": ResultObject.RTSTRUCT,
+    "SR": ResultObject.SR,
+}
+
+
+class ItemState(StrEnum):
+    """Delivery state of one (object, destination) item."""
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+class AttemptOutcome(StrEnum):
+    """How one send attempt ended."""
+
+    SUCCESS = "success"  # status 0x0000
+    WARNING = "warning"  # stored, with a warning status (PS3.4 B.2.3: 0xB000, 0xB006, 0xB007)
+    REFUSED = "refused"  # a failure status from the peer; counts towards max_attempts
+    UNREACHABLE = "unreachable"  # no association (down, rejected, aborted): delays only
+    LOCAL_ERROR = "local_error"  # the outbox file is unreadable; counts towards max_attempts
+
+
+class DestinationState(StrEnum):
+    """Health of a destination as seen from its latest association."""
+
+    UNKNOWN = "unknown"
+    UP = "up"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class OutboxItem:
+    """One object waiting for (or delivered to) one destination."""
+
+    id: int
+    sop_instance_uid: str
+    destination: str
+    state: ItemState
+    attempts: int
+    refusals: int
+    next_attempt_at: float
+    created_at: float
+    updated_at: float
+    sent_at: float | None
+    last_status: int | None
+    last_error: str | None
+    path: Path
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    object_type: str
+    phase: str | None
+    job_id: int | None
+    series_uid: str | None
+    source_series_uid: str | None
+
+
+@dataclass(frozen=True)
+class DestinationHealth:
+    """What ``radnode status`` shows per destination."""
+
+    name: str
+    state: DestinationState
+    consecutive_failures: int
+    last_success_at: float | None
+    last_failure_at: float | None
+    last_error: str | None
+    pending: int
+    sent: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    study_uid: str | None
+    series_uid: str | None
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS objects (
+    sop_instance_uid    TEXT PRIMARY KEY,
+    sop_class_uid       TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    object_type         TEXT NOT NULL,
+    phase               TEXT,
+    study_uid           TEXT,
+    series_uid          TEXT,
+    source_series_uid   TEXT,
+    job_id              INTEGER,
+    path                TEXT NOT NULL,
+    staged_at           REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS items (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT    NOT NULL REFERENCES objects (sop_instance_uid),
+    destination      TEXT    NOT NULL,
+    state            TEXT    NOT NULL,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    refusals         INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at  REAL    NOT NULL,
+    created_at       REAL    NOT NULL,
+    updated_at       REAL    NOT NULL,
+    sent_at          REAL,
+    last_status      INTEGER,
+    last_error       TEXT,
+    UNIQUE (sop_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS items_due ON items (state, destination, next_attempt_at);
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id     INTEGER NOT NULL REFERENCES items (id),
+    started_at  REAL    NOT NULL,
+    finished_at REAL    NOT NULL,
+    outcome     TEXT    NOT NULL,
+    status      INTEGER,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_item ON attempts (item_id);
+CREATE TABLE IF NOT EXISTS destinations (
+    name                 TEXT PRIMARY KEY,
+    state                TEXT NOT NULL,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    last_success_at      REAL,
+    last_failure_at      REAL,
+    last_error           TEXT
+);
+"""
+
+_ITEM_SELECT = (
+    "SELECT i.*, o.path, o.sop_class_uid, o.transfer_syntax_uid, o.object_type, o.phase, o.job_id, "
+    "o.series_uid, o.source_series_uid FROM items i JOIN objects o ON o.sop_instance_uid = i.sop_instance_uid"
+)
+
+
+class Outbox:
+    """Result objects and their delivery state under ``<data_dir>``.
+
+    Parameters
+    ----------
+    data_dir
+        The node's data folder (``storage.data_dir``).
+    backoff
+        Delay schedule after failed attempts.
+    max_attempts
+        Peer-refused attempts before an item is ``failed``.
+    clock
+        Source of "now" (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"outbox max_attempts must be >= 1, got {max_attempts}")
+        self.data_dir = Path(data_dir)
+        self.folder = self.data_dir / OUTBOX_DIR
+        self.db_path = self.data_dir / OUTBOX_DB
+        self.backoff = backoff
+        self.max_attempts = max_attempts
+        self._clock = clock
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+
+    # -- connection ---------------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA synchronous=FULL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _item(row: sqlite3.Row) -> OutboxItem:
+        return OutboxItem(
+            id=row["id"],
+            sop_instance_uid=row["sop_instance_uid"],
+            destination=row["destination"],
+            state=ItemState(row["state"]),
+            attempts=row["attempts"],
+            refusals=row["refusals"],
+            next_attempt_at=row["next_attempt_at"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            sent_at=row["sent_at"],
+            last_status=row["last_status"],
+            last_error=row["last_error"],
+            path=Path(row["path"]),
+            sop_class_uid=row["sop_class_uid"],
+            transfer_syntax_uid=row["transfer_syntax_uid"],
+            object_type=row["object_type"],
+            phase=row["phase"],
+            job_id=row["job_id"],
+            series_uid=row["series_uid"],
+            source_series_uid=row["source_series_uid"],
+        )
+
+    # -- staging ------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_header(path: Path) -> _Header:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError) as exc:
+            raise ValueError(f"cannot stage {path}: not a readable DICOM file ({exc})") from exc
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+        sop_class = str(ds.get("SOPClassUID", "") or "")
+        meta = getattr(ds, "file_meta", None)
+        ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
+        if not sop_uid or not sop_class or not ts:
+            raise ValueError(
+                f"cannot stage {path}: SOPInstanceUID (0008,0018), SOPClassUID (0008,0016) and the "
+                "file meta TransferSyntaxUID (0002,0010) are all required"
+            )
+        return _Header(
+            sop_instance_uid=sop_uid,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=ts,
+            modality=str(ds.get("Modality", "") or ""),
+            study_uid=str(ds.get("StudyInstanceUID", "") or "") or None,
+            series_uid=str(ds.get("SeriesInstanceUID", "") or "") or None,
+        )
+
+    def _copy_in(self, source: Path, sop_uid: str) -> Path:
+        """Copy ``source`` to ``<outbox>/<sop_uid>.dcm`` durably; keep an existing copy."""
+        target = self.folder / f"{sop_uid}.dcm"
+        if target.exists():
+            return target
+        fd, tmp = tempfile.mkstemp(prefix=f".{sop_uid}.", dir=self.folder)
+        try:
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+            dir_fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def stage(
+        self,
+        files: Iterable[Path],
+        destinations: Sequence[Destination],
+        *,
+        job_id: int | None = None,
+        source_series_uid: str | None = None,
+        result_objects_only: bool = True,
+        only_phase: Phase | None = None,
+    ) -> list[OutboxItem]:
+        """Copy objects into the outbox and create one item per wanted destination.
+
+        Parameters
+        ----------
+        files
+            DICOM files to stage.
+        destinations
+            Candidates; a destination receives an object only if the object's type is in
+            its ``objects`` list (result objects) -- or always, for forwarded objects when
+            ``result_objects_only`` is false.
+        job_id, source_series_uid
+            Links back to the job and the input series (shown in ``status``).
+        result_objects_only
+            Stage only SEG / RTSTRUCT / SR; other files are skipped with a log line.
+        only_phase
+            Stage only the objects of this delivery phase (the others are not complete yet).
+
+        Returns
+        -------
+        list of OutboxItem
+            Every item for the staged objects, including ones that existed already.
+        """
+        now = self._clock()
+        staged_uids: list[str] = []
+        for path in files:
+            header = self._read_header(Path(path))
+            result_object = MODALITY_TO_OBJECT.get(header.modality)
+            if result_object is None and result_objects_only:
+                log.debug("not staging %s: Modality %r is no result object", path, header.modality)
+                continue
+            phase = phase_of(result_object) if result_object is not None else None
+            if only_phase is not None and phase is not only_phase:
+                continue
+            stored = self._copy_in(Path(path), header.sop_instance_uid)
+            wanted = [
+                d.name
+                for d in destinations
+                if result_object is None or result_object in d.objects
+            ]
+            with self._write() as conn:
+                conn.execute(
+                    "INSERT OR IGNORE INTO objects (sop_instance_uid, sop_class_uid, transfer_syntax_uid, object_type, "
+                    "phase, study_uid, series_uid, source_series_uid, job_id, path, staged_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        header.sop_instance_uid,
+                        header.sop_class_uid,
+                        header.transfer_syntax_uid,
+                        result_object.value if result_object is not None else (header.modality or "OT"),
+                        phase.value if phase is not None else None,
+                        header.study_uid,
+                        header.series_uid,
+                        source_series_uid,
+                        job_id,
+                        str(stored),
+                        now,
+                    ),
+                )
+                for name in wanted:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO items (sop_instance_uid, destination, state, next_attempt_at, "
+                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        (header.sop_instance_uid, name, ItemState.PENDING.value, now, now, now),
+                    )
+            staged_uids.append(header.sop_instance_uid)
+            log.info(
+                "staged %s %s (job %s) for %s",
+                result_object.value if result_object else header.modality,
+                header.sop_instance_uid,
+                job_id,
+                ", ".join(wanted) or "no destination",
+            )
+        if not staged_uids:
+            return []
+        marks = ",".join("?" * len(staged_uids))
+        with self._connect() as conn:
+            rows = conn.execute(f"{_ITEM_SELECT} WHERE i.sop_instance_uid IN ({marks}) ORDER BY i.id", staged_uids)
+            return [self._item(r) for r in rows.fetchall()]
+
+    # -- dispatching --------------------------------------------------------------------
+
+    def due(self, destinations: Iterable[str] | None = None, limit: int = 500) -> dict[str, list[OutboxItem]]:
+        """Pending items whose next attempt is due, grouped by destination, oldest first."""
+        now = self._clock()
+        query = f"{_ITEM_SELECT} WHERE i.state = ? AND i.next_attempt_at <= ?"
+        params: list[Any] = [ItemState.PENDING.value, now]
+        if destinations is not None:
+            names = list(destinations)
+            if not names:
+                return {}
+            query += f" AND i.destination IN ({','.join('?' * len(names))})"
+            params += names
+        query += " ORDER BY i.destination, o.phase, i.id LIMIT ?"
+        params.append(int(limit))
+        grouped: dict[str, list[OutboxItem]] = {}
+        with self._connect() as conn:
+            for row in conn.execute(query, params).fetchall():
+                item = self._item(row)
+                grouped.setdefault(item.destination, []).append(item)
+        return grouped
+
+    def next_due_at(self, destinations: Iterable[str] | None = None) -> float | None:
+        """When the earliest pending item (of these destinations) becomes due; ``None`` if none."""
+        query = "SELECT MIN(next_attempt_at) AS t FROM items WHERE state = ?"
+        params: list[Any] = [ItemState.PENDING.value]
+        if destinations is not None:
+            names = list(destinations)
+            if not names:
+                return None
+            query += f" AND destination IN ({','.join('?' * len(names))})"
+            params += names
+        with self._connect() as conn:
+            row = conn.execute(query, params).fetchone()
+        return row["t"] if row is not None else None
+
+    def record(
+        self,
+        item: OutboxItem,
+        outcome: AttemptOutcome,
+        status: int | None = None,
+        error: str | None = None,
+        started_at: float | None = None,
+    ) -> OutboxItem:
+        """Persist one attempt on ``item`` and move the item to its next state."""
+        now = self._clock()
+        outcome = AttemptOutcome(outcome)
+        with self._write() as conn:
+            row = conn.execute(f"{_ITEM_SELECT} WHERE i.id = ?", (item.id,)).fetchone()
+            if row is None:
+                raise KeyError(f"no outbox item {item.id}")
+            current = self._item(row)
+            attempts = current.attempts + 1
+            refusals = current.refusals
+            sent_at = current.sent_at
+            next_at = current.next_attempt_at
+            if outcome in (AttemptOutcome.SUCCESS, AttemptOutcome.WARNING):
+                state, sent_at = ItemState.SENT, now
+            elif outcome is AttemptOutcome.UNREACHABLE:
+                state = ItemState.PENDING  # a down destination delays, never loses
+                # the dispatcher records the destination as down first, so its failure count is current
+                next_at = now + self.backoff.delay(max(1, self._destination_failures(conn, current.destination)))
+            else:
+                refusals += 1
+                if refusals >= self.max_attempts:
+                    state = ItemState.FAILED
+                else:
+                    state = ItemState.PENDING
+                    next_at = now + self.backoff.delay(refusals)
+            conn.execute(
+                "UPDATE items SET state = ?, attempts = ?, refusals = ?, next_attempt_at = ?, updated_at = ?, "
+                "sent_at = ?, last_status = ?, last_error = ? WHERE id = ?",
+                (state.value, attempts, refusals, next_at, now, sent_at, status, error, item.id),
+            )
+            conn.execute(
+                "INSERT INTO attempts (item_id, started_at, finished_at, outcome, status, error) VALUES (?, ?, ?, ?, ?, ?)",
+                (item.id, started_at if started_at is not None else now, now, outcome.value, status, error),
+            )
+            updated = self._item(conn.execute(f"{_ITEM_SELECT} WHERE i.id = ?", (item.id,)).fetchone())
+        if updated.state is ItemState.FAILED:
+            log.error(
+                "outbox item %d (%s %s -> %s) failed after %d refused attempts; last status %s: %s",
+                updated.id, updated.object_type, updated.sop_instance_uid, updated.destination,
+                updated.refusals, _hex(status), error,
+            )
+        return updated
+
+    def record_destination(self, name: str, reachable: bool, error: str | None = None) -> None:
+        """Update a destination's health after an association attempt."""
+        now = self._clock()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO destinations (name, state) VALUES (?, ?)", (name, DestinationState.UNKNOWN.value)
+            )
+            if reachable:
+                conn.execute(
+                    "UPDATE destinations SET state = ?, consecutive_failures = 0, last_success_at = ? WHERE name = ?",
+                    (DestinationState.UP.value, now, name),
+                )
+            else:
+                conn.execute(
+                    "UPDATE destinations SET state = ?, consecutive_failures = consecutive_failures + 1, "
+                    "last_failure_at = ?, last_error = ? WHERE name = ?",
+                    (DestinationState.DOWN.value, now, error, name),
+                )
+
+    @staticmethod
+    def _destination_failures(conn: sqlite3.Connection, name: str) -> int:
+        row = conn.execute("SELECT consecutive_failures FROM destinations WHERE name = ?", (name,)).fetchone()
+        return int(row["consecutive_failures"]) if row is not None else 0
+
+    def defer_destination(self, name: str) -> float:
+        """Push all pending items of an unreachable destination back by its backoff; returns the delay."""
+        now = self._clock()
+        with self._write() as conn:
+            delay = self.backoff.delay(max(1, self._destination_failures(conn, name)))
+            conn.execute(
+                "UPDATE items SET next_attempt_at = MAX(next_attempt_at, ?) WHERE destination = ? AND state = ?",
+                (now + delay, name, ItemState.PENDING.value),
+            )
+        return delay
+
+    # -- operator actions ---------------------------------------------------------------
+
+    def rearm(self, job_id: int | None = None, item_ids: Iterable[int] | None = None) -> int:
+        """Give failed items a new attempt budget (``radnode jobs retry``); returns how many."""
+        now = self._clock()
+        query = "UPDATE items SET state = ?, refusals = 0, next_attempt_at = ?, updated_at = ? WHERE state = ?"
+        params: list[Any] = [ItemState.PENDING.value, now, now, ItemState.FAILED.value]
+        if job_id is not None:
+            query += " AND sop_instance_uid IN (SELECT sop_instance_uid FROM objects WHERE job_id = ?)"
+            params.append(job_id)
+        if item_ids is not None:
+            ids = list(item_ids)
+            if not ids:
+                return 0
+            query += f" AND id IN ({','.join('?' * len(ids))})"
+            params += ids
+        with self._write() as conn:
+            return conn.execute(query, params).rowcount
+
+    def retry_now(self, destination: str | None = None) -> int:
+        """Make pending items due immediately (after an operator fixed a destination)."""
+        now = self._clock()
+        query = "UPDATE items SET next_attempt_at = ? WHERE state = ?"
+        params: list[Any] = [now, ItemState.PENDING.value]
+        if destination is not None:
+            query += " AND destination = ?"
+            params.append(destination)
+        with self._write() as conn:
+            return conn.execute(query, params).rowcount
+
+    # -- queries ------------------------------------------------------------------------
+
+    def items(
+        self,
+        job_id: int | None = None,
+        states: Iterable[ItemState] | None = None,
+        destination: str | None = None,
+        limit: int = 1000,
+    ) -> list[OutboxItem]:
+        """Items, oldest first, optionally filtered."""
+        query = f"{_ITEM_SELECT} WHERE 1 = 1"
+        params: list[Any] = []
+        if job_id is not None:
+            query += " AND o.job_id = ?"
+            params.append(job_id)
+        if states is not None:
+            values = [ItemState(s).value for s in states]
+            if not values:
+                return []
+            query += f" AND i.state IN ({','.join('?' * len(values))})"
+            params += values
+        if destination is not None:
+            query += " AND i.destination = ?"
+            params.append(destination)
+        query += " ORDER BY i.id LIMIT ?"
+        params.append(int(limit))
+        with self._connect() as conn:
+            return [self._item(r) for r in conn.execute(query, params).fetchall()]
+
+    def attempts(self, item_id: int) -> list[dict[str, Any]]:
+        """Every persisted attempt of one item, oldest first."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT * FROM attempts WHERE item_id = ? ORDER BY id", (item_id,)).fetchall()
+        return [dict(r) for r in rows]
+
+    def counts(self) -> dict[str, dict[ItemState, int]]:
+        """Destination -> state -> number of items."""
+        result: dict[str, dict[ItemState, int]] = {}
+        with self._connect() as conn:
+            for row in conn.execute("SELECT destination, state, COUNT(*) AS n FROM items GROUP BY destination, state"):
+                per = result.setdefault(row["destination"], {s: 0 for s in ItemState})
+                per[ItemState(row["state"])] = row["n"]
+        return result
+
+    def attempt_counts(self) -> dict[tuple[str, AttemptOutcome], int]:
+        """(destination, outcome) -> number of persisted attempts (for metrics)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT i.destination AS destination, a.outcome AS outcome, COUNT(*) AS n FROM attempts a "
+                "JOIN items i ON i.id = a.item_id GROUP BY i.destination, a.outcome"
+            ).fetchall()
+        return {(r["destination"], AttemptOutcome(r["outcome"])): r["n"] for r in rows}
+
+    def health(self, configured: Iterable[str] = ()) -> list[DestinationHealth]:
+        """Health of every configured destination and of any other with items."""
+        counts = self.counts()
+        with self._connect() as conn:
+            rows = {r["name"]: r for r in conn.execute("SELECT * FROM destinations").fetchall()}
+        names = list(dict.fromkeys([*configured, *sorted(counts), *sorted(rows)]))
+        result = []
+        for name in names:
+            row = rows.get(name)
+            per = counts.get(name, {s: 0 for s in ItemState})
+            result.append(
+                DestinationHealth(
+                    name=name,
+                    state=DestinationState(row["state"]) if row is not None else DestinationState.UNKNOWN,
+                    consecutive_failures=row["consecutive_failures"] if row is not None else 0,
+                    last_success_at=row["last_success_at"] if row is not None else None,
+                    last_failure_at=row["last_failure_at"] if row is not None else None,
+                    last_error=row["last_error"] if row is not None else None,
+                    pending=per[ItemState.PENDING],
+                    sent=per[ItemState.SENT],
+                    failed=per[ItemState.FAILED],
+                )
+            )
+        return result
+
+    def job_delivery(self, job_id: int) -> dict[str, dict[ItemState, int]]:
+        """Phase -> item state -> count, for one job (``status`` shows both phases)."""
+        result: dict[str, dict[ItemState, int]] = {}
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT o.phase AS phase, i.state AS state, COUNT(*) AS n FROM items i JOIN objects o "
+                "ON o.sop_instance_uid = i.sop_instance_uid WHERE o.job_id = ? GROUP BY o.phase, i.state",
+                (job_id,),
+            )
+            for row in rows:
+                per = result.setdefault(row["phase"] or "-", {s: 0 for s in ItemState})
+                per[ItemState(row["state"])] = row["n"]
+        return result
+
+    # -- retention ----------------------------------------------------------------------
+
+    def purge_delivered(self, older_than_seconds: float) -> int:
+        """Delete outbox files whose every item was sent more than ``older_than_seconds`` ago.
+
+        The database rows stay (they are the proof of delivery and keep "exactly once"
+        true if the same object is staged again).
+        """
+        cutoff = self._clock() - older_than_seconds
+        removed = 0
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT o.sop_instance_uid, o.path FROM objects o WHERE NOT EXISTS (SELECT 1 FROM items i "
+                "WHERE i.sop_instance_uid = o.sop_instance_uid AND (i.state != ? OR i.sent_at >= ?))",
+                (ItemState.SENT.value, cutoff),
+            ).fetchall()
+        for row in rows:
+            path = Path(row["path"])
+            if path.exists():
+                path.unlink()
+                removed += 1
+        return removed
+
+
+def _hex(status: int | None) -> str:
+    return "none" if status is None else f"0x{status:04X}"
+
+
+def format_status(status: int | None) -> str:
+    """A DIMSE status as ``0xA700`` (or ``-`` when the peer sent none)."""
+    return "-" if status is None else f"0x{status:04X}"

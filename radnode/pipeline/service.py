@@ -1,0 +1,565 @@
+"""The pipeline as one service inside ``radnode serve``: queue, workers, outbox, scheduler.
+
+::
+
+    listener --SeriesCompleted--> PipelineService.on_series_complete
+                                    │ routing: process / forward / ignore
+                                    ▼
+                                 JobQueue ──claim──> WorkerPool ──child process──> chain
+                                                        │ phase done
+                                                        ▼
+                                                     Outbox ──DispatchLoop──> C-STORE to destinations
+    PipelineScheduler: completion checks, dispatch retries, lease recovery, retention, nightly sweep
+
+Wiring into ``radnode serve`` (the listener owns the :class:`SeriesCompletion`)::
+
+    service = PipelineService(settings, completion=completion)
+    service.start()          # after the listener's index is open; replays complete series
+    ...
+    service.stop()           # on SIGTERM, before the listener's index is closed
+
+``completion`` is optional: without it, jobs come from :meth:`PipelineService.enqueue` and
+the sweep only. With it, the service subscribes to completions and, unless
+``schedule_completion_checks=False``, runs :meth:`SeriesCompletion.check_due` on its
+scheduler (the listener then needs no timer of its own).
+
+One service per data folder: :meth:`start` takes an exclusive lock on
+``<data_dir>/pipeline.lock``, which is what makes re-queueing every ``running`` job at
+start safe (no other worker of this node can be alive).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from radnode.config import Destination, Settings
+from radnode.pipeline.dispatch import Dispatcher, DispatchLoop
+from radnode.pipeline.jobs import (
+    Backoff,
+    Job,
+    JobSource,
+    JobSpec,
+    JobState,
+    Phase,
+    Priority,
+    current_pipeline_version,
+)
+from radnode.pipeline.outbox import DEFAULT_BACKOFF, Outbox
+from radnode.pipeline.queue import JobQueue, SQLiteJobQueue
+from radnode.pipeline.scheduler import (
+    TASK_COMPLETION_CHECK,
+    TASK_DISPATCH_RETRY,
+    TASK_LEASE_RECOVERY,
+    TASK_RETENTION,
+    TASK_SWEEP,
+    PipelineScheduler,
+    ScheduledTask,
+    crontab_trigger,
+    in_window,
+    interval,
+    window_seconds,
+)
+from radnode.pipeline.sweep import (
+    INCOMING_DIR,
+    ArchiveQuery,
+    rules_need_instance_level,
+    SWEEP_DIR,
+    RouteVerdict,
+    SeriesCandidate,
+    SweepReport,
+    Sweeper,
+    incoming_series_dir,
+)
+from radnode.pipeline.worker import HEARTBEAT_SECONDS, LEASE_SECONDS, ChildOutcome, WorkerPool
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "pipeline.lock"
+RESULTS_DIR = "results"
+#: Interval of the dispatch safety-net round (the loop also wakes on new items and due times).
+DISPATCH_RETRY_SECONDS = 15.0
+#: Interval of lease recovery (jobs of a worker that vanished without the node restarting).
+LEASE_RECOVERY_SECONDS = 60.0
+#: Seconds a graceful stop waits for running jobs before it kills them (they are re-queued).
+DRAIN_SECONDS = 10.0
+#: Daily time of the retention cleanup (local time).
+RETENTION_CRON = "30 3 * * *"
+
+
+class CompletionSource(Protocol):
+    """What the service needs from the listener's :class:`radnode.node.completion.SeriesCompletion`."""
+
+    def subscribe(self, subscriber: Callable[[Any], None]) -> None: ...
+
+    def unsubscribe(self, subscriber: Callable[[Any], None]) -> None: ...
+
+    def pending(self) -> list[Any]: ...
+
+    def mark_processed(self, series_instance_uid: str, now: float | None = None) -> bool: ...
+
+    def check_due(self, now: float | None = None) -> list[Any]: ...
+
+
+class PipelineBusy(RuntimeError):
+    """Another pipeline service already runs on this data folder."""
+
+
+def route_series(
+    settings: Settings, attributes: dict[str, Any], calling_ae: str | None, instance_count: int | None
+) -> tuple[str, RouteVerdict]:
+    """Apply the node's routing rules (:mod:`radnode.node.routing`) to a series.
+
+    Returns the action (``process``, ``forward``, ``ignore``) and the verdict with the
+    rule's profile and destinations.
+    """
+    from radnode.node.routing import SeriesFacts, evaluate
+
+    facts = SeriesFacts.from_attributes(attributes, int(instance_count or 0), calling_ae)
+    decision = evaluate(settings.routing, facts, settings.output.uid_root)
+    verdict = RouteVerdict(
+        process=decision.action == "process",
+        reason=decision.reason,
+        profile=decision.profile or "default",
+        destinations=tuple(decision.destinations),
+    )
+    return decision.action, verdict
+
+
+def build_sweeper(settings: Settings, queue: JobQueue, pipeline_version: str | None = None) -> Sweeper:
+    """A :class:`Sweeper` on ``queue`` that applies the node's routing rules to candidates."""
+    # Series fetched by the sweep come from the archive: it is their "calling AE".
+    archive_ae = settings.pacs.ae_title if settings.pacs is not None else None
+
+    def route(candidate: SeriesCandidate) -> RouteVerdict:
+        action, verdict = route_series(settings, candidate.attributes(), archive_ae, candidate.instance_count)
+        if action != "process":
+            return RouteVerdict(False, f"{action}: {verdict.reason}")
+        return verdict
+
+    return Sweeper(
+        settings,
+        queue,
+        pipeline_version or current_pipeline_version(),
+        route=route,
+        query=ArchiveQuery(settings, instance_level=rules_need_instance_level(settings)),
+    )
+
+
+#: Job duration buckets (seconds): a CPU job takes tens of seconds to tens of minutes.
+JOB_SECONDS_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+
+class PipelineCollector:
+    """Prometheus collector read at scrape time from the queue and the outbox.
+
+    Exposes ``radnode_pipeline_jobs{state}``, ``radnode_pipeline_queue_age_seconds``,
+    ``radnode_outbox_items{destination,state}`` and
+    ``radnode_dispatch_attempts_total{destination,outcome}`` (failures are the outcomes
+    ``refused``, ``unreachable`` and ``local_error``).
+    """
+
+    def __init__(self, queue: JobQueue, outbox: Outbox) -> None:
+        self.queue = queue
+        self.outbox = outbox
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        jobs = GaugeMetricFamily("radnode_pipeline_jobs", "Jobs by state.", labels=["state"])
+        for state, count in self.queue.counts().items():
+            jobs.add_metric([state.value], count)
+        yield jobs
+        oldest = self.queue.oldest_waiting_since()
+        yield GaugeMetricFamily(
+            "radnode_pipeline_queue_age_seconds",
+            "Seconds the oldest queued or retrying job has waited (0 when none waits).",
+            value=max(0.0, time.time() - oldest) if oldest is not None else 0.0,
+        )
+        items = GaugeMetricFamily("radnode_outbox_items", "Outbox items by destination and state.", labels=["destination", "state"])
+        for destination, per_state in self.outbox.counts().items():
+            for state, count in per_state.items():
+                items.add_metric([destination, state.value], count)
+        yield items
+        attempts = CounterMetricFamily(
+            "radnode_dispatch_attempts", "C-STORE attempts by destination and outcome.", labels=["destination", "outcome"]
+        )
+        for (destination, outcome), count in self.outbox.attempt_counts().items():
+            attempts.add_metric([destination, outcome.value], count)
+        yield attempts
+
+
+class PipelineService:
+    """Runs the pipeline of one node.
+
+    Parameters
+    ----------
+    settings
+        The node's settings.
+    completion
+        The listener's completion checker (see the module docstring); ``None`` for a
+        pipeline without a listener (tests, ``radnode sweep`` alone).
+    chain
+        Import reference of the chain function (test hook, see :mod:`radnode.pipeline.worker`).
+    schedule_completion_checks
+        Run ``completion.check_due`` from the scheduler.
+    lease_seconds, heartbeat_seconds
+        Job lease and heartbeat (see :class:`~radnode.pipeline.worker.WorkerPool`).
+    job_backoff, dispatch_backoff, dispatch_max_attempts
+        Retry schedules of jobs and of outbox items.
+    poll_seconds
+        Idle wait of the workers between claims.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        completion: CompletionSource | None = None,
+        chain: str | None = None,
+        schedule_completion_checks: bool = True,
+        lease_seconds: float = LEASE_SECONDS,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        job_backoff: Backoff | None = None,
+        dispatch_backoff: Backoff = DEFAULT_BACKOFF,
+        dispatch_max_attempts: int | None = None,
+        poll_seconds: float = 2.0,
+    ) -> None:
+        self.settings = settings
+        self.data_dir = Path(settings.storage.data_dir).resolve()
+        self.completion = completion
+        self.schedule_completion_checks = schedule_completion_checks
+        self.pipeline_version = current_pipeline_version()
+        self.queue: JobQueue = SQLiteJobQueue.in_data_dir(self.data_dir, backoff=job_backoff or Backoff())  # embedded default
+        outbox_kwargs: dict[str, Any] = {"backoff": dispatch_backoff}
+        if dispatch_max_attempts is not None:
+            outbox_kwargs["max_attempts"] = dispatch_max_attempts
+        self.outbox = Outbox(self.data_dir, **outbox_kwargs)
+        self.dispatcher = Dispatcher(self.outbox, settings)
+        self.dispatch_loop = DispatchLoop(self.dispatcher)
+        self.pool = WorkerPool(
+            self.queue,
+            settings,
+            self.data_dir / RESULTS_DIR,
+            chain=chain,
+            on_phase=self._stage_phase,
+            on_finished=self._job_finished,
+            lease_seconds=lease_seconds,
+            heartbeat_seconds=heartbeat_seconds,
+            poll_seconds=poll_seconds,
+        )
+        self.scheduler = PipelineScheduler(self.data_dir)
+        self._lock_handle: IO[str] | None = None
+        self._stop = threading.Event()
+        self._started = False
+        self._finished_listeners: list[Callable[[Job, ChildOutcome], None]] = []
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        handle = (self.data_dir / LOCK_FILE).open("a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            handle.close()
+            raise PipelineBusy(
+                f"another radnode pipeline is running on {self.data_dir} (lock {self.data_dir / LOCK_FILE}); "
+                "use a different storage.data_dir or stop the other node"
+            ) from exc
+        self._lock_handle = handle
+
+    def start(self) -> None:
+        """Recover, then start workers, dispatch and scheduler; replay completed series."""
+        if self._started:
+            return
+        self._take_lock()
+        self._stop.clear()
+        recovered = self.queue.recover(expired_only=False)
+        if recovered:
+            log.warning("re-queued %d job(s) that were running when the node stopped", len(recovered))
+        # Destinations may have come back while the node was down: try waiting items once now.
+        waiting = self.outbox.retry_now()
+        if waiting:
+            log.info("%d delivery(ies) waiting in the outbox; trying them now", waiting)
+        self.pool.start()
+        self.dispatch_loop.start()
+        self.scheduler.start(self._tasks())
+        if self.completion is not None:
+            self.completion.subscribe(self.on_series_complete)
+            for event in self.completion.pending():
+                self.on_series_complete(event)
+        self._started = True
+        log.info(
+            "pipeline started on %s: %d worker(s), %d destination(s), pipeline version %s",
+            self.data_dir, self.pool.size, len(self.settings.destinations), self.pipeline_version,
+        )
+
+    def stop(self, timeout: float = 30.0, drain_seconds: float = DRAIN_SECONDS) -> None:
+        """Graceful stop (SIGTERM): take no new job, let running jobs finish for up to
+        ``drain_seconds``, give the rest back to the queue, finish the dispatch round."""
+        if not self._started:
+            return
+        self._stop.set()
+        if self.completion is not None:
+            self.completion.unsubscribe(self.on_series_complete)
+        self.scheduler.stop()
+        self.pool.stop(timeout, drain_seconds=drain_seconds)
+        self.dispatch_loop.stop(timeout)
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+        self._started = False
+        log.info("pipeline stopped")
+
+    def __enter__(self) -> PipelineService:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def register_metrics(self, registry: Any) -> None:
+        """Add the pipeline's metrics to a ``prometheus_client.CollectorRegistry``
+        (the listener's, so one ``/metrics`` endpoint serves both)."""
+        from prometheus_client import Histogram
+
+        registry.register(PipelineCollector(self.queue, self.outbox))
+        histogram = Histogram(
+            "radnode_job_duration_seconds",
+            "Wall time of job attempts, by how they ended.",
+            ["outcome"],
+            buckets=JOB_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.add_finished_listener(lambda job, outcome: histogram.labels(outcome.kind.value).observe(outcome.seconds))
+
+    def add_finished_listener(self, listener: Callable[[Job, ChildOutcome], None]) -> None:
+        """Be told about every finished attempt (metrics, tests)."""
+        self._finished_listeners.append(listener)
+
+    # -- scheduled tasks ----------------------------------------------------------------
+
+    def _tasks(self) -> list[ScheduledTask]:
+        tasks = [
+            ScheduledTask(TASK_DISPATCH_RETRY, interval(DISPATCH_RETRY_SECONDS), self.dispatch_loop.wake),
+            ScheduledTask(TASK_LEASE_RECOVERY, interval(LEASE_RECOVERY_SECONDS), self._recover_leases),
+            ScheduledTask(TASK_RETENTION, crontab_trigger(RETENTION_CRON), self.retention_cleanup, misfire_grace_seconds=6 * 3600),
+        ]
+        if self.completion is not None and self.schedule_completion_checks:
+            quiet = self.settings.series.quiet_seconds
+            tasks.append(
+                ScheduledTask(
+                    TASK_COMPLETION_CHECK,
+                    interval(min(5.0, max(0.5, quiet / 4))),
+                    self.completion.check_due,
+                    misfire_grace_seconds=30,
+                )
+            )
+        sweep = self.settings.sweep
+        if sweep.enabled and self.settings.pacs is not None:
+            tasks.append(
+                ScheduledTask(
+                    TASK_SWEEP,
+                    crontab_trigger(sweep.cron),
+                    self.scheduled_sweep,
+                    misfire_grace_seconds=max(60, window_seconds(sweep.window_start, sweep.window_end)),
+                )
+            )
+        return tasks
+
+    def _recover_leases(self) -> None:
+        recovered = self.queue.recover(expired_only=True)
+        if recovered:
+            self.pool.wake()
+
+    # -- intake -------------------------------------------------------------------------
+
+    def enqueue(self, spec: JobSpec) -> Job:
+        """Queue a job and wake a worker."""
+        job = self.queue.enqueue(spec)
+        self.pool.wake()
+        return job
+
+    def series_folder(self, study_uid: str, series_uid: str) -> Path:
+        """Where the listener keeps a received series."""
+        return incoming_series_dir(self.data_dir, study_uid, series_uid)
+
+    def on_series_complete(self, event: Any) -> Job | None:
+        """Subscriber for :class:`radnode.node.completion.SeriesCompleted`: route and enqueue.
+
+        Idempotent: an announcement of a series that already has an active job, or a
+        finished job for the same instance count (a replay after restart, a sweep
+        retrieval), adds nothing. A later round (``event.is_update``) is processed again.
+        """
+        series_uid = event.series_instance_uid
+        study_uid = event.study_instance_uid
+        attributes = dict(getattr(event, "attributes", {}) or {})
+        attributes.setdefault("Modality", getattr(event, "modality", None))
+        verdict_action, verdict = self._route(attributes, event.calling_ae, event.instance_count)
+        if verdict_action == "ignore":
+            log.info("series %s not processed: %s", series_uid, verdict.reason)
+            self._mark_processed(series_uid)
+            return None
+        if verdict_action == "forward":
+            self._forward(study_uid, series_uid, verdict)
+            self._mark_processed(series_uid)
+            return None
+        latest = self.queue.latest_for_series(series_uid, self.pipeline_version)
+        is_update = bool(getattr(event, "is_update", False))
+        if latest is not None:
+            same_round = latest.instance_count == event.instance_count and not is_update
+            # A job that has not started yet will read the folder as it is now; a running
+            # one read it before this round's instances arrived, so an update gets a new job.
+            if latest.active and (latest.state is not JobState.RUNNING or same_round):
+                log.info("series %s already has job %d (%s)", series_uid, latest.id, latest.state.value)
+                return latest
+            if latest.state is JobState.DONE and same_round:
+                self._mark_processed(series_uid)
+                return latest
+            if latest.state in (JobState.FAILED, JobState.CANCELLED) and same_round:
+                log.info(
+                    "series %s: job %d ended %s; not re-queued automatically (radnode jobs retry %d)",
+                    series_uid, latest.id, latest.state.value, latest.id,
+                )
+                return latest
+        return self.enqueue(
+            JobSpec(
+                series_uid=series_uid,
+                study_uid=study_uid,
+                input_path=self.series_folder(study_uid, series_uid),
+                pipeline_version=self.pipeline_version,
+                priority=Priority.LIVE,
+                source=JobSource.LIVE,
+                profile=verdict.profile,
+                destinations=verdict.destinations,
+                instance_count=event.instance_count,
+                calling_ae=event.calling_ae,
+                max_attempts=self.settings.pipeline.max_attempts,
+            )
+        )
+
+    def _route(self, attributes: dict[str, Any], calling_ae: str | None, instance_count: int | None) -> tuple[str, RouteVerdict]:
+        return route_series(self.settings, attributes, calling_ae, instance_count)
+
+    def _mark_processed(self, series_uid: str) -> None:
+        if self.completion is not None:
+            try:
+                self.completion.mark_processed(series_uid)
+            except Exception:
+                log.exception("could not mark series %s processed in the node index", series_uid)
+
+    def _forward(self, study_uid: str, series_uid: str, verdict: RouteVerdict) -> None:
+        """Stage a received series unchanged for the rule's destinations (action ``forward``)."""
+        folder = self.series_folder(study_uid, series_uid)
+        files = sorted(folder.glob("*.dcm"))
+        destinations = [self.settings.destination(name) for name in verdict.destinations]
+        items = self.outbox.stage(files, destinations, source_series_uid=series_uid, result_objects_only=False)
+        log.info("series %s forwarded: %d item(s) to %s", series_uid, len(items), ", ".join(verdict.destinations))
+        self.dispatch_loop.wake()
+
+    # -- worker callbacks ---------------------------------------------------------------
+
+    def job_destinations(self, job: Job) -> list[Destination]:
+        """The destinations of a job: its rule's, or every configured one."""
+        if job.destinations:
+            known = {d.name: d for d in self.settings.destinations}
+            missing = [n for n in job.destinations if n not in known]
+            if missing:
+                log.warning("job %d names destinations no longer configured: %s", job.id, ", ".join(missing))
+            return [known[n] for n in job.destinations if n in known]
+        return list(self.settings.destinations)
+
+    def _stage_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path] | None = None) -> int:
+        if files is None:  # the chain did not list them: every finished object in its folder
+            files = sorted(p for p in out_dir.rglob("*.dcm") if not p.name.startswith("."))
+        items = self.outbox.stage(
+            files, self.job_destinations(job), job_id=job.id, source_series_uid=job.series_uid, only_phase=phase
+        )
+        self.dispatch_loop.wake()
+        return len({item.sop_instance_uid for item in items})
+
+    def _job_finished(self, job: Job, outcome: ChildOutcome) -> None:
+        if job.state is JobState.DONE and job.source is not JobSource.MANUAL:
+            self._mark_processed(job.series_uid)
+        for listener in self._finished_listeners:
+            try:
+                listener(job, outcome)
+            except Exception:
+                log.exception("finished-listener failed for job %d", job.id)
+
+    # -- sweep --------------------------------------------------------------------------
+
+    def sweeper(self) -> Sweeper:
+        """A sweeper on this node's queue, with the node's routing rules."""
+        return build_sweeper(self.settings, self.queue, self.pipeline_version)
+
+    def scheduled_sweep(self) -> SweepReport | None:
+        """The nightly sweep: last ``sweep.lookback_days`` days, only inside the off-peak window."""
+        sweep = self.settings.sweep
+        now = datetime.now()
+        if not in_window(now.time(), sweep.window_start, sweep.window_end):
+            log.info("nightly sweep skipped: %s is outside the off-peak window %s-%s", now.time(), sweep.window_start, sweep.window_end)
+            return None
+        end = datetime.combine(now.date(), sweep.window_end)
+        if end <= now:
+            end += timedelta(days=1)
+        today = date.today()
+        report = self.sweeper().run(
+            today - timedelta(days=sweep.lookback_days), today, deadline=end.timestamp(), stop=self._stop
+        )
+        self.pool.wake()
+        return report
+
+    # -- retention ----------------------------------------------------------------------
+
+    def retention_cleanup(self) -> dict[str, int]:
+        """Delete processed input older than ``storage.retention_days`` and delivered outbox files.
+
+        Only folders under ``<data_dir>/incoming`` and ``<data_dir>/sweep`` are removed, and
+        only for series whose newest job is done (never one still queued or failed, which an
+        operator may want to retry).
+        """
+        days = self.settings.storage.retention_days
+        if days <= 0:
+            return {"inputs": 0, "outbox_files": 0}
+        cutoff = time.time() - days * 86400
+        allowed = [(self.data_dir / INCOMING_DIR).resolve(), (self.data_dir / SWEEP_DIR).resolve()]
+        removed = 0
+        for job in self.queue.list(states=[JobState.DONE], limit=100_000):
+            if job.finished_at is None or job.finished_at >= cutoff:
+                continue
+            latest = self.queue.latest_for_series(job.series_uid)
+            if latest is None or latest.id != job.id:
+                continue
+            folder = job.input_path.resolve()
+            if not folder.exists() or not any(base in folder.parents for base in allowed):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+            log.info("retention: removed input of series %s (job %d done %d+ days ago)", job.series_uid, job.id, days)
+        outbox_files = self.outbox.purge_delivered(days * 86400)
+        return {"inputs": removed, "outbox_files": outbox_files}
+
+    # -- health -------------------------------------------------------------------------
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``(healthy, details)`` for ``/healthz``: workers, dispatch and scheduler alive, queue state."""
+        counts = self.queue.counts()
+        oldest = self.queue.oldest_waiting_since()
+        details = {
+            "pipeline_started": self._started,
+            "scheduler_running": self.scheduler.running,
+            "jobs": {state.value: n for state, n in counts.items()},
+            "queue_age_seconds": round(time.time() - oldest, 1) if oldest is not None else 0.0,
+            "busy_workers": len(self.pool.busy()),
+        }
+        return self._started and self.scheduler.running, details
