@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A local wheel folder (if the machine has one) lets pip find the CPU build of torch.
 WHEELS := $(wildcard /opt/wheels)
-PIP := $(BIN)/python -m pip --disable-pip-version-check $(if $(WHEELS),--find-links $(WHEELS))
+PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install $(if $(WHEELS),--find-links $(WHEELS))
 # Debian packages of the real peers the tests talk to: command -> package.
 DEBIAN_TOOLS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools plastimatch:plastimatch
 PYTEST_ARGS ?=
@@ -27,10 +27,10 @@ install: $(VENV)/.installed
 # the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip setuptools wheel
-	$(PIP) install torch==2.13.0 numpy versioneer
-	$(PIP) install --no-build-isolation pyradiomics
-	$(PIP) install -e '.[test]'
+	$(PIP_INSTALL) --upgrade pip setuptools wheel
+	$(PIP_INSTALL) torch==2.13.0 numpy versioneer
+	$(PIP_INSTALL) --no-build-isolation pyradiomics
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
 debian-tools:
