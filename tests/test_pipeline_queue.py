@@ -120,7 +120,7 @@ def test_expired_lease_is_recovered_and_the_stale_worker_cannot_finish(tmp_path:
 
 
 def test_lease_expiry_after_the_last_attempt_fails_the_job(tmp_path: Path, queue: SQLiteJobQueue, clock: FakeClock) -> None:
-    job = queue.enqueue(spec("1.7", tmp_path, max_attempts=1))
+    queue.enqueue(spec("1.7", tmp_path, max_attempts=1))
     queue.claim("w", 30)
     clock.advance(31)
     (recovered,) = queue.recover()

@@ -30,8 +30,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -41,13 +40,13 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from radnode.config import Destination, ResultObject
+from radnode.pipeline.sqlite_db import SQLiteDB
 from radnode.pipeline.jobs import Backoff, Phase, phase_of
 
 log = logging.getLogger(__name__)
 
 OUTBOX_DIR = "outbox"
 OUTBOX_DB = "outbox.sqlite"
-BUSY_TIMEOUT_SECONDS = 30.0
 #: Default number of peer-refused attempts before an item is marked failed.
 DEFAULT_MAX_ATTEMPTS = 8
 #: Default backoff between attempts (per item after a refusal, per destination when down).
@@ -225,32 +224,10 @@ class Outbox:
         self.max_attempts = max_attempts
         self._clock = clock
         self.folder.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+        self._db = SQLiteDB(self.db_path, _SCHEMA)
 
     # -- connection ---------------------------------------------------------------------
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA synchronous=FULL")
-            yield conn
-        finally:
-            conn.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
     @staticmethod
     def _item(row: sqlite3.Row) -> OutboxItem:
@@ -374,7 +351,7 @@ class Outbox:
                 for d in destinations
                 if result_object is None or result_object in d.objects
             ]
-            with self._write() as conn:
+            with self._db.write() as conn:
                 conn.execute(
                     "INSERT OR IGNORE INTO objects (sop_instance_uid, sop_class_uid, transfer_syntax_uid, object_type, "
                     "phase, study_uid, series_uid, source_series_uid, job_id, path, staged_at) "
@@ -410,7 +387,7 @@ class Outbox:
         if not staged_uids:
             return []
         marks = ",".join("?" * len(staged_uids))
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             rows = conn.execute(f"{_ITEM_SELECT} WHERE i.sop_instance_uid IN ({marks}) ORDER BY i.id", staged_uids)
             return [self._item(r) for r in rows.fetchall()]
 
@@ -430,7 +407,7 @@ class Outbox:
         query += " ORDER BY i.destination, o.phase, i.id LIMIT ?"
         params.append(int(limit))
         grouped: dict[str, list[OutboxItem]] = {}
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             for row in conn.execute(query, params).fetchall():
                 item = self._item(row)
                 grouped.setdefault(item.destination, []).append(item)
@@ -446,7 +423,7 @@ class Outbox:
                 return None
             query += f" AND destination IN ({','.join('?' * len(names))})"
             params += names
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             row = conn.execute(query, params).fetchone()
         return row["t"] if row is not None else None
 
@@ -461,7 +438,7 @@ class Outbox:
         """Persist one attempt on ``item`` and move the item to its next state."""
         now = self._clock()
         outcome = AttemptOutcome(outcome)
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute(f"{_ITEM_SELECT} WHERE i.id = ?", (item.id,)).fetchone()
             if row is None:
                 raise KeyError(f"no outbox item {item.id}")
@@ -504,7 +481,7 @@ class Outbox:
     def record_destination(self, name: str, reachable: bool, error: str | None = None) -> None:
         """Update a destination's health after an association attempt."""
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO destinations (name, state) VALUES (?, ?)", (name, DestinationState.UNKNOWN.value)
             )
@@ -528,7 +505,7 @@ class Outbox:
     def defer_destination(self, name: str) -> float:
         """Push all pending items of an unreachable destination back by its backoff; returns the delay."""
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             delay = self.backoff.delay(max(1, self._destination_failures(conn, name)))
             conn.execute(
                 "UPDATE items SET next_attempt_at = MAX(next_attempt_at, ?) WHERE destination = ? AND state = ?",
@@ -552,7 +529,7 @@ class Outbox:
                 return 0
             query += f" AND id IN ({','.join('?' * len(ids))})"
             params += ids
-        with self._write() as conn:
+        with self._db.write() as conn:
             return conn.execute(query, params).rowcount
 
     def retry_now(self, destination: str | None = None) -> int:
@@ -563,7 +540,7 @@ class Outbox:
         if destination is not None:
             query += " AND destination = ?"
             params.append(destination)
-        with self._write() as conn:
+        with self._db.write() as conn:
             return conn.execute(query, params).rowcount
 
     # -- queries ------------------------------------------------------------------------
@@ -592,19 +569,19 @@ class Outbox:
             params.append(destination)
         query += " ORDER BY i.id LIMIT ?"
         params.append(int(limit))
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             return [self._item(r) for r in conn.execute(query, params).fetchall()]
 
     def attempts(self, item_id: int) -> list[dict[str, Any]]:
         """Every persisted attempt of one item, oldest first."""
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             rows = conn.execute("SELECT * FROM attempts WHERE item_id = ? ORDER BY id", (item_id,)).fetchall()
         return [dict(r) for r in rows]
 
     def counts(self) -> dict[str, dict[ItemState, int]]:
         """Destination -> state -> number of items."""
         result: dict[str, dict[ItemState, int]] = {}
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             for row in conn.execute("SELECT destination, state, COUNT(*) AS n FROM items GROUP BY destination, state"):
                 per = result.setdefault(row["destination"], {s: 0 for s in ItemState})
                 per[ItemState(row["state"])] = row["n"]
@@ -612,7 +589,7 @@ class Outbox:
 
     def attempt_counts(self) -> dict[tuple[str, AttemptOutcome], int]:
         """(destination, outcome) -> number of persisted attempts (for metrics)."""
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             rows = conn.execute(
                 "SELECT i.destination AS destination, a.outcome AS outcome, COUNT(*) AS n FROM attempts a "
                 "JOIN items i ON i.id = a.item_id GROUP BY i.destination, a.outcome"
@@ -622,7 +599,7 @@ class Outbox:
     def health(self, configured: Iterable[str] = ()) -> list[DestinationHealth]:
         """Health of every configured destination and of any other with items."""
         counts = self.counts()
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             rows = {r["name"]: r for r in conn.execute("SELECT * FROM destinations").fetchall()}
         names = list(dict.fromkeys([*configured, *sorted(counts), *sorted(rows)]))
         result = []
@@ -647,7 +624,7 @@ class Outbox:
     def job_delivery(self, job_id: int) -> dict[str, dict[ItemState, int]]:
         """Phase -> item state -> count, for one job (``status`` shows both phases)."""
         result: dict[str, dict[ItemState, int]] = {}
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             rows = conn.execute(
                 "SELECT o.phase AS phase, i.state AS state, COUNT(*) AS n FROM items i JOIN objects o "
                 "ON o.sop_instance_uid = i.sop_instance_uid WHERE o.job_id = ? GROUP BY o.phase, i.state",
@@ -668,7 +645,7 @@ class Outbox:
         """
         cutoff = self._clock() - older_than_seconds
         removed = 0
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             rows = conn.execute(
                 "SELECT o.sop_instance_uid, o.path FROM objects o WHERE NOT EXISTS (SELECT 1 FROM items i "
                 "WHERE i.sop_instance_uid = o.sop_instance_uid AND (i.state != ? OR i.sent_at >= ?))",

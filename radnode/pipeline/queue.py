@@ -23,11 +23,11 @@ import logging
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from radnode.pipeline.sqlite_db import SQLiteDB
 from radnode.pipeline.jobs import (
     CANCELLABLE_STATES,
     CLAIMABLE_STATES,
@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 #: File name of the embedded queue inside ``<data_dir>``.
 QUEUE_FILE = "jobs.sqlite"
 #: Seconds a connection waits for another writer before ``database is locked``.
-BUSY_TIMEOUT_SECONDS = 30.0
 
 Clock = Callable[[], float]
 
@@ -225,12 +224,7 @@ class SQLiteJobQueue(JobQueue):
         self.path = Path(path)
         self.backoff = backoff or Backoff()
         self._clock = clock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                log.warning("job queue %s could not switch to WAL (mode %s)", self.path, mode)
-            conn.executescript(_SCHEMA)
+        self._db = SQLiteDB(self.path, _SCHEMA)
 
     @classmethod
     def in_data_dir(cls, data_dir: Path, **kwargs: Any) -> SQLiteJobQueue:
@@ -239,27 +233,6 @@ class SQLiteJobQueue(JobQueue):
 
     # -- connection ---------------------------------------------------------------------
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA synchronous=FULL")
-            yield conn
-        finally:
-            conn.close()
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction taken up front (``BEGIN IMMEDIATE``) so read-then-update is atomic."""
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -323,7 +296,7 @@ class SQLiteJobQueue(JobQueue):
 
     def enqueue(self, spec: JobSpec) -> Job:
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             cursor = conn.execute(
                 "INSERT INTO jobs (series_uid, study_uid, input_path, pipeline_version, source, profile, "
                 "destinations, instance_count, calling_ae, priority, state, attempts, max_attempts, "
@@ -354,7 +327,7 @@ class SQLiteJobQueue(JobQueue):
     def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
         now = self._clock()
         claimable = tuple(s.value for s in CLAIMABLE_STATES)
-        with self._write() as conn:
+        with self._db.write() as conn:
             row = conn.execute(
                 f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(claimable))}) "
                 "AND (not_before IS NULL OR not_before <= ?) "
@@ -378,7 +351,7 @@ class SQLiteJobQueue(JobQueue):
 
     def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float) -> bool:
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             cursor = conn.execute(
                 "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ? AND state = ? AND worker_id = ?",
                 (now + lease_seconds, now, job_id, JobState.RUNNING.value, worker_id),
@@ -387,7 +360,7 @@ class SQLiteJobQueue(JobQueue):
 
     def complete(self, job_id: int, worker_id: str, result: dict[str, Any]) -> Job:
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             job = self._held(conn, job_id, worker_id)
             conn.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, lease_until = NULL, worker_id = NULL, "
@@ -411,7 +384,7 @@ class SQLiteJobQueue(JobQueue):
     ) -> Job:
         now = self._clock()
         reason = str(reason)
-        with self._write() as conn:
+        with self._db.write() as conn:
             job = self._held(conn, job_id, worker_id)
             final = not retryable or job.attempts >= job.max_attempts
             state = JobState.FAILED if final else JobState.RETRYING
@@ -444,7 +417,7 @@ class SQLiteJobQueue(JobQueue):
 
     def release(self, job_id: int, worker_id: str) -> Job:
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             job = self._held(conn, job_id, worker_id)
             conn.execute(
                 "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), updated_at = ?, lease_until = NULL, "
@@ -458,7 +431,7 @@ class SQLiteJobQueue(JobQueue):
 
     def cancel(self, job_id: int) -> Job:
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             job = self._fetch(conn, job_id)
             if job.state not in CANCELLABLE_STATES:
                 raise InvalidTransition(
@@ -478,7 +451,7 @@ class SQLiteJobQueue(JobQueue):
 
     def retry(self, job_id: int) -> Job:
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             job = self._fetch(conn, job_id)
             if job.state not in RETRYABLE_STATES:
                 raise InvalidTransition(
@@ -498,7 +471,7 @@ class SQLiteJobQueue(JobQueue):
     def recover(self, expired_only: bool = True) -> list[Job]:
         now = self._clock()
         recovered: list[Job] = []
-        with self._write() as conn:
+        with self._db.write() as conn:
             query = "SELECT * FROM jobs WHERE state = ?"
             params: tuple[Any, ...] = (JobState.RUNNING.value,)
             if expired_only:
@@ -525,7 +498,7 @@ class SQLiteJobQueue(JobQueue):
 
     def set_phase(self, job_id: int, phase: Phase, state: PhaseState, objects: int = 0) -> Job:
         now = self._clock()
-        with self._write() as conn:
+        with self._db.write() as conn:
             job = self._fetch(conn, job_id)
             phases = dict(job.phases)
             phases[Phase(phase).value] = {"state": PhaseState(state).value, "objects": objects, "at": now}
@@ -535,7 +508,7 @@ class SQLiteJobQueue(JobQueue):
             return self._fetch(conn, job_id)
 
     def get(self, job_id: int) -> Job:
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             return self._fetch(conn, job_id)
 
     def list(
@@ -557,12 +530,12 @@ class SQLiteJobQueue(JobQueue):
             params.append(series_uid)
         query += " ORDER BY id DESC LIMIT ?"
         params.append(int(limit))
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             return [self._row_to_job(r) for r in conn.execute(query, params).fetchall()]
 
     def counts(self) -> dict[JobState, int]:
         result = {state: 0 for state in JobState}
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
                 result[JobState(row["state"])] = row["n"]
         return result
@@ -574,13 +547,13 @@ class SQLiteJobQueue(JobQueue):
             query += " AND pipeline_version = ?"
             params.append(pipeline_version)
         query += " ORDER BY id DESC LIMIT 1"
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             row = conn.execute(query, params).fetchone()
         return self._row_to_job(row) if row is not None else None
 
     def oldest_waiting_since(self) -> float | None:
         claimable = tuple(s.value for s in CLAIMABLE_STATES)
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             row = conn.execute(
                 f"SELECT MIN(created_at) AS t FROM jobs WHERE state IN ({','.join('?' * len(claimable))})",
                 claimable,
@@ -589,7 +562,7 @@ class SQLiteJobQueue(JobQueue):
 
     def attempts(self, job_id: int) -> list[dict[str, Any]]:
         """Attempt history of one job (timings, outcome, reason), oldest first."""
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             rows = conn.execute(
                 "SELECT * FROM job_attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
             ).fetchall()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import sqlite3
 import tempfile
 import threading
 import time
@@ -47,6 +46,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.status import code_to_category
 
 from radnode.config import Settings
+from radnode.pipeline.sqlite_db import SQLiteDB
 from radnode.pipeline.jobs import JobSource, JobSpec, JobState, Priority
 from radnode.pipeline.queue import JobQueue
 
@@ -58,7 +58,6 @@ SWEEP_LOCK = "sweep.lock"
 SWEEP_DIR = "sweep"
 #: Folder (under the data dir) where the listener stores received series.
 INCOMING_DIR = "incoming"
-BUSY_TIMEOUT_SECONDS = 30.0
 #: Modality (0008,0060) the sweep looks for.
 CT_MODALITY = "CT"
 
@@ -512,26 +511,14 @@ class SweepStore:
 
     def __init__(self, data_dir: Path, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(data_dir) / SWEEP_DB
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
-        with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+        self._db = SQLiteDB(self.path, _SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA synchronous=FULL")
-            yield conn
-        finally:
-            conn.close()
 
     def open_run(self, date_from: date, date_to: date) -> tuple[int, bool]:
         """Resume the unfinished run over this range, or start one; returns (run id, resumed)."""
         now = self._clock()
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             conn.execute("BEGIN IMMEDIATE")
             row = conn.execute(
                 "SELECT id FROM runs WHERE date_from = ? AND date_to = ? AND state != ? ORDER BY id DESC LIMIT 1",
@@ -552,7 +539,7 @@ class SweepStore:
 
     def plan(self, run_id: int, candidate: SeriesCandidate) -> None:
         """Add a series to a run (kept as it is when the run already has it)."""
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO items (run_id, series_uid, study_uid, instance_count, state, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
@@ -560,7 +547,7 @@ class SweepStore:
             )
 
     def set_item(self, run_id: int, series_uid: str, state: ItemState, job_id: int | None = None, error: str | None = None) -> None:
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             conn.execute(
                 "UPDATE items SET state = ?, job_id = COALESCE(?, job_id), error = ?, updated_at = ? "
                 "WHERE run_id = ? AND series_uid = ?",
@@ -569,7 +556,7 @@ class SweepStore:
 
     def open_items(self, run_id: int) -> list[dict[str, Any]]:
         """Items still to fetch (planned, or interrupted while retrieving), oldest first."""
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             rows = conn.execute(
                 "SELECT * FROM items WHERE run_id = ? AND state IN (?, ?) ORDER BY rowid",
                 (run_id, ItemState.PLANNED.value, ItemState.RETRIEVING.value),
@@ -578,7 +565,7 @@ class SweepStore:
 
     def finish_run(self, run_id: int, state: RunState, found: int, skipped: int, error: str | None = None) -> None:
         now = self._clock()
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             counts = {
                 r["state"]: r["n"]
                 for r in conn.execute("SELECT state, COUNT(*) AS n FROM items WHERE run_id = ? GROUP BY state", (run_id,))
@@ -601,11 +588,11 @@ class SweepStore:
 
     def runs(self, limit: int = 10) -> list[dict[str, Any]]:
         """Latest runs first."""
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             return [dict(r) for r in conn.execute("SELECT * FROM runs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()]
 
     def items(self, run_id: int) -> list[dict[str, Any]]:
-        with self._connect() as conn:
+        with self._db.connect() as conn:
             return [dict(r) for r in conn.execute("SELECT * FROM items WHERE run_id = ? ORDER BY rowid", (run_id,)).fetchall()]
 
 

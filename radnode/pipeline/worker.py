@@ -55,7 +55,6 @@ from radnode.pipeline.jobs import (
     Phase,
     PhaseState,
     parse_phase_marker,
-    phase_marker,
 )
 from radnode.pipeline.queue import JobQueue, LeaseLost
 

@@ -1,0 +1,56 @@
+"""The SQLite file under each pipeline store (jobs, outbox, sweep progress).
+
+One short-lived connection per operation keeps the stores safe to use from several
+threads and processes; WAL lets readers (``radnode status``) run beside the node, and
+``synchronous=FULL`` makes a committed state change survive a power cut, which is what
+"nothing queued is lost" needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+#: How long a writer waits for another writer's transaction before giving up.
+BUSY_TIMEOUT_SECONDS = 30.0
+
+
+class SQLiteDB:
+    """A WAL-mode SQLite file with its schema applied on open."""
+
+    def __init__(self, path: Path | str, schema: str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as conn:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                log.warning("%s could not switch to WAL (mode %s)", self.path, mode)
+            conn.executescript(schema)
+
+    @contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        """A connection in autocommit mode with rows addressable by column name."""
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None)
+        try:
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA synchronous=FULL")
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (``BEGIN IMMEDIATE``) so read-then-update is atomic."""
+        with self.connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
