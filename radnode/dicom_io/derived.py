@@ -26,7 +26,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from scipy import ndimage
 
-from radnode.dicom_io.regions import Region
+from radnode.dicom_io.regions import AlgorithmInfo, Region, WriterOptions
+from radnode.dicom_io.uids import DerivedObject, DerivedUIDs, derived_object_uids, series_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -325,6 +326,41 @@ def check_masks(regions: Sequence[Region], geometry: SourceGeometry, series_uid:
                 f"region {region.name!r}: mask shape {region.mask.shape} does not match the "
                 f"source series {series_uid}, which is (z, y, x) = {geometry.shape}"
             )
+
+
+def split_regions(
+    regions: Sequence[Region], geometry: SourceGeometry, series_uid: str, needs: str
+) -> tuple[list[Region], list[Region]]:
+    """Check the masks and split regions into (to write, empty); raise if none has a voxel.
+
+    ``needs`` completes the error message with what the object requires, e.g. "a
+    Segmentation needs at least one segment with one frame".
+    """
+    check_masks(regions, geometry, series_uid)
+    written = [r for r in regions if not r.is_empty]
+    missing = [r for r in regions if r.is_empty]
+    if not written:
+        raise NoRegionsError(f"series {series_uid}: every region is empty ({[r.name for r in regions]}); {needs}")
+    return written, missing
+
+
+def object_uids(
+    options: WriterOptions, datasets: Sequence[Dataset], kind: DerivedObject, algorithm: AlgorithmInfo, *extra: str
+) -> DerivedUIDs:
+    """Deterministic series/SOP UIDs of one derived object of ``datasets``.
+
+    The same source instances, pipeline version and algorithm always give the same UIDs,
+    so a re-run job re-sends the same objects instead of duplicating them in the PACS.
+    """
+    return derived_object_uids(
+        options.uid_root,
+        str(datasets[0].SeriesInstanceUID),
+        kind,
+        options.pipeline_version,
+        series_fingerprint(str(ds.SOPInstanceUID) for ds in datasets),
+        *algorithm.identity(),
+        *extra,
+    )
 
 
 def fill_type2(ds: Dataset) -> Dataset:

@@ -38,15 +38,15 @@ from pydicom.valuerep import format_number_as_ds
 from radnode.config.model import OutputSettings
 from radnode.dicom_io.contours import HoleStyle, slice_polygons
 from radnode.dicom_io.derived import (
-    NoRegionsError,
     SourceGeometry,
     SourceLike,
-    check_masks,
     component_summary,
     copy_patient_study,
+    object_uids,
     set_equipment,
     source_datasets,
     source_geometry,
+    split_regions,
 )
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
@@ -55,7 +55,7 @@ from radnode.dicom_io.regions import (
     WriterOptions,
     as_writer_options,
 )
-from radnode.dicom_io.uids import DerivedObject, derived_object_uids, series_fingerprint
+from radnode.dicom_io.uids import DerivedObject
 
 logger = logging.getLogger(__name__)
 
@@ -217,23 +217,11 @@ def build_rtstruct(
     geometry = source_geometry(datasets)
     first = datasets[0]
     series_uid = str(first.SeriesInstanceUID)
-    check_masks(regions, geometry, series_uid)
-    written = [r for r in regions if not r.is_empty]
-    missing = [r for r in regions if r.is_empty]
-    if not written:
-        raise NoRegionsError(
-            f"series {series_uid}: every region is empty ({[r.name for r in regions]}); "
-            "an RT Structure Set needs at least one ROI with a contour"
-        )
-    uids = derived_object_uids(
-        opts.uid_root,
-        series_uid,
-        DerivedObject.RTSTRUCT,
-        opts.pipeline_version,
-        series_fingerprint(str(ds.SOPInstanceUID) for ds in datasets),
-        *algorithm.identity(),
-        "smooth" if smoothing else "exact",
-        style.value,
+    written, missing = split_regions(
+        regions, geometry, series_uid, "an RT Structure Set needs at least one ROI with a contour"
+    )
+    uids = object_uids(
+        opts, datasets, DerivedObject.RTSTRUCT, algorithm, "smooth" if smoothing else "exact", style.value
     )
     now = datetime.datetime.now()
     ds = Dataset()

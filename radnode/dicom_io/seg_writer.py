@@ -29,14 +29,14 @@ from pydicom.dataset import Dataset
 from radnode.config.model import OutputSettings
 from radnode.dicom_io import codes
 from radnode.dicom_io.derived import (
-    NoRegionsError,
     SourceLike,
-    check_masks,
     component_summary,
     fill_type2,
+    object_uids,
     quiet_name_warnings,
     source_datasets,
     source_geometry,
+    split_regions,
 )
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
@@ -48,8 +48,6 @@ from radnode.dicom_io.regions import (
 from radnode.dicom_io.uids import (
     DerivedObject,
     derive_uid,
-    derived_object_uids,
-    series_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
@@ -171,22 +169,10 @@ def build_seg(
     datasets = source_datasets(source)
     geometry = source_geometry(datasets)
     series_uid = str(datasets[0].SeriesInstanceUID)
-    check_masks(regions, geometry, series_uid)
-    written = [r for r in regions if not r.is_empty]
-    missing = [r for r in regions if r.is_empty]
-    if not written:
-        raise NoRegionsError(
-            f"series {series_uid}: every region is empty ({[r.name for r in regions]}); "
-            "a Segmentation needs at least one segment with one frame"
-        )
-    uids = derived_object_uids(
-        opts.uid_root,
-        series_uid,
-        DerivedObject.SEG,
-        opts.pipeline_version,
-        series_fingerprint(str(ds.SOPInstanceUID) for ds in datasets),
-        *algorithm.identity(),
+    written, missing = split_regions(
+        regions, geometry, series_uid, "a Segmentation needs at least one segment with one frame"
     )
+    uids = object_uids(opts, datasets, DerivedObject.SEG, algorithm)
     voxel_ml = geometry.voxel_volume_mm3 / 1000.0
     descriptions = [
         _segment_description(

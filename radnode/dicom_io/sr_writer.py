@@ -63,6 +63,7 @@ from radnode.dicom_io import codes
 from radnode.dicom_io.derived import (
     SourceLike,
     fill_type2,
+    object_uids,
     quiet_name_warnings,
     source_datasets,
     source_geometry,
@@ -75,7 +76,7 @@ from radnode.dicom_io.regions import (
     WriterOptions,
     as_writer_options,
 )
-from radnode.dicom_io.uids import DerivedObject, derive_uid, derived_object_uids, series_fingerprint
+from radnode.dicom_io.uids import DerivedObject, derive_uid
 
 logger = logging.getLogger(__name__)
 
@@ -277,14 +278,8 @@ def build_sr(
     series_uid = str(first.SeriesInstanceUID)
     segments = _segments(seg)
     demo = algorithm.demo or any(p.demo for p in measurements.predictions)
-    uids = derived_object_uids(
-        opts.uid_root,
-        series_uid,
-        DerivedObject.SR,
-        opts.pipeline_version,
-        series_fingerprint(str(ds.SOPInstanceUID) for ds in datasets),
-        *algorithm.identity(),
-        str(seg.SOPInstanceUID) if seg is not None else "no-seg",
+    uids = object_uids(
+        opts, datasets, DerivedObject.SR, algorithm, str(seg.SOPInstanceUID) if seg is not None else "no-seg"
     )
     sop_uid = uids.sop_instance_uid
 
