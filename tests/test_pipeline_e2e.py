@@ -10,8 +10,10 @@ radnode's own.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import urllib.request
 import subprocess
 import sys
 import time
@@ -101,7 +103,7 @@ def node_setup(tmp_path: Path) -> Iterator[tuple[OrthancServer, NodeProcess, Pat
         "series": {"quiet_seconds": 1.0, "force_seconds": 120.0},
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
         "pipeline": {"workers": 1, "job_timeout_seconds": 120, "max_attempts": 3},
-        "metrics": {"enabled": False},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
     }
     config_path = tmp_path / "radnode.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -182,6 +184,15 @@ def test_results_reach_orthanc_once_even_after_kill_9_during_a_job(
     for item in outbox.items():
         successes = [a for a in outbox.attempts(item.id) if a["outcome"] == "success"]
         assert item.state is ItemState.SENT and len(successes) == 1, (item.object_type, outbox.attempts(item.id))
+    # The node's HTTP endpoint reports the pipeline too: health and job metrics.
+    metrics_url = f"http://127.0.0.1:{settings.metrics.port}"
+    with urllib.request.urlopen(f"{metrics_url}/healthz", timeout=5) as response:
+        health = json.loads(response.read())
+    assert health["status"] == "ok"
+    assert health["pipeline"]["ok"] is True and health["pipeline"]["jobs"]["done"] == 1
+    with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=5) as response:
+        exposition = response.read().decode()
+    assert "radnode_job_duration_seconds" in exposition
     assert node.terminate() == 0  # graceful SIGTERM
     print(f"\ncontours in Orthanc {contours_latency:.1f} s after Orthanc's C-STORE to radnode returned")
 
