@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 WHEELS := $(wildcard /opt/wheels)
 PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install $(if $(WHEELS),--find-links $(WHEELS))
 # Debian packages of the real peers the tests talk to: command -> package.
-DEBIAN_TOOLS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools plastimatch:plastimatch
+DEBIAN_TOOLS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools plastimatch:plastimatch \
+  strace:strace systemd-analyze:systemd
 PYTEST_ARGS ?=
 
 .PHONY: run test install debian-tools clean-venv

@@ -60,6 +60,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.status_cmd",
     "radnode.cli.jobs_cmd",
     "radnode.cli.sweep_cmd",
+    "radnode.cli.systemd_cmd",
 )
 
 for _name in COMMAND_MODULES:

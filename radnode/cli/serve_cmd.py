@@ -59,13 +59,19 @@ def register(app: typer.Typer) -> None:
         refuses new associations, lets open ones and the running job finish or hands the
         job back to the queue, then exits 0.
         """
+        from radnode.config import load_settings
         from radnode.node.scp import StorageNode
         from radnode.node.tls import TLSConfigError
         from radnode.pipeline.service import PipelineBusy, PipelineService
+        from radnode.service import SystemdNotifier, liveness_from_health, reload_settings
 
         settings = get_settings(ctx)
         _apply_overrides(settings, port, host, ae_title, data_dir)
         stop = threading.Event()
+        # A no-op outside systemd; unsets NOTIFY_SOCKET so worker processes never notify.
+        notifier = SystemdNotifier.from_environment()
+        reload_requested = threading.Event()
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             LOGGER.info("received %s: stopping", signal.Signals(signum).name)
@@ -92,9 +98,21 @@ def register(app: typer.Typer) -> None:
         except PipelineBusy as exc:
             node.stop()
             fail(str(exc), code=1)
+        notifier.ready(
+            f"{settings.node.ae_title} listening on {settings.node.host}:{node.port}",
+            liveness=liveness_from_health(node.health),
+        )
         while not stop.wait(1.0):
-            pass
+            if reload_requested.is_set():
+                # SIGHUP: new routing rules and destinations, associations untouched.
+                reload_requested.clear()
+                notifier.reloading()
+                outcome = reload_settings(settings, lambda: load_settings(ctx.find_root().obj.config_path))
+                LOGGER.info("reload: %s", outcome.summary())
+                notifier.ready(outcome.summary())
+        notifier.stopping()
         # The pipeline first: it finishes or re-queues jobs while the node's index is open.
         pipeline.stop()
         node.stop(grace_seconds=SHUTDOWN_GRACE_SECONDS)
+        notifier.close()
         raise typer.Exit(0)
