@@ -18,6 +18,7 @@ from radnode.cli.context import fail, get_settings
 from radnode.cli.status_cmd import _ago, _short, add_row, stdout_console
 
 if TYPE_CHECKING:
+    from radnode.pipeline.jobs import Job
     from radnode.pipeline.outbox import Outbox
     from radnode.pipeline.queue import JobQueue
 
@@ -33,6 +34,17 @@ def _stores(ctx: typer.Context) -> tuple[JobQueue, Outbox]:
     settings = get_settings(ctx)
     data_dir = Path(settings.storage.data_dir).resolve()
     return open_queue(data_dir), Outbox(data_dir)
+
+
+def _job_or_exit(queue: JobQueue, job_id: int) -> Job:
+    """The job with ``job_id``, or exit with EXIT_NOT_FOUND naming it."""
+    from radnode.pipeline.queue import JobNotFound
+
+    try:
+        return queue.get(job_id)
+    except JobNotFound as exc:
+        fail(str(exc), code=EXIT_NOT_FOUND)
+        raise  # unreachable: fail() exits
 
 
 def register(app: typer.Typer) -> None:
@@ -83,14 +95,9 @@ def register(app: typer.Typer) -> None:
     def show(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
         """Show one job: attempts, phases, deliveries, error and traceback."""
         from radnode.pipeline.outbox import format_status
-        from radnode.pipeline.queue import JobNotFound
 
         queue, outbox = _stores(ctx)
-        try:
-            job = queue.get(job_id)
-        except JobNotFound as exc:
-            fail(str(exc), code=EXIT_NOT_FOUND)
-            return
+        job = _job_or_exit(queue, job_id)
         console = stdout_console()
         plain = {"markup": False, "highlight": False}
         console.print(f"job {job.id} {job.state.value} — series {job.series_uid} ({job.source.value}, priority {job.priority})", **plain)
@@ -127,14 +134,9 @@ def register(app: typer.Typer) -> None:
     def retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
         """Re-queue a failed or cancelled job, and re-arm its failed deliveries."""
         from radnode.pipeline.jobs import RETRYABLE_STATES
-        from radnode.pipeline.queue import JobNotFound
 
         queue, outbox = _stores(ctx)
-        try:
-            job = queue.get(job_id)
-        except JobNotFound as exc:
-            fail(str(exc), code=EXIT_NOT_FOUND)
-            return
+        job = _job_or_exit(queue, job_id)
         rearmed = outbox.rearm(job_id=job.id)
         if job.state in RETRYABLE_STATES:
             job = queue.retry(job.id)
