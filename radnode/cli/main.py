@@ -61,6 +61,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.jobs_cmd",
     "radnode.cli.sweep_cmd",
     "radnode.cli.systemd_cmd",
+    "radnode.cli.train_cmd",
+    "radnode.cli.evaluate_cmd",
 )
 
 for _name in COMMAND_MODULES:
