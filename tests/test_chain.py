@@ -64,8 +64,14 @@ def test_result_json_names_stages_models_and_outputs(chain_run: tuple[Path, list
     payload = json.loads((out / "result.json").read_text())
     assert payload["pipeline_version"] == PIPELINE_VERSION
     assert [s["name"] for s in payload["stages"]] == [
-        "load_and_qc", "lung_mask", "tumour", "regions", "measurements", "write_contours", "write_report",
+        "load_and_qc", "lung_mask", "tumour", "regions", "measurements", "write_contours",
+        "radiomics", "mutations", "write_report",
     ]
+    # Without a tumour, radiomics runs on the whole lung and says why the others were skipped.
+    regions = payload["radiomics"]["regions"]
+    assert regions["lung"]["status"] == "done" and regions["lung"]["feature_count"] > 1000
+    assert regions["tumour"]["status"] == "skipped" and regions["tumour"]["notes"]
+    assert payload["radiomics"]["engine"]["name"] == "pyradiomics"
     assert payload["phases"] == ["contours", "report"]
     assert {payload["outputs"][k] for k in ("SEG", "RTSTRUCT", "SR")} == {"SEG.dcm", "RTSTRUCT.dcm", "SR.dcm"}
     # Without a configured bundle no tumour is invented, and the result says why.
@@ -133,3 +139,88 @@ def test_broken_bundle_fails_the_job_with_a_clear_error(phantom: Path, tmp_path:
     assert result.status == "failed"
     assert "missing.zip" in (result.error or "")
     assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "failed"
+
+
+# --- phase 2: radiomics, mutation classifiers, SR content --------------------------------
+
+
+def _truth_tumour_run(phantom: Path, out: Path, settings_data: dict) -> dict:
+    """Run the chain's stages with the phantom's true tumour as the segmentation."""
+    from radnode.models.tumour import TumourSegmentation
+    from radnode.pipeline import chain
+
+    settings = settings_from_mapping(settings_data)
+    out.mkdir(parents=True)
+    series = chain.load_and_check(phantom / "ct", settings)
+    lungs = chain.find_lungs(series)
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom / "truth" / "tumor.nii.gz"))) > 0
+    tumour = TumourSegmentation(mask=truth, method="truth", version="1", demo=True)
+    regions = chain.make_regions(series, lungs, tumour, settings)
+    written = chain.writer_regions(lungs, regions)
+    stats = chain.measure_regions(series, written)
+    radiomics = chain.compute_radiomics(series, regions, settings)
+    mutations = chain.predict_mutations(radiomics, settings)
+    options = chain.WriterOptions.from_settings(
+        settings.output, pipeline_version=PIPELINE_VERSION, sr_features=tuple(settings.radiomics.sr_features)
+    )
+    algorithm = chain.algorithm_info(tumour)
+    _, seg = chain.write_contours(series, written, algorithm, options, out)
+    content = chain.measurement_set(stats, chain.radiomics_for_sr(radiomics, written), mutations)
+    chain.write_report(series, seg, content, chain.report_algorithm(algorithm, radiomics), options, out)
+    return {"radiomics": radiomics, "mutations": mutations, "sr": pydicom.dcmread(out / "SR.dcm")}
+
+
+def _tiny_classifier(tmp_path: Path, names: list[str]) -> Path:
+    from radnode.models.classifiers.bundle import save_classifier_bundle
+    from radnode.models.classifiers.endpoints import get_endpoint
+    from radnode.models.classifiers.table import FeatureTable
+    from radnode.models.classifiers.training import TrainingOptions, train_classifier
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 20)
+    values = rng.normal(size=(40, len(names))) + y[:, None]
+    table = FeatureTable(tuple(f"c{i}" for i in range(40)), tuple(names), values)
+    bundle = train_classifier(
+        table, y, get_endpoint("EGFR"), "A", training_cohort={"description": "random test data"}, demo=True,
+        options=TrainingOptions(method_a_reducers=("pca",), method_a_classifiers=("rf",)),
+    )
+    path = tmp_path / "egfr"
+    save_classifier_bundle(bundle, path)
+    return path
+
+
+def test_phase_two_puts_features_and_predictions_in_the_sr(phantom: Path, tmp_path: Path) -> None:
+    good = _tiny_classifier(tmp_path / "good", ["tumour_original_firstorder_Mean", "ring_original_firstorder_Mean"])
+    bad = _tiny_classifier(tmp_path / "bad", ["tumour_no_such_feature"])
+    run = _truth_tumour_run(
+        phantom,
+        tmp_path / "out",
+        {"radiomics": {"parallel": False}, "models": {"classifier_bundles": {"EGFR": str(good), "KRAS": str(bad)}}},
+    )
+    radiomics = run["radiomics"]
+    assert {r: radiomics.regions[r].status for r in ("tumour", "ring", "lung")} == {
+        "tumour": "done", "ring": "done", "lung": "done",
+    }
+    assert len(radiomics.regions["tumour"].features) > 1000
+    # The matching bundle predicted; the mismatching one says which feature is missing.
+    (prediction,) = run["mutations"].predictions
+    assert prediction.endpoint == "EGFR" and 0.0 <= prediction.probability <= 1.0
+    assert "tumour_no_such_feature" in run["mutations"].errors["KRAS"]
+    text = json.dumps(run["sr"].to_json_dict())
+    assert "EGFR" in text and "demo" in text
+    assert "pyradiomics" in " ".join(str(v) for v in run["sr"].SoftwareVersions)
+    # The SR carries the configured feature subset for the tumour, with its value.
+    mean = radiomics.regions["tumour"].features["original_firstorder_Mean"]
+    assert f"{mean:.6g}"[:6] in text or str(round(mean, 6))[:6] in text
+
+
+def test_a_failing_radiomics_stage_still_delivers_the_sr(phantom: Path, tmp_path: Path) -> None:
+    settings = settings_from_mapping({"radiomics": {"profiles": {"lung": str(tmp_path / "missing-profile.yaml")}}})
+    phases: list[str] = []
+    result = run_chain(phantom / "ct", tmp_path / "out", settings, on_phase=lambda name, files: phases.append(name))
+    assert result.status == "done"
+    assert phases == ["contours", "report"]
+    payload = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert "missing-profile.yaml" in payload["radiomics"]["error"]
+    assert any(w.startswith("radiomics:") for w in payload["warnings"])
+    assert (tmp_path / "out" / "SR.dcm").is_file()

@@ -63,6 +63,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.systemd_cmd",
     "radnode.cli.train_cmd",
     "radnode.cli.evaluate_cmd",
+    "radnode.cli.classifier_cmd",  # extends the train and evaluate groups
 )
 
 for _name in COMMAND_MODULES:

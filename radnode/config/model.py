@@ -272,6 +272,37 @@ class ModelSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+def _default_sr_features() -> list[str]:
+    return [
+        "original_firstorder_Mean",
+        "original_firstorder_Entropy",
+        "original_firstorder_Kurtosis",
+        "original_shape_SurfaceVolumeRatio",
+        "original_shape_Maximum3DDiameter",
+        "original_glcm_JointEntropy",
+        "original_glcm_Contrast",
+        "original_glrlm_RunLengthNonUniformity",
+        "original_glszm_ZoneEntropy",
+        "original_ngtdm_Coarseness",
+    ]
+
+
+class RadiomicsSettings(_Section):
+    """Three-region radiomics (pyradiomics profiles shipped in radnode.models.radiomics)."""
+
+    enabled: bool = True
+    parallel: bool = Field(default=True, description="Regions in parallel processes (values identical to serial).")
+    profiles: dict[Literal["tumour", "ring", "lung"], str] = Field(
+        default_factory=lambda: {"tumour": "tumour-v1", "ring": "ring-v1", "lung": "lung-v1"},
+        description="Region -> shipped profile name or a YAML parameter file.",
+    )
+    ring_width_mm: float = Field(default=3.0, gt=0, le=20)
+    sr_features: list[str] = Field(
+        default_factory=_default_sr_features,
+        description="Tumour and ring features reported in the SR (all features go to result.json).",
+    )
+
+
 class OutputSettings(_Section):
     """How result objects are identified (PS3.5 §9 UIDs, series numbering)."""
 
@@ -329,6 +360,7 @@ class Settings(BaseSettings):
     pacs: PACSSettings | None = None
     sweep: SweepSettings = Field(default_factory=SweepSettings)
     models: ModelSettings = Field(default_factory=ModelSettings)
+    radiomics: RadiomicsSettings = Field(default_factory=RadiomicsSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -28,6 +29,7 @@ from radnode.dicom_io.qc import QCLimits
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
     MeasurementSet,
+    Prediction,
     Region,
     RegionKind,
     RegionMeasurements,
@@ -38,6 +40,8 @@ from radnode.dicom_io.seg_writer import build_seg
 from radnode.dicom_io.series import CTSeries, SeriesRejected, load_series
 from radnode.dicom_io.sr_writer import build_sr
 from radnode.models.lungmask import LungMaskResult, segment_lungs
+from radnode.models.mutation import MutationResult, flat_features, predict_endpoints
+from radnode.models.radiomics import RadiomicsResult, extract_regions
 from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
 from radnode.pipeline.version import PIPELINE_VERSION
 from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
@@ -80,6 +84,9 @@ class ChainResult:
     outputs: dict[str, str] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     regions: list[dict[str, Any]] = field(default_factory=list)
+    radiomics: dict[str, Any] = field(default_factory=dict)
+    mutations: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     phases: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -94,10 +101,20 @@ class ChainResult:
             "qc": self.qc,
             "models": self.models,
             "regions": self.regions,
+            "radiomics": self.radiomics,
+            "mutations": self.mutations,
+            "warnings": self.warnings,
             "stages": [vars(s) for s in self.stages],
             "phases": self.phases,
             "outputs": self.outputs,
         }
+
+
+@dataclass
+class StageOutcome:
+    """Set by an optional stage that failed: its error, for result.json."""
+
+    error: str | None = None
 
 
 class _Stages:
@@ -108,14 +125,22 @@ class _Stages:
         self._hook = hook
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str, required: bool = True) -> Iterator[StageOutcome]:
+        """Time a stage; an optional stage (``required=False``) records its error and goes on."""
         if self._hook:
             self._hook(name, "start")
         start = time.perf_counter()
+        outcome = StageOutcome()
         status = "failed"
         try:
-            yield
+            yield outcome
             status = "done"
+        except Exception as exc:
+            if required:
+                raise
+            outcome.error = f"{type(exc).__name__}: {exc}"
+            self._result.warnings.append(f"{name}: {outcome.error}")
+            log.exception("optional stage %s failed; the job goes on", name)
         finally:
             self._result.stages.append(StageTiming(name, round(time.perf_counter() - start, 3), status))
             if self._hook:
@@ -166,9 +191,11 @@ def zyx_spacing(series: CTSeries) -> tuple[float, float, float]:
     return (float(z), float(y), float(x))
 
 
-def make_regions(series: CTSeries, lungs: LungMaskResult, tumour: TumourSegmentation) -> Regions:
-    """Stage 4: tumour, 3 mm peritumoral ring (physical distance, within lung), whole lung."""
-    return build_regions(tumour.mask, lungs.lungs, zyx_spacing(series))
+def make_regions(series: CTSeries, lungs: LungMaskResult, tumour: TumourSegmentation, settings: Settings) -> Regions:
+    """Stage 4: tumour, peritumoral ring (physical distance, within lung), whole lung."""
+    return build_regions(
+        tumour.mask, lungs.lungs, zyx_spacing(series), ring_width_mm=settings.radiomics.ring_width_mm
+    )
 
 
 def writer_regions(lungs: LungMaskResult, regions: Regions) -> list[Region]:
@@ -177,8 +204,44 @@ def writer_regions(lungs: LungMaskResult, regions: Regions) -> list[Region]:
         Region.of_kind(RegionKind.LUNG_RIGHT, lungs.right),
         Region.of_kind(RegionKind.LUNG_LEFT, lungs.left),
         Region.of_kind(RegionKind.TUMOUR, regions.tumour),
-        Region.of_kind(RegionKind.PERITUMORAL_RING, regions.ring),
+        Region.of_kind(
+            RegionKind.PERITUMORAL_RING, regions.ring, name=f"Peritumoral {regions.ring_width_mm:g}mm"
+        ),
     ]
+
+
+#: Radiomics region -> the writer region whose SR group carries its features. The whole
+#: lung has no single segment (the SEG holds each lung), so its features stay in result.json.
+SR_GROUP_OF_RADIOMICS_REGION = {"tumour": RegionKind.TUMOUR, "ring": RegionKind.PERITUMORAL_RING}
+
+
+def compute_radiomics(series: CTSeries, regions: Regions, settings: Settings) -> RadiomicsResult:
+    """Stage 7 (phase 2): pyradiomics features of tumour, ring and whole lung."""
+    return extract_regions(series.image, regions, dict(settings.radiomics.profiles), parallel=settings.radiomics.parallel)
+
+
+def radiomics_for_sr(radiomics: RadiomicsResult | None, written: list[Region]) -> dict[str, dict[str, float]]:
+    """Writer region name -> finite feature values (the SR's feature subset is chosen by the writer)."""
+    if radiomics is None:
+        return {}
+    by_kind = {r.kind: r.name for r in written}
+    out: dict[str, dict[str, float]] = {}
+    for region, kind in SR_GROUP_OF_RADIOMICS_REGION.items():
+        found = radiomics.regions.get(region)
+        if found is not None and found.status == "done":
+            out[by_kind[kind]] = {k: v for k, v in found.features.items() if math.isfinite(v)}
+    return out
+
+
+def predict_mutations(radiomics: RadiomicsResult | None, settings: Settings) -> MutationResult:
+    """Stage 8 (phase 2): configured classifier bundles on the case's radiomic features."""
+    bundles = settings.models.classifier_bundles
+    if not bundles:
+        return MutationResult()
+    if radiomics is None:
+        return MutationResult(errors={e: "no radiomic features for this case" for e in bundles})
+    features = flat_features({name: r.features for name, r in radiomics.regions.items() if r.status == "done"})
+    return predict_endpoints(bundles, features)
 
 
 def measure_regions(series: CTSeries, written: list[Region]) -> list[RegionStats]:
@@ -194,6 +257,15 @@ def algorithm_info(tumour: TumourSegmentation) -> AlgorithmInfo:
     if tumour.method != NO_MODEL:
         versions[tumour.method] = tumour.version
     return AlgorithmInfo(model_versions=versions, demo=tumour.demo)
+
+
+def report_algorithm(algorithm: AlgorithmInfo, radiomics: RadiomicsResult | None) -> AlgorithmInfo:
+    """The SR's provenance: the segmentation's, plus the radiomics engine that computed its features."""
+    if radiomics is None:
+        return algorithm
+    engine = radiomics.engine
+    versions = {**algorithm.model_versions, f"radiomics-{engine['name']}": str(engine["version"])}
+    return AlgorithmInfo(model_versions=versions, demo=algorithm.demo)
 
 
 def save_dataset(dataset: Dataset, path: Path) -> Path:
@@ -218,8 +290,10 @@ def write_contours(
     return files, seg
 
 
-def measurement_set(stats: list[RegionStats]) -> MeasurementSet:
-    """Region statistics as the SR's volumetric measurement groups (empty regions left out)."""
+def measurement_set(
+    stats: list[RegionStats], features: dict[str, dict[str, float]], mutations: MutationResult
+) -> MeasurementSet:
+    """Region statistics, radiomic features and predictions as the SR's content (empty regions left out)."""
     return MeasurementSet(
         regions=[
             RegionMeasurements(
@@ -230,10 +304,12 @@ def measurement_set(stats: list[RegionStats]) -> MeasurementSet:
                 max_hu=s.hu_max,
                 longest_diameter_mm=s.max_diameter_mm,
                 sphericity=s.sphericity,
+                features=features.get(s.name, {}),
             )
             for s in stats
             if not s.empty
-        ]
+        ],
+        predictions=[Prediction(**vars(p)) for p in mutations.predictions],
     )
 
 
@@ -300,18 +376,32 @@ def run_chain(
             tumour = find_tumour(series, lungs, settings)
         result.models["tumour"] = tumour.summary()
         with stages.stage("regions"):
-            regions = make_regions(series, lungs, tumour)
+            regions = make_regions(series, lungs, tumour, settings)
             written = writer_regions(lungs, regions)
         with stages.stage("measurements"):
             stats = measure_regions(series, written)
         result.regions = [s.as_dict() for s in stats]
         algorithm = algorithm_info(tumour)
-        options = WriterOptions.from_settings(settings.output, pipeline_version=PIPELINE_VERSION)
+        options = WriterOptions.from_settings(
+            settings.output, pipeline_version=PIPELINE_VERSION, sr_features=tuple(settings.radiomics.sr_features)
+        )
         with stages.stage("write_contours"):
             files, seg = write_contours(series, written, algorithm, options, out_dir)
         _record_phase(result, "contours", files, out_dir, on_phase)
+        # Phase 2: a failure here is recorded and the SR still goes out; phase 1 stands.
+        radiomics = None
+        if settings.radiomics.enabled:
+            with stages.stage("radiomics", required=False) as outcome:
+                radiomics = compute_radiomics(series, regions, settings)
+            result.radiomics = radiomics.to_dict() if radiomics is not None else {"error": outcome.error}
+        with stages.stage("mutations", required=False) as outcome:
+            mutations = predict_mutations(radiomics, settings)
+        if outcome.error:
+            mutations = MutationResult(errors={"*": outcome.error})
+        result.mutations = mutations.to_dict()
         with stages.stage("write_report"):
-            files = write_report(series, seg, measurement_set(stats), algorithm, options, out_dir)
+            content = measurement_set(stats, radiomics_for_sr(radiomics, written), mutations)
+            files = write_report(series, seg, content, report_algorithm(algorithm, radiomics), options, out_dir)
         _record_phase(result, "report", files, out_dir, on_phase)
         result.status = "done"
         log.info("chain done for series %s", series.series_instance_uid)
