@@ -229,7 +229,7 @@ def test_cli_commands(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
     result = cli.invoke(app, ["install-systemd", "--root", str(tmp_path), "--exec-start", "/home/me/bin/radnode"])
     assert result.exit_code == 1 and "ProtectHome" in result.output
-    result = cli.invoke(app, ["install-systemd", "--root", str(tmp_path), "--memory-max", "huge", "--dry-run"])
+    result = cli.invoke(app, ["install-systemd", "--root", str(tmp_path), "--exec-start", str(EXEC), "--memory-max", "huge", "--dry-run"])
     assert result.exit_code == 1 and "--memory-max" in result.output
     result = cli.invoke(app, ["uninstall-systemd", "--root", str(tmp_path), "--purge", "--dry-run"])
     assert result.exit_code == 0 and "would remove tree /var/lib/radnode" in result.output
