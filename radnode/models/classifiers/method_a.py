@@ -20,13 +20,18 @@ from typing import Any
 
 import numpy as np
 from sklearn.decomposition import PCA
-from sklearn.discriminant_analysis import LinearDiscriminantAnalysis, QuadraticDiscriminantAnalysis
+from sklearn.discriminant_analysis import (
+    LinearDiscriminantAnalysis,
+    QuadraticDiscriminantAnalysis,
+)
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
+
+from radnode.models.classifiers.table import training_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -132,17 +137,7 @@ def fit_method_a(
     ValueError
         On NaN features, a single class, or unknown names.
     """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("method A needs finite features; the training matrix has NaN or infinite values")
-    counts = np.bincount(y)
-    present = counts[counts > 0]
-    if len(present) < 2:
-        raise ValueError(f"method A needs at least two classes, got class counts {counts.tolist()}")
-    k = int(min(folds, present.min()))
-    if k < 2:
-        raise ValueError(f"every class needs at least 2 cases for cross-validation, got counts {counts.tolist()}")
+    x, y, n_classes, k = training_arrays(x, y, folds, "A")
     grid: list[dict[str, list[Any]]] = []
     for r in reducers:
         for c in classifiers:

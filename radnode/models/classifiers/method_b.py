@@ -43,6 +43,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
+from radnode.models.classifiers.table import training_arrays
+
 logger = logging.getLogger(__name__)
 
 #: Name prefixes of tumour, ring and deep-feature columns.
@@ -226,18 +228,8 @@ def fit_method_b(
     ValueError
         On NaN features, fewer than two classes, or no tumour/ring/deep columns.
     """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("method B needs finite features; the training matrix has NaN or infinite values")
-    counts = np.bincount(y)
-    present = counts[counts > 0]
-    if len(present) < 2:
-        raise ValueError(f"method B needs at least two classes, got class counts {counts.tolist()}")
-    k = int(min(folds, present.min()))
-    if k < 2:
-        raise ValueError(f"every class needs at least 2 cases for cross-validation, got counts {counts.tolist()}")
-    scoring = "roc_auc" if len(present) == 2 else "roc_auc_ovr"
+    x, y, n_classes, k = training_arrays(x, y, folds, "B")
+    scoring = "roc_auc" if n_classes == 2 else "roc_auc_ovr"
     cv = RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=random_state)
     zoo: dict[str, tuple[float, float]] = {}
     for name in classifiers:

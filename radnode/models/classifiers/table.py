@@ -196,3 +196,23 @@ def join_labels(table: FeatureTable, labels: dict[str, str]) -> tuple[FeatureTab
         logger.info("%d of %d feature rows have no label and are left out", int((~keep).sum()), len(keep))
     sub = table.rows(keep)
     return sub, [labels[c] for c in sub.case_ids]
+
+
+def training_arrays(x: np.ndarray, y: np.ndarray, folds: int, method: str) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Check a training set; return ``(x, y, n_classes, k)`` with ``k`` the usable CV folds.
+
+    Raises ``ValueError`` (naming ``method``) for NaN/infinite features, fewer than two
+    classes, or a class too small for two folds.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"method {method} needs finite features; the training matrix has NaN or infinite values")
+    counts = np.bincount(y)
+    present = counts[counts > 0]
+    if len(present) < 2:
+        raise ValueError(f"method {method} needs at least two classes, got class counts {counts.tolist()}")
+    k = int(min(folds, present.min()))
+    if k < 2:
+        raise ValueError(f"every class needs at least 2 cases for cross-validation, got counts {counts.tolist()}")
+    return x, y, len(present), k
