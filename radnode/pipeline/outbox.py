@@ -40,7 +40,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from radnode.config import Destination, ResultObject
-from radnode.pipeline.sqlite_db import SQLiteDB
+from radnode.pipeline.sqlite_db import SQLiteDB, in_clause
 from radnode.pipeline.jobs import Backoff, Phase, phase_of
 
 log = logging.getLogger(__name__)
@@ -402,7 +402,8 @@ class Outbox:
             names = list(destinations)
             if not names:
                 return {}
-            query += f" AND i.destination IN ({','.join('?' * len(names))})"
+            clause, names = in_clause("i.destination", names)
+            query += clause
             params += names
         query += " ORDER BY i.destination, o.phase, i.id LIMIT ?"
         params.append(int(limit))
@@ -421,7 +422,8 @@ class Outbox:
             names = list(destinations)
             if not names:
                 return None
-            query += f" AND destination IN ({','.join('?' * len(names))})"
+            clause, names = in_clause("destination", names)
+            query += clause
             params += names
         with self._db.connect() as conn:
             row = conn.execute(query, params).fetchone()
@@ -527,7 +529,8 @@ class Outbox:
             ids = list(item_ids)
             if not ids:
                 return 0
-            query += f" AND id IN ({','.join('?' * len(ids))})"
+            clause, ids = in_clause("id", ids)
+            query += clause
             params += ids
         with self._db.write() as conn:
             return conn.execute(query, params).rowcount
@@ -562,7 +565,8 @@ class Outbox:
             values = [ItemState(s).value for s in states]
             if not values:
                 return []
-            query += f" AND i.state IN ({','.join('?' * len(values))})"
+            clause, values = in_clause("i.state", values)
+            query += clause
             params += values
         if destination is not None:
             query += " AND i.destination = ?"

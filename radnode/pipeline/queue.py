@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from radnode.pipeline.sqlite_db import SQLiteDB
+from radnode.pipeline.sqlite_db import SQLiteDB, in_clause
 from radnode.pipeline.jobs import (
     CANCELLABLE_STATES,
     CLAIMABLE_STATES,
@@ -273,6 +273,18 @@ class SQLiteJobQueue(JobQueue):
             raise JobNotFound(f"no job with id {job_id} in {self.path}")
         return self._row_to_job(row)
 
+    def _fetch_in(
+        self, conn: sqlite3.Connection, job_id: int, allowed: Iterable[JobState], action: str
+    ) -> Job:
+        """The job, if its state allows ``action``; else ``InvalidTransition`` naming the allowed states."""
+        job = self._fetch(conn, job_id)
+        if job.state not in allowed:
+            raise InvalidTransition(
+                f"job {job_id} is {job.state.value}; only "
+                f"{', '.join(sorted(s.value for s in allowed))} jobs can be {action}"
+            )
+        return job
+
     def _held(self, conn: sqlite3.Connection, job_id: int, worker_id: str) -> Job:
         job = self._fetch(conn, job_id)
         if job.state is not JobState.RUNNING or job.worker_id != worker_id:
@@ -432,12 +444,7 @@ class SQLiteJobQueue(JobQueue):
     def cancel(self, job_id: int) -> Job:
         now = self._clock()
         with self._db.write() as conn:
-            job = self._fetch(conn, job_id)
-            if job.state not in CANCELLABLE_STATES:
-                raise InvalidTransition(
-                    f"job {job_id} is {job.state.value}; only "
-                    f"{', '.join(sorted(s.value for s in CANCELLABLE_STATES))} jobs can be cancelled"
-                )
+            job = self._fetch_in(conn, job_id, CANCELLABLE_STATES, "cancelled")
             conn.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, lease_until = NULL, worker_id = NULL, "
                 "not_before = NULL, reason = 'cancelled', error = 'cancelled by operator' WHERE id = ?",
@@ -452,12 +459,7 @@ class SQLiteJobQueue(JobQueue):
     def retry(self, job_id: int) -> Job:
         now = self._clock()
         with self._db.write() as conn:
-            job = self._fetch(conn, job_id)
-            if job.state not in RETRYABLE_STATES:
-                raise InvalidTransition(
-                    f"job {job_id} is {job.state.value}; only "
-                    f"{', '.join(sorted(s.value for s in RETRYABLE_STATES))} jobs can be retried"
-                )
+            job = self._fetch_in(conn, job_id, RETRYABLE_STATES, "retried")
             # A fresh attempt budget, but the attempt history keeps counting upwards.
             conn.execute(
                 "UPDATE jobs SET state = ?, max_attempts = attempts + budget, updated_at = ?, not_before = NULL, "
@@ -523,7 +525,8 @@ class SQLiteJobQueue(JobQueue):
             values = [JobState(s).value for s in states]
             if not values:
                 return []
-            query += f" AND state IN ({','.join('?' * len(values))})"
+            clause, values = in_clause("state", values)
+            query += clause
             params += values
         if series_uid is not None:
             query += " AND series_uid = ?"

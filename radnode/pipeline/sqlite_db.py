@@ -13,11 +13,17 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 #: How long a writer waits for another writer's transaction before giving up.
 BUSY_TIMEOUT_SECONDS = 30.0
+
+
+def in_clause(column: str, values: list[Any]) -> tuple[str, list[Any]]:
+    """``" AND column IN (?, …)"`` and its parameters, for filters built from optional arguments."""
+    return f" AND {column} IN ({','.join('?' * len(values))})", list(values)
 
 
 class SQLiteDB:
