@@ -16,6 +16,17 @@ paired DeLong test between them, ROC PNGs), and writes::
     OUT/summary.json                     held-out AUCs, DeLong p, timings
 
 Every bundle is flagged ``demo`` and its training cohort says that it is synthetic.
+
+The shipped demo bundle (the chain's default ``models.classifier_bundles``)::
+
+    python benchmarks/train_demo_classifiers.py --radiomics --ship [--cases 128]
+
+builds the cohort with the chain's own radiomics instead
+(:mod:`radnode.models.classifiers.demo_training`: pyradiomics with the shipped tumour-v1
+and ring-v1 profiles, original image), trains a method-B bundle for EGFR on the training
+part, evaluates it on the held-out part and, with ``--ship``, writes it to
+``radnode/models/classifiers/demo/egfr-demo/`` together with its training table
+(``training_features.csv``, ``training_labels.csv``) and ``evaluation.json``.
 """
 
 from __future__ import annotations
@@ -23,8 +34,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 import time
 from pathlib import Path
+
+# Run as a script, this folder would be sys.path[0] and its radiomics.py would shadow pyradiomics.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _HERE]
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -37,9 +54,70 @@ from radnode.models.classifiers.table import write_feature_csv, write_label_csv
 from radnode.models.classifiers.training import TrainingOptions, train_classifier
 
 
+def radiomics_main(args: argparse.Namespace) -> dict[str, object]:
+    """Build, train, evaluate (and ship) the chain-feature demo bundle."""
+    import shutil
+
+    from radnode.models.classifiers.demo_training import (
+        DEMO_BUNDLE_DIR,
+        build_radiomics_cohort,
+        train_demo_bundle,
+    )
+
+    t0 = time.perf_counter()
+    cohort = build_radiomics_cohort(args.cases, mutation_effect=args.effect)
+    t_cohort = time.perf_counter() - t0
+    endpoint = get_endpoint("EGFR")
+    idx = np.arange(len(cohort.labels))
+    train_idx, test_idx = train_test_split(idx, test_size=args.test_fraction, stratify=cohort.labels,
+                                           random_state=args.seed)
+    train, test = cohort.table.rows(np.sort(train_idx)), cohort.table.rows(np.sort(test_idx))
+    y_train, y_test = cohort.labels[np.sort(train_idx)], cohort.labels[np.sort(test_idx)]
+    description = {**cohort.description, "split": "train", "train_cases": len(train_idx),
+                   "held_out_cases": len(test_idx), "split_seed": args.seed}
+    t1 = time.perf_counter()
+    bundle = train_demo_bundle(train, y_train, description)
+    t_train = time.perf_counter() - t1
+    out: Path = DEMO_BUNDLE_DIR if args.ship else args.out
+    if out is None:
+        raise SystemExit("--out or --ship is required")
+    scratch = out.parent / f".{out.name}.tmp"
+    shutil.rmtree(scratch, ignore_errors=True)
+    save_classifier_bundle(bundle, scratch)
+    report = evaluate_bundle(bundle, test, y_test, scratch / "evaluation")
+    write_feature_csv(train, scratch / "training_features.csv")
+    write_label_csv(train.case_ids, endpoint.decode(y_train), scratch / "training_labels.csv", column=endpoint.name)
+    write_feature_csv(test, scratch / "held_out_features.csv")
+    write_label_csv(test.case_ids, endpoint.decode(y_test), scratch / "held_out_labels.csv", column=endpoint.name)
+    for extra in (scratch / "evaluation" / "roc.png",):
+        extra.unlink(missing_ok=True)
+    summary = {
+        "note": DEMO_NOTE,
+        "endpoint": endpoint.name,
+        "features": len(bundle.meta.features),
+        "held_out_auc": report["metrics"]["auc"],
+        "cv_metrics": bundle.meta.cv_metrics,
+        "chosen": bundle.meta.details.get("classifier"),
+        "timings": {"cohort_s": round(t_cohort, 1), "train_s": round(t_train, 1)},
+    }
+    (scratch / "evaluation.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+    if out.exists():
+        if not args.overwrite and not args.ship:
+            raise SystemExit(f"{out} exists (use --overwrite)")
+        shutil.rmtree(out)
+    scratch.rename(out)
+    print(json.dumps({"bundle": str(out), "held_out_auc": summary["held_out_auc"], "timings": summary["timings"],
+                      "chosen": summary["chosen"]}, default=str))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
+    parser.add_argument("--out", type=Path, help="output folder (created)")
+    parser.add_argument("--radiomics", action="store_true",
+                        help="chain features (pyradiomics tumour-v1/ring-v1) and one method-B EGFR bundle")
+    parser.add_argument("--ship", action="store_true",
+                        help="with --radiomics: write the bundle into the package (radnode/.../demo/egfr-demo)")
     parser.add_argument("--cases", type=int, default=80, help="phantoms in the cohort")
     parser.add_argument("--matrix", type=int, default=128)
     parser.add_argument("--slices", type=int, default=24)
@@ -50,6 +128,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.radiomics:
+        return radiomics_main(args)
+    if args.out is None:
+        parser.error("--out is required")
 
     t0 = time.perf_counter()
     cohort = build_demo_cohort(args.cases, matrix=args.matrix, slices=args.slices, mutation_effect=args.effect)

@@ -64,6 +64,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.train_cmd",
     "radnode.cli.evaluate_cmd",
     "radnode.cli.classifier_cmd",  # extends the train and evaluate groups
+    "radnode.cli.features_cmd",
 )
 
 for _name in COMMAND_MODULES:

@@ -29,6 +29,11 @@ AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
 UID_ROOT_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 
+#: The shipped DEMO EGFR classifier bundle (package data; see
+#: radnode.models.classifiers.demo_training). Resolved from this file so that config does
+#: not import the models.
+DEMO_CLASSIFIER_BUNDLE = Path(__file__).resolve().parent.parent / "models" / "classifiers" / "demo" / "egfr-demo"
+
 
 def _check_ae_title(value: str) -> str:
     if not re.fullmatch(AE_TITLE_PATTERN, value) or not value.strip():
@@ -267,7 +272,11 @@ class ModelSettings(_Section):
         default=None, description="Segmentation bundle directory or zip; empty = bundled demo."
     )
     classifier_bundles: dict[str, Path] = Field(
-        default_factory=dict, description="Endpoint name (e.g. EGFR) -> classifier bundle."
+        default_factory=lambda: {"EGFR": DEMO_CLASSIFIER_BUNDLE},
+        description="Endpoint name (e.g. EGFR) -> classifier bundle folder. Default: the shipped DEMO "
+        "EGFR bundle (radnode/models/classifiers/demo/egfr-demo), trained on synthetic phantoms with a "
+        "planted label, flagged demo in result.json and the SR ('demo - not for clinical use'); "
+        "set {} to run no classifier.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
