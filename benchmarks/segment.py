@@ -9,11 +9,13 @@ child process, so its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) i
 * ``faithful``: the published network, channels 64-128-256-512, window 64 × 96 × 96,
   overlap 0.25;
 * ``fast``: channels 32-64-128-256 and one bigger window 64 × 128 × 128 (overlap 0.25),
-  fewer, larger windows over the tumour box.
+  fewer, larger windows over the tumour box;
+* ``demo``: the shipped default, the bundled DEMO model (channels 16-32-64-128) with the
+  inference settings stored in its bundle (the detector's best three boxes examined).
 
-Untrained weights (seed 0) are used: timing does not depend on the weights, only the
-box found by the classical detector decides how much the network has to cover, and that
-box is the same for both. Steps: load (DICOM -> HU image), lung mask, preprocess (clip,
+``faithful`` and ``fast`` use untrained weights (seed 0): timing does not depend on the
+weights, only the box found by the classical detector decides how much the network has to
+cover, and that box is the same for both. Steps: load (DICOM -> HU image), lung mask, preprocess (clip,
 resample, crop), detect (candidate box), network (sliding window), post-process
 (components, holes, mapping back to the CT grid), deep features (one extra forward pass).
 
@@ -42,6 +44,9 @@ SLICES = 150
 CONFIGS: dict[str, dict[str, object]] = {
     "faithful": {"channels": (64, 128, 256, 512), "roi_size": (64, 96, 96), "overlap": 0.25},
     "fast": {"channels": (32, 64, 128, 256), "roi_size": (64, 128, 128), "overlap": 0.25},
+    # The shipped default: the bundled DEMO model with its own inference settings
+    # (channels 16-32-64-128, the detector's best 3 boxes examined).
+    "demo": {"bundle": "demo"},
 }
 STEPS = ("load", "lung mask", "preprocess", "detect", "network", "post-process", "features")
 
@@ -74,8 +79,15 @@ def run_config(name: str, ct_dir: Path, device: str) -> dict[str, object]:
     times["lung mask"] = time.perf_counter() - start
     torch.manual_seed(0)
     dev = resolve_device(device)
-    model = RASeg(RASegConfig(channels=spec["channels"])).to(dev)  # type: ignore[arg-type]
-    settings = InferenceSettings(roi_size=spec["roi_size"], overlap=spec["overlap"], device=dev.type)  # type: ignore[arg-type]
+    if "bundle" in spec:
+        from radnode.models.bundle import load_bundle
+        from radnode.models.tumour import resolve_bundle
+
+        bundle = load_bundle(resolve_bundle(str(spec["bundle"])), device=dev)  # type: ignore[arg-type]
+        model, settings = bundle.model, bundle.inference_settings(device=dev.type)
+    else:
+        model = RASeg(RASegConfig(channels=spec["channels"])).to(dev)  # type: ignore[arg-type]
+        settings = InferenceSettings(roi_size=spec["roi_size"], overlap=spec["overlap"], device=dev.type)  # type: ignore[arg-type]
     if dev.type == "cuda":  # warm-up: CUDA context and cuDNN autotuning are start-up costs
         segment_ct(model, series.image, lungs.astype("uint8"), settings=settings)
         torch.cuda.synchronize()

@@ -40,7 +40,9 @@ def chain_run(phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
         # Record which objects each phase handed over, and that they were on disk by then.
         phases.append((name, sorted(files), all(p.is_file() for p in files.values())))
 
-    result = run_chain(phantom / "ct", out, settings_from_mapping({}), on_phase=on_phase)
+    # The lungs-only path (no tumour model); the bundled demo model has its own tests.
+    settings = settings_from_mapping({"models": {"segmentation_bundle": "none"}})
+    result = run_chain(phantom / "ct", out, settings, on_phase=on_phase)
     assert result.status == "done", result.error
     return out, phases
 
@@ -99,7 +101,7 @@ def test_objects_reference_the_source_study_and_name_the_software(chain_run: tup
 
 def test_rerun_gives_the_same_uids(chain_run: tuple[Path, list], phantom: Path, tmp_path: Path) -> None:
     out, _ = chain_run
-    run_chain(phantom / "ct", tmp_path, settings_from_mapping({}))
+    run_chain(phantom / "ct", tmp_path, settings_from_mapping({"models": {"segmentation_bundle": "none"}}))
     for name in ("SEG.dcm", "RTSTRUCT.dcm", "SR.dcm"):
         first = pydicom.dcmread(out / name, stop_before_pixels=True)
         again = pydicom.dcmread(tmp_path / name, stop_before_pixels=True)

@@ -199,3 +199,45 @@ def test_segment_ct_maps_the_tumour_back_onto_the_ct_grid() -> None:
     assert {"preprocess", "detect", "network", "postprocess", "inverse"} <= set(result.grid.timings)
     image = result.mask_image()
     assert image.GetSpacing() == ct.GetSpacing() and image.GetOrigin() == ct.GetOrigin()
+
+
+def test_several_candidates_find_a_second_tumour_that_one_box_misses() -> None:
+    # Two tumours of different size: the detector ranks the larger first; with one box
+    # only it is segmented, with two boxes both are (probabilities combined by maximum).
+    shape, spacing = (40, 96, 96), (2.0, 0.8, 0.8)
+    lung = _ball(shape, (40, 38, 38), 36, spacing)
+    hu = np.where(lung, -850.0, 40.0).astype(np.float32)
+    big, small = _ball(shape, (44, 24, 24), 9, spacing), _ball(shape, (36, 52, 52), 6, spacing)
+    hu[big | small] = 25
+    ct = sitk.GetImageFromArray(hu.astype(np.int16))
+    ct.SetSpacing(spacing[::-1])
+    found = {}
+    for count in (1, 2):
+        settings = _settings(deep_features=False, roi_size=(32, 48, 48), max_candidates=count, context_mm=8.0)
+        result = segment_ct(BoxThresholdStub(), ct, lung, settings=settings)
+        mask = result.mask.astype(bool)
+        found[count] = (mask[big].mean(), mask[small].mean(), len(result.grid.boxes), len(result.grid.regions))
+    assert found[1][0] > 0.8 and found[1][1] < 0.05 and found[1][2:] == (1, 1)
+    assert found[2][0] > 0.8 and found[2][1] > 0.8 and found[2][2:] == (2, 2)
+
+
+def test_max_candidates_must_be_positive() -> None:
+    with pytest.raises(InferenceError, match="max_candidates"):
+        _settings(max_candidates=0)
+
+
+@pytest.mark.parametrize("margin", [0.0, 2.0, 4.5])
+def test_lung_margin_cuts_the_bleed_outside_the_lung_exactly(margin: float) -> None:
+    from scipy import ndimage
+
+    shape = (30, 60, 60)
+    lung = np.zeros(shape, dtype=bool)
+    lung[:, :, :30] = True  # lung on the left half, mediastinum on the right
+    blob = _ball(shape, (22, 30, 30), 12)  # straddles the boundary
+    kept = postprocess_mask(blob, lung, SPACING_ZYX, min_component_mm3=0, fill_holes=False, lung_margin_mm=margin)
+    # Brute force on the whole grid: the distance of every voxel to the lung.
+    distance = ndimage.distance_transform_edt(~lung, sampling=SPACING_ZYX)
+    assert np.array_equal(kept, blob & (distance <= margin))
+    assert kept.sum() < blob.sum()
+    unlimited = postprocess_mask(blob, lung, SPACING_ZYX, min_component_mm3=0, fill_holes=False)
+    assert np.array_equal(unlimited, blob)

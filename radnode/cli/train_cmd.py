@@ -8,7 +8,7 @@ to the application once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -44,9 +44,15 @@ def train_seg(
         int | None, typer.Option("--threads", min=1, help="torch CPU threads (default: the usable cores).")
     ] = None,
     name: Annotated[str, typer.Option("--name", help="Bundle name.")] = "raseg-trained",
+    negative_fraction: Annotated[float, typer.Option(
+        "--negative-fraction", min=0.0, max=0.95,
+        help="Share of patches around detector boxes without tumour (hard negatives).")] = 0.0,
+    init: Annotated[Path | None, typer.Option(
+        "--init", help="Fine-tune from this bundle's weights ('demo': the bundled demo model); same width.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing bundle at OUT.")] = False,
 ) -> None:
     """Train RA-Seg (Dice + cross-entropy, Adam, the method's augmentations) and write a bundle."""
+    from radnode.models.bundle import BundleError
     from radnode.models.training.data import (
         TrainingDataError,
         discover_cases,
@@ -65,11 +71,18 @@ def train_seg(
         fail(f"--fold: a fold number 0..{folds - 1} or 'all', got {fold!r}", code=EXIT_USAGE)
     if out.exists() and not overwrite and not resume:
         fail(f"{out}: already exists (--overwrite to replace it)", code=EXIT_USAGE)
+    initial_state = None
     try:
         arch = architecture_for(width)
+        if init is not None:
+            initial_state = _initial_state(init, arch)
+    except (BundleError, TrainingError) as exc:
+        fail(str(exc), code=EXIT_USAGE)
+        return
+    try:
         sources = discover_cases(data, roi)
         typer.echo(f"{len(sources)} cases in {data} ({sources[0].layout}); preparing (lung mask, 1 x 1 x 1.5 mm grid)")
-        cases = [load_case(source) for source in sources]
+        cases = [load_case(source, negatives=negative_fraction > 0) for source in sources]
         n_train = len(cases) if folds == 1 else len(cases) - len(cases) // folds
         if steps is not None:
             total = steps
@@ -80,14 +93,15 @@ def train_seg(
         config = TrainConfig(
             steps=total, batch_size=batch_size, learning_rate=learning_rate,
             checkpoint_every=checkpoint_every, seed=seed, device=device, num_threads=threads,
+            negative_fraction=negative_fraction,
         )
         report = train_and_bundle(
             cases, out, arch, config, folds=folds, fold=None if fold == "all" else int(fold),
             resume=resume, progress=True, name=name,
             data_description=f"{data.name} ({sources[0].layout}{', ROI ' + roi if roi else ''})",
-            overwrite=overwrite or resume,
+            overwrite=overwrite or resume, initial_state=initial_state,
         )
-    except (TrainingDataError, TrainingError, ValueError) as exc:
+    except (TrainingDataError, TrainingError, BundleError, ValueError) as exc:
         fail(str(exc), code=EXIT_USAGE)
         return
     except RuntimeError as exc:
@@ -101,6 +115,18 @@ def train_seg(
     if mean is not None:
         typer.echo(f"cross-validation Dice (mean over cases): {mean:.3f}")
     typer.echo(f"bundle written: {report.bundle} (model {report.final.name}, {report.final.step} steps)")
+
+
+def _initial_state(init: Path, arch: Any) -> dict[str, Any]:
+    """Weights of the bundle ``init`` ('demo': the bundled one), checked against ``arch``."""
+    from radnode.models.bundle import BundleError, load_bundle
+    from radnode.models.tumour import resolve_bundle
+
+    start = load_bundle(resolve_bundle(str(init)) or init)
+    if start.model.config != arch:
+        raise BundleError(f"--init {init}: its architecture (channels {start.model.config.channels}) differs "
+                          f"from the one to train (channels {arch.channels}); pick the matching --width")
+    return start.model.state_dict()
 
 
 def register(app: typer.Typer) -> None:

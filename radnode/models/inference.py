@@ -89,6 +89,14 @@ class InferenceSettings:
         Compute the deep-feature vector.
     detector
         Thresholds of the first-stage candidate detector.
+    max_candidates
+        How many of the detector's best proposals the network examines, each with its
+        own box (probabilities combined by maximum). 1 trusts the detector's ranking; more
+        lets a network trained on hard negatives reject a vessel bundle that outranks the
+        tumour and find second and third tumours, at one network pass per proposal.
+    lung_margin_mm
+        Keep tumour voxels only within this distance of the lung mask (``None``: no limit);
+        see :func:`postprocess_mask`.
     """
 
     roi_size: tuple[int, int, int] = (64, 96, 96)
@@ -105,6 +113,8 @@ class InferenceSettings:
     fill_holes: bool = True
     deep_features: bool = True
     detector: DetectorParams = field(default_factory=DetectorParams)
+    max_candidates: int = 1
+    lung_margin_mm: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roi_size", tuple(int(v) for v in self.roi_size))
@@ -118,6 +128,10 @@ class InferenceSettings:
             raise InferenceError(f"blend_mode: gaussian or constant, got {self.blend_mode!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise InferenceError(f"num_threads: must be >= 1 or None, got {self.num_threads}")
+        if self.lung_margin_mm is not None and self.lung_margin_mm < 0:
+            raise InferenceError(f"lung_margin_mm: must be >= 0 or None, got {self.lung_margin_mm}")
+        if self.max_candidates < 1:
+            raise InferenceError(f"max_candidates: must be >= 1, got {self.max_candidates}")
         if not 0.0 < self.threshold < 1.0:
             raise InferenceError(f"threshold: must be in (0, 1), got {self.threshold}")
         if isinstance(self.detector, Mapping):
@@ -218,16 +232,23 @@ def postprocess_mask(
     min_component_mm3: float = 30.0,
     min_lung_fraction: float = 0.1,
     fill_holes: bool = True,
+    lung_margin_mm: float | None = None,
 ) -> np.ndarray:
     """Clean a binary tumour mask.
 
-    Keeps 26-connected components with at least ``min_lung_fraction`` of their voxels in
-    ``lung`` and at least ``min_component_mm3`` of volume, then fills enclosed holes in 3-D
-    and per axial slice (necrotic cores open in 3-D are still closed in-plane).
+    With ``lung_margin_mm`` set, first drops every voxel farther than that from ``lung``
+    (the classical lung mask keeps juxtapleural tumours inside, so this cuts a network's
+    bleed into the mediastinum and chest wall, at the price of tumour parts outside the
+    lung such as hilar nodes). Then keeps 26-connected components with at least
+    ``min_lung_fraction`` of their voxels in ``lung`` and at least ``min_component_mm3`` of
+    volume, and fills enclosed holes in 3-D and per axial slice (necrotic cores open in
+    3-D are still closed in-plane).
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != lung.shape:
         raise InferenceError(f"mask {mask.shape} and lung {lung.shape} must have the same shape")
+    if lung_margin_mm is not None and mask.any():
+        mask = mask & near_lung(mask, lung, spacing_zyx, lung_margin_mm)
     labels, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
     if count:
         index = np.arange(1, count + 1)
@@ -242,6 +263,24 @@ def postprocess_mask(
         for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
             mask[z] = ndimage.binary_fill_holes(mask[z])
     return mask
+
+
+def near_lung(mask: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float) -> np.ndarray:
+    """Voxels within ``margin_mm`` of ``lung``, computed only around ``mask``'s bounding box.
+
+    The box is grown by the margin (plus one voxel), so every lung voxel that can be within
+    ``margin_mm`` of a mask voxel is inside it and the distances are exact where they matter.
+    """
+    near = np.zeros(mask.shape, dtype=bool)
+    reach = [int(np.ceil(margin_mm / s)) + 1 for s in spacing_zyx]
+    found = [np.nonzero(mask.any(axis=other))[0] for other in ((1, 2), (0, 2), (0, 1))]
+    window = tuple(slice(max(0, int(f[0]) - r), min(n, int(f[-1]) + 1 + r))
+                   for f, r, n in zip(found, reach, mask.shape))
+    outside = lung[window] == 0
+    if outside.all():
+        return near
+    near[window] = ndimage.distance_transform_edt(outside, sampling=spacing_zyx) <= margin_mm
+    return near
 
 
 @contextmanager
@@ -316,11 +355,13 @@ class GridSegmentation:
     mask
         Post-processed tumour mask (bool, preprocessed shape).
     probability
-        Tumour probability; 0 outside the region the network ran on.
-    box
-        The a2t box used (``None``: no candidate, the whole lung VOI was the box).
-    region
-        Where the network ran.
+        Tumour probability (maximum over the boxes examined); 0 where the network did
+        not run.
+    boxes
+        The a2t boxes examined, best first (empty: no candidate, the whole lung VOI was
+        the box).
+    regions
+        Where the network ran, one region per box (the whole grid when ``boxes`` is empty).
     candidates
         The detector's candidates, best first (empty when a box was given).
     features
@@ -331,11 +372,23 @@ class GridSegmentation:
 
     mask: np.ndarray
     probability: np.ndarray
-    box: Box | None
-    region: Box
+    boxes: list[Box]
+    regions: list[Box]
     candidates: list[Candidate]
     features: np.ndarray | None
     timings: dict[str, float]
+
+    @property
+    def box(self) -> Box | None:
+        """The first (best) box, or ``None`` when no candidate was found."""
+        return self.boxes[0] if self.boxes else None
+
+    @property
+    def region(self) -> Box:
+        """Bounding box of every region the network ran on."""
+        start = tuple(min(r.start[i] for r in self.regions) for i in range(3))
+        stop = tuple(max(r.stop[i] for r in self.regions) for i in range(3))
+        return Box(start, stop)  # type: ignore[arg-type]
 
 
 def segment_preprocessed(
@@ -355,7 +408,8 @@ def segment_preprocessed(
     settings
         Inference settings.
     box
-        A tumour box on the preprocessed grid; ``None`` runs the candidate detector.
+        A tumour box on the preprocessed grid; ``None`` runs the candidate detector and
+        examines its ``settings.max_candidates`` best proposals.
     """
     settings = settings or InferenceSettings()
     spacing = case.record.spacing_zyx
@@ -365,35 +419,39 @@ def segment_preprocessed(
     candidates: list[Candidate] = []
     if box is None:
         candidates = detect_candidates(case.record.params.to_hu(case.image), case.lung, spacing, settings.detector)
-        box = candidates[0].box if candidates else None
-    timings["detect"] = time.perf_counter() - start
-    whole = Box((0, 0, 0), shape)  # type: ignore[arg-type]
-    if box is None:
-        log.info("no tumour candidate found; running on the whole lung VOI %s", shape)
-        region, box_mask = whole, np.ones(shape, dtype=np.float32)
+        boxes = [c.box for c in candidates[: settings.max_candidates]]
     else:
-        region, box_mask = box.grow(mm_to_voxels(settings.context_mm, spacing), shape), box.mask(shape)
+        boxes = [box]
+    timings["detect"] = time.perf_counter() - start
+    if boxes:
+        context = mm_to_voxels(settings.context_mm, spacing)
+        regions = [b.grow(context, shape) for b in boxes]
+        box_masks = [b.mask(shape) for b in boxes]
+    else:
+        log.info("no tumour candidate found; running on the whole lung VOI %s", shape)
+        regions, box_masks = [Box((0, 0, 0), shape)], [np.ones(shape, dtype=np.float32)]  # type: ignore[arg-type]
 
     start = time.perf_counter()
     probability = np.zeros(shape, dtype=np.float32)
-    probability[region.slices] = predict_probabilities(
-        model, case.image[region.slices], box_mask[region.slices], settings
-    )
+    for region, box_mask in zip(regions, box_masks):
+        window = probability[region.slices]
+        np.maximum(window, predict_probabilities(model, case.image[region.slices], box_mask[region.slices], settings),
+                   out=window)
     timings["network"] = time.perf_counter() - start
 
     start = time.perf_counter()
     mask = postprocess_mask(
         probability >= settings.threshold, case.lung, spacing,
-        settings.min_component_mm3, settings.min_lung_fraction, settings.fill_holes,
+        settings.min_component_mm3, settings.min_lung_fraction, settings.fill_holes, settings.lung_margin_mm,
     )
     timings["postprocess"] = time.perf_counter() - start
 
     features = None
     if settings.deep_features and mask.any():
         start = time.perf_counter()
-        features = deep_feature_vector(model, case.image, box_mask, mask, settings)
+        features = deep_feature_vector(model, case.image, np.maximum.reduce(box_masks), mask, settings)
         timings["features"] = time.perf_counter() - start
-    return GridSegmentation(mask, probability, box, region, candidates, features, timings)
+    return GridSegmentation(mask, probability, boxes, regions, candidates, features, timings)
 
 
 @dataclass

@@ -47,6 +47,14 @@ def flat_features(per_region: Mapping[str, Mapping[str, float]]) -> dict[str, fl
     return {f"{region}_{name}": value for region, values in per_region.items() for name, value in values.items()}
 
 
+def deep_feature_columns(vector: list[float]) -> dict[str, float]:
+    """The tumour network's deep-feature vector as columns ``deep_000``, ``deep_001``, ...
+
+    Method A bundles are trained on these names (a features CSV with the same columns).
+    """
+    return {f"deep_{i:03d}": float(v) for i, v in enumerate(vector)}
+
+
 def predict_endpoints(bundles: Mapping[str, Path], features: Mapping[str, float]) -> MutationResult:
     """Run every configured bundle on one case's features."""
     result = MutationResult()

@@ -3,8 +3,11 @@
 Which model ran is always part of the result (:class:`TumourSegmentation`), because every
 output must name the model and version that produced it.
 
-Without a configured bundle the stage segments nothing and says so: the chain still
-delivers the lungs, and the SR states that no tumour model ran. A weight-free outline of
+``models.segmentation_bundle`` selects the bundle: ``demo`` (the default) is the DEMO
+bundle shipped in ``radnode/models/bundles/raseg-demo`` (trained by
+``scripts/train_demo_segmentation.py``; every output says "demo — not for clinical use"),
+a path is a user's bundle, and ``none`` turns the stage off: it then segments nothing and
+says so, the chain still delivers the lungs, and the SR states that no tumour model ran. A weight-free outline of
 the detector's best candidate was tried for this case and rejected: on the synthetic
 phantom its best candidate was a hilar vessel bundle, and a wrong GTV sent to a planning
 system is worse than none.
@@ -23,6 +26,23 @@ log = logging.getLogger(__name__)
 
 #: Method name recorded when no segmentation bundle is configured.
 NO_MODEL = "none"
+#: Setting value that selects the bundle shipped inside the package.
+BUNDLED_DEMO = "demo"
+#: Where the bundled DEMO model lives (written by scripts/train_demo_segmentation.py).
+DEMO_BUNDLE_PATH = Path(__file__).with_name("bundles") / "raseg-demo"
+
+
+def resolve_bundle(setting: str | Path | None) -> Path | None:
+    """``models.segmentation_bundle`` → the bundle to load, or ``None`` for no tumour model.
+
+    ``"demo"`` names the DEMO bundle shipped with radnode, ``"none"`` (or nothing) turns
+    the tumour stage off, anything else is a path.
+    """
+    if setting is None or str(setting) == NO_MODEL:
+        return None
+    if str(setting) == BUNDLED_DEMO:
+        return DEMO_BUNDLE_PATH
+    return Path(setting)
 
 
 @dataclass
@@ -57,27 +77,34 @@ def network_tumour(ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: 
     bundle = load_bundle(bundle_path, device=resolve_device(device))
     seg = segment_ct(bundle.model, ct, lung.astype(np.uint8), settings=bundle.inference_settings(device=device))
     meta = bundle.meta
+    notes = [f"RA-Seg bundle {meta.name} {meta.version}"]
+    if meta.demo:
+        notes.append("DEMO model trained on synthetic phantoms and a handful of public CTs: not for clinical use")
+        log.warning("tumour segmented by DEMO bundle %s %s: demo — not for clinical use", meta.name, meta.version)
+    features = seg.grid.features
     return TumourSegmentation(
         mask=seg.mask.astype(bool),
         method=meta.name,
         version=meta.version,
         demo=meta.demo,
-        notes=[f"RA-Seg bundle {bundle_path}"],
+        notes=notes,
         timings=dict(seg.grid.timings),
+        deep_features=None if features is None else [float(v) for v in features],
     )
 
 
 def segment_tumour(
-    ct: sitk.Image, lung: np.ndarray, bundle_path: Path | None, device: str = "auto"
+    ct: sitk.Image, lung: np.ndarray, setting: str | Path | None, device: str = "auto"
 ) -> TumourSegmentation:
     """The chain's tumour stage: the configured bundle, else an empty, explained result."""
+    bundle_path = resolve_bundle(setting)
     if bundle_path is not None:
         return network_tumour(ct, lung, bundle_path, device)
-    log.warning("no segmentation bundle configured (models.segmentation_bundle): tumour not segmented")
+    log.warning("no segmentation bundle configured (models.segmentation_bundle = none): tumour not segmented")
     return TumourSegmentation(
         mask=np.zeros(lung.shape, dtype=bool),
         method=NO_MODEL,
         version="-",
         demo=False,
-        notes=["no tumour model configured (models.segmentation_bundle): tumour not segmented"],
+        notes=["no tumour model configured (models.segmentation_bundle = none): tumour not segmented"],
     )

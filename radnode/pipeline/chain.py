@@ -40,7 +40,7 @@ from radnode.dicom_io.seg_writer import build_seg
 from radnode.dicom_io.series import CTSeries, SeriesRejected, load_series
 from radnode.dicom_io.sr_writer import build_sr
 from radnode.models.lungmask import LungMaskResult, segment_lungs
-from radnode.models.mutation import MutationResult, flat_features, predict_endpoints
+from radnode.models.mutation import MutationResult, deep_feature_columns, flat_features, predict_endpoints
 from radnode.models.radiomics import RadiomicsResult, extract_regions
 from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
 from radnode.pipeline.version import PIPELINE_VERSION
@@ -233,14 +233,23 @@ def radiomics_for_sr(radiomics: RadiomicsResult | None, written: list[Region]) -
     return out
 
 
-def predict_mutations(radiomics: RadiomicsResult | None, settings: Settings) -> MutationResult:
-    """Stage 8 (phase 2): configured classifier bundles on the case's radiomic features."""
+def predict_mutations(
+    radiomics: RadiomicsResult | None, settings: Settings, deep_features: list[float] | None = None
+) -> MutationResult:
+    """Stage 8 (phase 2): configured classifier bundles on the case's features.
+
+    The columns a bundle may use are the radiomic features (``<region>_<feature>``) and,
+    when the tumour network produced them, its deep features (``deep_000`` ... , method A).
+    """
     bundles = settings.models.classifier_bundles
     if not bundles:
         return MutationResult()
-    if radiomics is None:
-        return MutationResult(errors={e: "no radiomic features for this case" for e in bundles})
-    features = flat_features({name: r.features for name, r in radiomics.regions.items() if r.status == "done"})
+    if radiomics is None and not deep_features:
+        return MutationResult(errors={e: "no radiomic or deep features for this case" for e in bundles})
+    features = {} if radiomics is None else flat_features(
+        {name: r.features for name, r in radiomics.regions.items() if r.status == "done"}
+    )
+    features.update(deep_feature_columns(deep_features or []))
     return predict_endpoints(bundles, features)
 
 
@@ -395,7 +404,7 @@ def run_chain(
                 radiomics = compute_radiomics(series, regions, settings)
             result.radiomics = radiomics.to_dict() if radiomics is not None else {"error": outcome.error}
         with stages.stage("mutations", required=False) as outcome:
-            mutations = predict_mutations(radiomics, settings)
+            mutations = predict_mutations(radiomics, settings, tumour.deep_features)
         if outcome.error:
             mutations = MutationResult(errors={"*": outcome.error})
         result.mutations = mutations.to_dict()

@@ -32,6 +32,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
+from radnode.models.candidates import Box, DetectorParams, detect_candidates
 from radnode.models.preprocess import (
     PreprocessParams,
     PreprocessRecord,
@@ -100,12 +101,18 @@ class TrainingCase:
         Tumour mask, uint8 (0/1), same grid.
     record
         Preprocessing record (grid geometry).
+    negatives
+        Hard negatives: boxes of the candidate detector's proposals that do not touch the
+        tumour (vessel bundles, hilar nodes, chest-wall bumps). At inference the network
+        also sees such boxes (the detector's runners-up), so it must learn to answer
+        "no tumour here" for a box; see :func:`hard_negatives`.
     """
 
     case_id: str
     image: np.ndarray
     label: np.ndarray
     record: PreprocessRecord
+    negatives: tuple[Box, ...] = ()
 
     @property
     def spacing_zyx(self) -> tuple[float, float, float]:
@@ -238,16 +245,37 @@ def read_case(source: CaseSource) -> tuple[sitk.Image, np.ndarray]:
     return series.image, mask
 
 
+def hard_negatives(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    label: np.ndarray,
+    spacing_zyx: tuple[float, float, float],
+    detector: DetectorParams | None = None,
+    limit: int = 8,
+) -> tuple[Box, ...]:
+    """The detector's best ``limit`` proposals whose box holds no tumour voxel.
+
+    These are the boxes the network will be shown at inference when it is run on the
+    detector's runners-up (``InferenceSettings.max_candidates`` > 1); training on them
+    with an empty label teaches it to leave a vessel bundle alone even when a box says
+    "look here".
+    """
+    found = detect_candidates(hu, lung, spacing_zyx, detector)
+    return tuple(c.box for c in found if not label[c.box.slices].any())[:limit]
+
+
 def prepare_case(
     case_id: str,
     ct: sitk.Image,
     tumour: np.ndarray,
     params: PreprocessParams | None = None,
     lung: np.ndarray | None = None,
+    negatives: bool = False,
 ) -> TrainingCase:
     """Put one CT and its tumour mask on the network's grid (see the module docstring).
 
-    ``lung`` defaults to :func:`radnode.models.lungmask.segment_lungs` of the CT.
+    ``lung`` defaults to :func:`radnode.models.lungmask.segment_lungs` of the CT;
+    ``negatives`` also collects the case's :func:`hard_negatives`.
     """
     tumour = np.asarray(tumour) != 0
     if not tumour.any():
@@ -261,13 +289,15 @@ def prepare_case(
     label = labels_to_grid(tumour.astype(np.uint8), case.record)
     if not label.any():
         raise TrainingDataError(f"case {case_id}: the tumour vanished on the 1 x 1 x 1.5 mm grid (too small)")
-    return TrainingCase(case_id, case.image, label.astype(np.uint8), case.record)
+    boxes = hard_negatives(case.record.params.to_hu(case.image), case.lung, label, case.record.spacing_zyx) \
+        if negatives else ()
+    return TrainingCase(case_id, case.image, label.astype(np.uint8), case.record, boxes)
 
 
-def load_case(source: CaseSource, params: PreprocessParams | None = None) -> TrainingCase:
-    """Read and prepare one case."""
+def load_case(source: CaseSource, params: PreprocessParams | None = None, negatives: bool = False) -> TrainingCase:
+    """Read and prepare one case (with its hard negatives when ``negatives``)."""
     ct, tumour = read_case(source)
-    return prepare_case(source.case_id, ct, tumour, params)
+    return prepare_case(source.case_id, ct, tumour, params, negatives=negatives)
 
 
 @dataclass(frozen=True)

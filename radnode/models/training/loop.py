@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from radnode.models.training.transforms import (
     BBOX,
     IMAGE,
     LABEL,
+    negative_sample,
     sample_dict,
     training_transforms,
 )
@@ -60,6 +61,8 @@ from radnode.models.training.transforms import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "last.pt"
+#: Case ids of synthetic phantoms start with this (see ``TrainConfig.real_case_weight``).
+PHANTOM_PREFIX = "phantom"
 #: Channels of the ``small`` width: a quarter of the published ones (16x fewer weights).
 SMALL_CHANNELS = (16, 32, 64, 128)
 WIDTHS: dict[str, tuple[int, ...]] = {"faithful": FAITHFUL_CHANNELS, "small": SMALL_CHANNELS}
@@ -85,6 +88,14 @@ class TrainConfig:
         Training patch (z, y, x) on the 1 × 1 × 1.5 mm grid.
     pos_fraction
         Share of patches centred on a tumour voxel.
+    negative_fraction
+        Share of patches drawn around a hard-negative detector box
+        (:attr:`~radnode.models.training.data.TrainingCase.negatives`) with that box as the
+        a2t input; 0 keeps the plain positive/background sampling.
+    real_case_weight
+        Sampling weight of cases whose id does not start with ``phantom`` relative to
+        phantom cases (1: uniform). A handful of real CTs among many phantoms would
+        otherwise hardly ever be drawn.
     augment, augment_prob
         The method's augmentations and the probability of each.
     box_margin_mm, box_jitter_mm
@@ -109,6 +120,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     patch_size: tuple[int, int, int] = (32, 96, 96)
     pos_fraction: float = 0.67
+    negative_fraction: float = 0.0
+    real_case_weight: float = 1.0
     augment: bool = True
     augment_prob: float = 0.5
     box_margin_mm: float = 5.0
@@ -133,6 +146,10 @@ class TrainConfig:
             raise TrainingError(f"patch_size: three positive voxel counts (z, y, x), got {self.patch_size}")
         if self.learning_rate <= 0:
             raise TrainingError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.negative_fraction < 1.0:
+            raise TrainingError(f"negative_fraction: must be in [0, 1), got {self.negative_fraction}")
+        if self.real_case_weight <= 0:
+            raise TrainingError(f"real_case_weight: must be > 0, got {self.real_case_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready mapping."""
@@ -200,11 +217,16 @@ def make_batch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batch of ``step``: (image, bbox, label) tensors (B, 1, D, H, W), drawn from ``(seed, step)``."""
     rng = _step_rng(config.seed, step)
+    weights = np.array([1.0 if c.case_id.startswith(PHANTOM_PREFIX) else config.real_case_weight for c in cases])
     images, boxes, labels = [], [], []
     for _ in range(config.batch_size):
-        case = cases[int(rng.integers(len(cases)))]
-        transforms.set_random_state(seed=int(rng.integers(2**31 - 1)))
-        sample = transforms(sample_dict(case.image, case.label))[0]
+        case = cases[int(rng.choice(len(cases), p=weights / weights.sum()))]
+        if case.negatives and rng.random() < config.negative_fraction:
+            box = case.negatives[int(rng.integers(len(case.negatives)))]
+            sample = negative_sample(case.image, case.label, box, config.patch_size, rng)
+        else:
+            transforms.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            sample = transforms(sample_dict(case.image, case.label))[0]
         images.append(torch.as_tensor(sample[IMAGE]).as_subclass(torch.Tensor).float())
         boxes.append(torch.as_tensor(sample[BBOX]).as_subclass(torch.Tensor).float())
         labels.append(torch.as_tensor(sample[LABEL]).as_subclass(torch.Tensor).round().long())
@@ -266,6 +288,7 @@ def train_model(
     resume: bool = False,
     progress: bool = False,
     name: str = "all",
+    initial_state: Mapping[str, torch.Tensor] | None = None,
 ) -> FoldResult:
     """Train one network on ``train_cases`` and validate it on ``val_cases``.
 
@@ -283,6 +306,9 @@ def train_model(
         Show a rich progress bar.
     name
         Label for logs and the progress bar.
+    initial_state
+        Weights to start from (fine-tuning a pre-trained network) instead of the seeded
+        random initialisation; a resumed checkpoint takes precedence.
     """
     if not train_cases:
         raise TrainingError(f"{name}: no training cases")
@@ -296,7 +322,10 @@ def train_model(
         augment_prob=config.augment_prob, margin_mm=config.box_margin_mm, jitter_mm=config.box_jitter_mm,
     )
     torch.manual_seed(config.seed)
-    model = RASeg(arch).to(device)
+    model = RASeg(arch)
+    if initial_state is not None:
+        model.load_state_dict(initial_state)
+    model = model.to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     step, losses, val_history = 0, [], []
@@ -399,6 +428,7 @@ def train_and_bundle(
     version: str = "0.1.0",
     preprocessing: PreprocessParams | None = None,
     overwrite: bool = False,
+    initial_state: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainingReport:
     """Cross-validate, train the model to ship and write it as a bundle.
 
@@ -409,7 +439,8 @@ def train_and_bundle(
       the bundle; its expected performance is the cross-validation figure.
 
     Checkpoints go to ``workdir/<fold-k|all>/`` (default ``<out>.work``); ``resume``
-    continues each from its last checkpoint.
+    continues each from its last checkpoint. ``initial_state`` fine-tunes every model from
+    those weights (e.g. the bundled demo model's) instead of a random start.
     """
     out = Path(out)
     workdir = Path(workdir) if workdir is not None else out.with_name(out.name + ".work")
@@ -423,13 +454,13 @@ def train_and_bundle(
         run_name = f"fold-{split.index}"
         results.append(train_model(
             [by_id[i] for i in split.train], [by_id[i] for i in split.validation], arch, config,
-            workdir / run_name, resume=resume, progress=progress, name=run_name,
+            workdir / run_name, resume=resume, progress=progress, name=run_name, initial_state=initial_state,
         ))
     if fold is not None and results:
         final = results[0]
     else:
         final = train_model(list(by_id.values()), [], arch, config, workdir / "all",
-                            resume=resume, progress=progress, name="all")
+                            resume=resume, progress=progress, name="all", initial_state=initial_state)
     per_case = {k: v for r in results for k, v in r.validation.items()}
     metrics: dict[str, Any] = {
         "folds": folds,

@@ -46,7 +46,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from radnode.models.candidates import box_from_mask, mm_to_voxels
+from radnode.models.candidates import Box, box_from_mask, mm_to_voxels
 
 IMAGE, LABEL, BBOX = "image", "label", "bbox"
 #: Rotation and shear limits of the method (degrees).
@@ -162,3 +162,35 @@ def training_transforms(
 def sample_dict(image: np.ndarray, label: np.ndarray) -> dict[str, np.ndarray]:
     """A (z, y, x) image and label as the channel-first dict the transforms take."""
     return {IMAGE: np.asarray(image, dtype=np.float32)[None], LABEL: np.asarray(label, dtype=np.float32)[None]}
+
+
+def negative_sample(
+    image: np.ndarray,
+    label: np.ndarray,
+    box: Box,
+    patch_size: Sequence[int],
+    rng: np.random.Generator,
+) -> dict[str, torch.Tensor]:
+    """A hard-negative sample: a patch around a detector box that holds no tumour.
+
+    The box channel marks ``box`` (the detector's proposal, as at inference) and the label
+    is the reference inside the patch (normally all background), so the network learns
+    that a box is a hint, not an order. The patch centre is shifted by up to a quarter
+    of the patch so that the box is not always in the middle; random flips along each
+    axis as in the positive chain. (z, y, x) arrays in, channel-first tensors out.
+    """
+    patch = np.asarray([int(p) for p in patch_size])
+    shape = np.asarray(image.shape)
+    padded_shape = np.maximum(shape, patch)
+    pad = [(0, int(p - s)) for p, s in zip(padded_shape, shape)]
+    img = np.pad(np.asarray(image, dtype=np.float32), pad, mode="edge")
+    lab = np.pad(np.asarray(label, dtype=np.float32), pad)
+    box_mask = np.pad(box.mask(image.shape).astype(np.float32), pad)
+    centre = (np.asarray(box.start) + np.asarray(box.stop)) / 2 + rng.uniform(-0.25, 0.25, 3) * patch
+    start = np.clip(np.round(centre - patch / 2).astype(int), 0, padded_shape - patch)
+    window = tuple(slice(int(a), int(a + p)) for a, p in zip(start, patch))
+    arrays = [img[window], lab[window], box_mask[window]]
+    for axis in range(3):
+        if rng.random() < 0.5:
+            arrays = [np.flip(a, axis) for a in arrays]
+    return {key: torch.from_numpy(np.ascontiguousarray(a)[None]) for key, a in zip((IMAGE, LABEL, BBOX), arrays)}
