@@ -8,6 +8,7 @@ import subprocess
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -16,6 +17,7 @@ from node_support import (
     IBSI_SLICES,
     copy_series,
     dataset_bytes,
+    dcmtk_env,
     echoscu,
     node_settings,
     running_node,
@@ -23,7 +25,8 @@ from node_support import (
     wait_until,
 )
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage  # type: ignore[attr-defined]
 
 from radnode.node import status
@@ -370,3 +373,85 @@ def test_tls_with_client_certificates(ibsi: list[Path], tmp_path: Path) -> None:
     assert len(_incoming_files(data)) == 1
     (accepted,) = [e for e in _audit(data) if e["event"] == "association-accepted"]
     assert accepted["tls"] is True
+
+
+def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fast path with small PDUs (the header spans PDVs), a peer whose maximum PDU is too
+    small for our one-PDU response (it must be fragmented), and pynetdicom's own path."""
+    from radnode.node import scp
+
+    files = ibsi[10:14]
+    expected = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(f) for f in files}
+
+    def check(data: Path) -> None:
+        stored = _incoming_files(data)
+        assert sorted(p.name.removesuffix(".dcm") for p in stored) == sorted(expected)
+        for path in stored:
+            assert dataset_bytes(path) == expected[path.name.removesuffix(".dcm")]
+        index = NodeIndex(data / "radnode.sqlite")
+        assert {r.sop_instance_uid for r in index.series_instances(next(iter(_series_of(files))))} == set(expected)
+        index.close()
+
+    with running_node(node_settings(tmp_path / "small-pdu")) as node:
+        sent = storescu(node.port, *files, extra=("--max-send-pdu", "4096"))
+        assert (sent.stdout + sent.stderr).count(SUCCESS_LINE) == len(files), sent.stdout + sent.stderr
+    check(tmp_path / "small-pdu")
+
+    with running_node(node_settings(tmp_path / "tiny-peer")) as node:
+        ae = AE(ae_title="TINYSCU")
+        ae.add_requested_context(CTImageStorage, pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        lengths: list[int] = []
+
+        def on_pdu(event: Any) -> None:
+            if isinstance(event.pdu, P_DATA_TF):
+                lengths.append(event.pdu.pdu_length)
+
+        assoc = ae.associate(  # a maximum PDU below the length of our C-STORE-RSP command set
+            "127.0.0.1", node.port, ae_title="RADNODE", max_pdu=64, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)]
+        )
+        assert assoc.is_established
+        codes = [int(assoc.send_c_store(pydicom.dcmread(f)).Status) for f in files]
+        assoc.release()
+        assert codes == [status.SUCCESS] * len(files)
+        assert len(lengths) > len(files) and max(lengths) <= 64  # each response in several PDUs
+    check(tmp_path / "tiny-peer")
+
+    monkeypatch.setattr(scp, "FAST_RECEIVE_PATH", False)
+    with running_node(node_settings(tmp_path / "pynetdicom")) as node:
+        sent = storescu(node.port, *files)
+        assert (sent.stdout + sent.stderr).count(SUCCESS_LINE) == len(files), sent.stdout + sent.stderr
+    check(tmp_path / "pynetdicom")
+
+
+def _series_of(files: list[Path]) -> set[str]:
+    return {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files}
+
+
+def test_sender_killed_mid_transfer_leaves_nothing_behind(ibsi: list[Path], tmp_path: Path) -> None:
+    """The data set is written to tmp/ while it arrives; a transfer cut short must not
+    leave that file (or anything in incoming/) behind, and the node keeps serving."""
+    big = pydicom.dcmread(ibsi[0])
+    big.Rows, big.Columns = 4096, 4096  # 32 MB: long enough to be caught mid-transfer
+    big.PixelData = np.zeros((4096, 4096), np.uint16).tobytes()
+    big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "big.dcm"
+    big.save_as(path)
+    data = tmp_path / "data"
+    with running_node(node_settings(data)) as node:
+        sender = subprocess.Popen(
+            ["storescu", "--max-send-pdu", "4096", "-aec", "RADNODE", "127.0.0.1", str(node.port), str(path)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            staged = wait_until(lambda: any((data / "tmp").iterdir()), timeout=30, interval=0.001)
+            sender.kill()
+        finally:
+            sender.wait(10)
+        assert staged, "the transfer never started"
+        assert wait_until(lambda: not any((data / "tmp").iterdir()), timeout=10)
+        assert _incoming_files(data) == []
+        sent = storescu(node.port, ibsi[1])
+        assert SUCCESS_LINE in sent.stdout + sent.stderr
+    assert len(_incoming_files(data)) == 1

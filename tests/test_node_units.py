@@ -21,7 +21,12 @@ from radnode.node.header import HeaderError, parse_header
 from radnode.node.index import InstanceRecord, NodeIndex, SeriesState
 from radnode.node.routing import SeriesFacts, evaluate, format_decision
 from radnode.node.status import RejectReason, RejectResult, RejectSource
-from radnode.node.storage import InstanceStore, InvalidUIDError, encode_file_meta, validate_uid
+from radnode.node.storage import (
+    InstanceStore,
+    InvalidUIDError,
+    encode_file_meta,
+    validate_uid,
+)
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -427,3 +432,190 @@ def test_fast_path_swaps_only_the_classes_it_knows() -> None:
         assert tune_association(assoc) is True
         assert type(assoc.dul) is SelectingDUL and type(assoc.dul.socket) is RecvIntoSocket
         assert tune_association(assoc) is False  # already tuned: left alone
+
+
+def test_fast_path_answers_c_store_itself_only_when_given_a_handler() -> None:
+    import socket
+
+    from pynetdicom import AE
+    from pynetdicom.association import Association
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.transport import AssociationSocket
+
+    from radnode.node.fastpath import StoreDIMSE, tune_association
+
+    with socket.socket() as raw:
+        plain = Association(AE(), "acceptor")
+        plain.set_socket(AssociationSocket(plain, client_socket=raw))
+        assert tune_association(plain) is True
+        assert type(plain.dimse) is DIMSEServiceProvider
+        handled = Association(AE(), "acceptor")
+        handled.set_socket(AssociationSocket(handled, client_socket=raw))
+        assert tune_association(handled, lambda assoc, command, fragments: (0, None)) is True
+        assert type(handled.dimse) is StoreDIMSE
+
+
+@pytest.mark.parametrize(
+    ("version", "supported"), [("3.0.4", True), ("3.1.0", True), ("4.0.0", False), ("2.1.1", False), ("dev", False)]
+)
+def test_fast_path_is_limited_to_pynetdicom_3(version: str, supported: bool) -> None:
+    import pynetdicom
+
+    from radnode.node.fastpath import pynetdicom_supported
+
+    assert pynetdicom_supported(version) is supported
+    assert pynetdicom_supported(pynetdicom.__version__)  # the pinned release in the venv
+
+
+@pytest.mark.parametrize(("status_code", "comment"), [(0x0000, None), (0xA700, "Out of resources: free disk"), (0xC000, "odd")])
+def test_c_store_response_is_encoded_as_pynetdicom_encodes_it(status_code: int, comment: str | None) -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from radnode.node.fastpath import encode_c_store_rsp
+
+    sop_class, sop_instance = CT_IMAGE_STORAGE, "1.2.826.0.1.3680043.8.498.1234567"  # odd length: padded
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = 7
+    response.AffectedSOPClassUID = sop_class
+    response.AffectedSOPInstanceUID = sop_instance
+    response.Status = status_code
+    if comment:
+        response.ErrorComment = comment
+    message = C_STORE_RSP()
+    message.primitive_to_message(response)
+    (pdata,) = list(message.encode_msg(1, 0))
+    ((context_id, fragment),) = pdata.presentation_data_value_list
+    assert context_id == 1 and fragment[0] == 0x03  # one fragment: command, last
+    assert encode_c_store_rsp(sop_class, sop_instance, 7, status_code, comment) == bytes(fragment[1:])
+
+
+def test_header_of_a_fragmented_data_set_equals_the_whole(shared_data: Path) -> None:
+    from radnode.node.header import parse_header_fragments
+
+    source = sorted((shared_data / IBSI_SLICES).glob("*.dcm"))[5]
+    transfer_syntax = pydicom.dcmread(source, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    body = dataset_bytes(source)
+    whole = parse_header(body, transfer_syntax)
+    assert whole.series_instance_uid is not None
+    for size in (64, 1000, 16_378, len(body) // 2 + 1):  # the header spans pieces, then not
+        pieces = [memoryview(body)[i : i + size] for i in range(0, len(body), size)]
+        assert parse_header_fragments(pieces, transfer_syntax) == whole
+
+
+def test_many_small_fragments_are_written_exactly(tmp_path: Path) -> None:
+    import os
+
+    store = InstanceStore(tmp_path / "data", min_free_gb=0)
+    rng = np.random.default_rng(3)
+    count = os.sysconf("SC_IOV_MAX") + 500  # more pieces than one writev takes
+    pieces = [rng.integers(0, 256, 37, dtype=np.uint8).tobytes() for _ in range(count)]
+    final = store.instance_path("1.2", "1.3", "1.4")
+    stored = store.write_instance(final, pieces)
+    assert final.read_bytes() == b"".join(pieces) and stored.size == 37 * count
+
+
+def test_files_without_index_rows_are_indexed_at_start_up(shared_data: Path, tmp_path: Path) -> None:
+    """storage.index_sync = normal: rows a power loss rolls back come back from the files."""
+    from node_support import node_settings
+
+    from radnode.node.scp import INDEX_FILE, StorageNode
+
+    sources = sorted((shared_data / IBSI_SLICES).glob("*.dcm"))[:3]
+    data = tmp_path / "data"
+    settings = node_settings(data)
+    assert settings.storage.index_sync == "normal"
+    node = StorageNode(settings)
+    written = []
+    for source in sources:  # durable files whose index commits were "lost"
+        ds = pydicom.dcmread(source, stop_before_pixels=True)
+        meta = encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ds.file_meta.TransferSyntaxUID, "SCANNER1")
+        final = node.store.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        node.store.write_instance(final, [meta, dataset_bytes(source)])
+        written.append((ds, final))
+    series_uid = written[0][0].SeriesInstanceUID
+    assert node.index.series_instances(series_uid) == []
+    node.start()
+    node.stop(grace_seconds=1)
+
+    index = NodeIndex(data / INDEX_FILE)
+    rows = {r.sop_instance_uid: r for r in index.series_instances(series_uid)}
+    series = index.series(series_uid)
+    index.close()
+    assert set(rows) == {ds.SOPInstanceUID for ds, _ in written}
+    for ds, final in written:
+        assert rows[ds.SOPInstanceUID].path == final.relative_to(data).as_posix()
+        assert rows[ds.SOPInstanceUID].calling_ae == "SCANNER1"
+        assert rows[ds.SOPInstanceUID].size == final.stat().st_size
+    assert series is not None and series.instance_count == 3
+    recovered = [r for r in read_audit(data / "audit" / "audit.jsonl") if r["event"] == "instance-recovered"]
+    assert len(recovered) == 3
+
+
+def test_index_sync_setting_is_checked(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="index_sync"):
+        NodeIndex(tmp_path / "x.sqlite", "fast")  # type: ignore[arg-type]
+
+
+def test_c_store_request_command_is_read_as_pynetdicom_encodes_it() -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_ECHO, C_STORE
+
+    from radnode.node.fastpath import parse_c_store_rq
+
+    request = C_STORE()
+    request.MessageID = 513
+    request.AffectedSOPClassUID = CT_IMAGE_STORAGE
+    request.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1234567"
+    request.Priority = 2
+    request.MoveOriginatorApplicationEntityTitle = "MOVER"
+    request.MoveOriginatorMessageID = 9
+    request.DataSet = BytesIO(b"\x08\x00\x16\x00\x00\x00\x00\x00")
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    pdvs = [pdv for pdata in message.encode_msg(1, 0) for pdv in pdata.presentation_data_value_list]
+    command = b"".join(bytes(data[1:]) for _, data in pdvs if data[0] & 1)  # command fragments
+    # pynetdicom writes 0x0001 for "a data set follows" (anything but 0x0101, PS3.7 E.1).
+    assert parse_c_store_rq(command) == (513, 0x0001, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID)
+    assert parse_c_store_rq(command[:-3]) is None  # truncated
+
+    echo = C_ECHO()
+    echo.MessageID = 1
+    echo.AffectedSOPClassUID = "1.2.840.10008.1.1"
+    echo_message = C_ECHO_RQ()
+    echo_message.primitive_to_message(echo)
+    pdvs = [pdv for pdata in echo_message.encode_msg(1, 0) for pdv in pdata.presentation_data_value_list]
+    assert parse_c_store_rq(b"".join(bytes(data[1:]) for _, data in pdvs)) is None
+
+
+@pytest.mark.parametrize("staged_ae", ["SCANNER1", "OTHER"])
+def test_staged_file_is_committed_only_when_it_holds_exactly_the_instance(
+    shared_data: Path, tmp_path: Path, staged_ae: str
+) -> None:
+    from radnode.node.ingest import Ingestor, StoreRequest
+
+    source = sorted((shared_data / IBSI_SLICES).glob("*.dcm"))[7]
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    transfer_syntax = ds.file_meta.TransferSyntaxUID
+    body = dataset_bytes(source)
+    pieces = tuple(memoryview(body)[i : i + 30_000] for i in range(0, len(body), 30_000))
+    store = InstanceStore(tmp_path / "data", min_free_gb=0)
+    index = NodeIndex(tmp_path / "data" / "index.sqlite", "normal")
+    ingestor = Ingestor(store, index, AuditLog(tmp_path / "data" / "audit.jsonl"))
+    staged = store.temporary(prefix=encode_file_meta(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax, staged_ae))
+    for piece in pieces:
+        staged.append_quietly(piece)
+    staged_inode = staged.path.stat().st_ino
+
+    request = StoreRequest(ds.SOPClassUID, ds.SOPInstanceUID, transfer_syntax, "SCANNER1", "127.0.0.1", pieces)
+    outcome = ingestor.ingest(request, staged)
+    index.close()
+
+    assert outcome.outcome == "stored" and outcome.path is not None
+    assert dataset_bytes(outcome.path) == body
+    assert pydicom.dcmread(outcome.path).file_meta.SourceApplicationEntityTitle.strip() == "SCANNER1"
+    assert not staged.is_open and list(store.tmp_dir.iterdir()) == []
+    # The staged file became the instance only when its File Meta was the right one.
+    assert (outcome.path.stat().st_ino == staged_inode) is (staged_ae == "SCANNER1")

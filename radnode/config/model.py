@@ -29,6 +29,7 @@ AE_TITLE_PATTERN = r"^[\x20-\x5b\x5d-\x7e]{1,16}$"
 UID_ROOT_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 
+
 #: The shipped DEMO EGFR classifier bundle (package data; see
 #: radnode.models.classifiers.demo_training). Resolved from this file so that config does
 #: not import the models.
@@ -140,6 +141,12 @@ class StorageSettings(_Section):
         default=30,
         ge=0,
         description="Days to keep processed input series; 0 keeps them forever.",
+    )
+    index_sync: Literal["normal", "full"] = Field(
+        default="normal",
+        description="How the node's SQLite index commits each instance row: 'normal' does "
+        "not fsync the WAL (files stay fsync'ed before Success, and rows a power loss "
+        "rolls back are re-indexed from the files at start-up); 'full' fsyncs every commit.",
     )
 
 

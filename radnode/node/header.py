@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -408,3 +409,24 @@ def parse_header(data: bytes | memoryview, transfer_syntax: str) -> InstanceHead
         raise HeaderError(f"not a valid data set in transfer syntax {transfer_syntax}: {last_error}")
     finally:
         view.release()
+
+
+def parse_header_fragments(fragments: Sequence[bytes | memoryview], transfer_syntax: str) -> InstanceHeader:
+    """:func:`parse_header` for a data set that arrived in several pieces.
+
+    The header of an image is nearly always inside the first P-DATA fragment, so the
+    scanner tries that alone and the pieces are joined (one copy) only when it ends
+    before (0020,1209), cannot be scanned, or the data set is deflated.
+    """
+    if len(fragments) == 1:
+        return parse_header(fragments[0], transfer_syntax)
+    if fragments and transfer_syntax not in DEFLATED_TRANSFER_SYNTAXES:
+        implicit = transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN
+        little = transfer_syntax != EXPLICIT_VR_BIG_ENDIAN
+        try:
+            header, reached = _scan_header(memoryview(fragments[0]), implicit, little)
+        except (_ScanError, struct.error, LookupError):
+            reached = False
+        if reached:
+            return header
+    return parse_header(b"".join(fragments), transfer_syntax)

@@ -1,9 +1,21 @@
 """The SQLite index of received instances and of series state (all SQL of the node lives here).
 
-WAL mode with ``synchronous=FULL``: a commit returns only after the WAL is fsync'ed, so an
-index row the C-STORE handler committed survives ``kill -9`` and power loss alike, and
-readers (the CLI, the pipeline) never block the writer. One connection is shared by the
-association threads behind a lock; SQLite serialises writers anyway.
+WAL mode, so readers (the CLI, the pipeline) never block the writer. Series state
+changes (completion, processed) commit with ``synchronous=FULL``: the commit returns only
+after the WAL is fsync'ed. Instance rows commit with ``storage.index_sync``:
+
+* ``normal`` (default): the commit reaches the WAL in the OS page cache but is not
+  fsync'ed, which saves a device flush per instance. It survives ``kill -9`` (the OS
+  still has it); after a power loss or kernel crash the last rows may roll back. That
+  is safe because the files are the truth: each instance file is fsync'ed, renamed and
+  its directory fsync'ed before Success, and at start-up
+  :meth:`radnode.node.ingest.Ingestor.recover_orphans` indexes every file under
+  ``incoming/`` that has no row. A later FULL commit (or a checkpoint) makes every
+  earlier NORMAL commit durable too, so only a suffix can ever be lost.
+* ``full``: every instance commit is fsync'ed as well (one more flush per instance).
+
+One connection is shared by the association threads behind a lock; SQLite serialises
+writers anyway.
 
 Series state machine (DICOM has no notion of a complete series, so this is ours)::
 
@@ -25,6 +37,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 SCHEMA_VERSION = 1
+
+#: ``storage.index_sync`` values and the SQLite ``synchronous`` level each means.
+INDEX_SYNC_LEVELS = {"normal": "NORMAL", "full": "FULL"}
+#: Level of every commit that is not an instance row (series state changes).
+_DURABLE_LEVEL = "FULL"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -158,15 +175,22 @@ class NodeIndex:
     ----------
     path
         Database file; created with its schema if missing.
+    index_sync
+        ``storage.index_sync``: how instance rows commit (see the module docstring);
+        ``full`` unless the caller reconciles files at start-up, as the node does.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, index_sync: Literal["normal", "full"] = "full") -> None:
+        if index_sync not in INDEX_SYNC_LEVELS:
+            raise ValueError(f"index_sync {index_sync!r} is not one of {sorted(INDEX_SYNC_LEVELS)}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._instance_level = INDEX_SYNC_LEVELS[index_sync]
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._level = _DURABLE_LEVEL
+        self._db.execute(f"PRAGMA synchronous={self._level}")
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(_SCHEMA)
         self._db.execute(
@@ -179,8 +203,11 @@ class NodeIndex:
             self._db.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+    def _transaction(self, level: str = _DURABLE_LEVEL) -> Iterator[sqlite3.Cursor]:
         with self._lock:
+            if level != self._level:  # only outside a transaction (PRAGMA synchronous)
+                self._db.execute(f"PRAGMA synchronous={level}")
+                self._level = level
             cur = self._db.cursor()
             cur.execute("BEGIN IMMEDIATE")
             try:
@@ -242,7 +269,7 @@ class NodeIndex:
         ``on_update`` is ``ignore``.
         """
         now = record.received_at
-        with self._transaction() as cur:
+        with self._transaction(self._instance_level) as cur:
             known = cur.execute(
                 "SELECT 1 FROM instances WHERE sop_instance_uid = ? LIMIT 1", (record.sop_instance_uid,)
             ).fetchone()

@@ -24,9 +24,15 @@ from pydicom.errors import InvalidDicomError
 
 from radnode.node import status
 from radnode.node.audit import AuditLog
-from radnode.node.header import HeaderError, InstanceHeader, parse_header
+from radnode.node.header import HeaderError, InstanceHeader, parse_header_fragments
 from radnode.node.index import InstanceRecord, NodeIndex, SeriesChange
-from radnode.node.storage import InstanceStore, InvalidUIDError, encode_file_meta, validate_uid
+from radnode.node.storage import (
+    InstanceStore,
+    InvalidUIDError,
+    TemporaryFile,
+    encode_file_meta,
+    validate_uid,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -42,14 +48,23 @@ Outcome = Literal["stored", "duplicate", "new-version", "rejected"]
 
 @dataclass(frozen=True)
 class StoreRequest:
-    """What the peer sent: the C-STORE command's UIDs and the encoded data set."""
+    """What the peer sent: the C-STORE command's UIDs and the encoded data set.
+
+    ``dataset`` holds the data set bytes in the pieces they arrived in (the PDV values of
+    its P-DATA-TF PDUs, PS3.8 Annex E), so that they are written without being joined.
+    """
 
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
     calling_ae: str
     peer_address: str
-    dataset: bytes | memoryview
+    dataset: tuple[bytes | memoryview, ...]
+
+    @property
+    def size(self) -> int:
+        """Length of the encoded data set in bytes."""
+        return sum(len(part) for part in self.dataset)
 
 
 @dataclass(frozen=True)
@@ -107,8 +122,21 @@ class Ingestor:
         self.on_expected_reached = on_expected_reached
         self._locks = [threading.Lock() for _ in range(_LOCK_STRIPES)]
 
-    def ingest(self, request: StoreRequest) -> StoreOutcome:
-        """Validate, store and index one instance; never raises for bad input."""
+    def ingest(self, request: StoreRequest, staged: TemporaryFile | None = None) -> StoreOutcome:
+        """Validate, store and index one instance; never raises for bad input.
+
+        ``staged``, if given, is a temporary file the listener already filled while the
+        data arrived (File Meta of the command's UIDs, then the data set). It is committed
+        instead of writing the bytes again only when it holds exactly the File Meta this
+        method builds followed by the whole data set; in every other case it is discarded.
+        """
+        try:
+            return self._ingest(request, staged)
+        finally:
+            if staged is not None:
+                staged.discard()  # a no-op once committed
+
+    def _ingest(self, request: StoreRequest, staged: TemporaryFile | None) -> StoreOutcome:
         if not self.store.has_room():
             return self._reject(
                 request,
@@ -122,7 +150,7 @@ class Ingestor:
             )
         try:
             header = self._check(request)
-            return self._store(request, header)
+            return self._store(request, header, staged)
         except _Rejection as rejection:
             return self._reject(request, rejection, quarantine=True)
         except (OSError, sqlite3.Error) as exc:
@@ -142,7 +170,7 @@ class Ingestor:
         except InvalidUIDError as exc:
             raise _Rejection(status.INVALID_UID, "invalid-uid", f"Invalid UID in {exc.attribute}", str(exc)) from None
         try:
-            header = parse_header(request.dataset, request.transfer_syntax_uid)
+            header = parse_header_fragments(request.dataset, request.transfer_syntax_uid)
         except HeaderError as exc:
             raise _Rejection(status.CANNOT_UNDERSTAND, "undecodable", "Data set cannot be decoded", str(exc)) from None
         if header.has_file_meta_elements:
@@ -186,7 +214,7 @@ class Ingestor:
 
     # --- store ----------------------------------------------------------------------------
 
-    def _store(self, request: StoreRequest, header: InstanceHeader) -> StoreOutcome:
+    def _store(self, request: StoreRequest, header: InstanceHeader, staged: TemporaryFile | None) -> StoreOutcome:
         sop_uid = header.sop_instance_uid
         study_uid = header.study_instance_uid
         series_uid = header.series_instance_uid
@@ -224,7 +252,16 @@ class Ingestor:
                     version,
                 )
             final = self.store.instance_path(study_uid, series_uid, sop_uid, version)
-            stored = self.store.write_instance(final, [meta, request.dataset])
+            if (
+                staged is not None
+                and staged.is_open
+                and not staged.failed
+                and staged.prefix == meta
+                and staged.size == len(meta) + request.size
+            ):
+                stored = staged.commit(final)
+            else:
+                stored = self.store.write_instance(final, [meta, *request.dataset])
             record = InstanceRecord(
                 sop_instance_uid=sop_uid,
                 version=version,
@@ -279,14 +316,21 @@ class Ingestor:
             change=change,
         )
 
-    def _same_bytes(self, existing: InstanceRecord, dataset: bytes | memoryview) -> bool:
+    def _same_bytes(self, existing: InstanceRecord, dataset: tuple[bytes | memoryview, ...]) -> bool:
         path = self.store.data_dir / existing.path
         try:
             on_disk = self.store.read_dataset_bytes(path)
         except (OSError, ValueError):
             LOGGER.warning("indexed file %s is unreadable; treating the re-send as new", path)
             return False
-        return len(on_disk) == len(dataset) and on_disk == dataset
+        if len(on_disk) != sum(len(part) for part in dataset):
+            return False
+        view, offset = memoryview(on_disk), 0
+        for part in dataset:
+            if view[offset : offset + len(part)] != part:
+                return False
+            offset += len(part)
+        return True
 
     # --- crash recovery -------------------------------------------------------------------
 
@@ -360,7 +404,7 @@ class Ingestor:
 
     def _reject(self, request: StoreRequest, rejection: _Rejection, quarantine: bool) -> StoreOutcome:
         quarantined: Path | None = None
-        if quarantine and len(request.dataset):
+        if quarantine and request.size:
             meta = encode_file_meta(
                 _printable(request.sop_class_uid),
                 _printable(request.sop_instance_uid),
@@ -369,7 +413,7 @@ class Ingestor:
             )
             try:
                 quarantined = self.store.quarantine(
-                    [meta, request.dataset],
+                    [meta, *request.dataset],
                     {
                         "reason": rejection.reason,
                         "status": f"0x{rejection.code:04X}",
@@ -404,7 +448,7 @@ class Ingestor:
             reason=rejection.reason,
             error_comment=rejection.comment,
             quarantine_file=quarantined.name if quarantined else None,
-            size=len(request.dataset),
+            size=request.size,
         )
         return StoreOutcome(
             rejection.code,

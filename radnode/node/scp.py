@@ -7,18 +7,26 @@ is deliberately short: it hands the encoded data set (never decoded) to
 
 Receive-path choices (see ``benchmarks/ingest.py`` for the figures):
 
-* the data set stays encoded in memory as pynetdicom assembled it and is written straight
-  through behind a hand-encoded File Meta (no pydicom decode or re-encode); only the few
-  header attributes needed are scanned (:mod:`radnode.node.header`);
+* the data set is never decoded: as each of its PDUs arrives it is appended to the
+  instance's temporary file behind a hand-encoded File Meta (:meth:`StorageNode._stage`),
+  so when the last PDU is in only the fsync, rename and index commit are left; only the
+  few header attributes needed are scanned (:mod:`radnode.node.header`). Whenever the
+  staged file is not exactly File Meta + data set, the bytes kept in memory are written
+  instead;
 * ``node.max_pdu`` defaults to 0 (unlimited), so senders use their largest PDUs;
 * pynetdicom's per-PDU and per-DIMSE logging handlers are unbound: they format every PDU
   (and copy every data set once) even when nothing is logged;
-* each association's DUL waits in ``select()`` instead of polling with 1 ms sleeps, and
-  reads PDUs with ``recv_into`` (:mod:`radnode.node.fastpath`);
-* the ingest of a C-STORE starts on a worker thread as soon as its last PDU is decoded
-  (``evt.EVT_DIMSE_RECV``), overlapping the write and fsync with the time pynetdicom's
-  association thread takes to pick the request up; the C-STORE handler waits for it;
-* associations run in parallel, one thread each, up to ``node.max_associations``.
+* each association's DUL waits in ``select()`` instead of polling with 1 ms sleeps, reads
+  PDUs with ``recv_into`` and keeps the data set fragments as views of the received PDUs;
+  a C-STORE is validated, written, indexed and answered on that DUL thread as soon as its
+  last PDU arrives, without the two hand-overs to and from pynetdicom's association
+  thread (:mod:`radnode.node.fastpath`). ``evt.EVT_C_STORE`` (:meth:`StorageNode._on_c_store`)
+  serves any C-STORE the fast path leaves to pynetdicom;
+* the index row is committed with ``storage.index_sync`` (default ``normal``: the WAL is not
+  fsync'ed; a row a power loss rolls back is re-created from its file at start-up, see
+  :mod:`radnode.node.index`), so two device flushes per instance remain (file, folder);
+* associations run in parallel, each on its own threads, up to ``node.max_associations``;
+  nothing on the path holds a node-wide lock except the short index commit.
 
 This module never imports torch or MONAI: the listener must start in a second and stay up
 whatever the models do.
@@ -29,15 +37,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from io import BytesIO
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydicom.dataset import Dataset
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, build_context, evt
-from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    _config,
+    build_context,
+    evt,
+)
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -46,12 +59,28 @@ from radnode.config.model import Settings
 from radnode.node import status
 from radnode.node.access import AccessPolicy
 from radnode.node.audit import AuditLog
-from radnode.node.completion import CompletionSubscriber, CompletionTimer, SeriesCompleted, SeriesCompletion
-from radnode.node.fastpath import tune_association
+from radnode.node.completion import (
+    CompletionSubscriber,
+    CompletionTimer,
+    SeriesCompleted,
+    SeriesCompletion,
+)
+from radnode.node.fastpath import (
+    FragmentSink,
+    StoreCommand,
+    StoreDIMSE,
+    tune_association,
+)
 from radnode.node.index import NodeIndex
 from radnode.node.ingest import Ingestor, StoreOutcome, StoreRequest
 from radnode.node.metrics import MetricsServer, NodeMetrics
-from radnode.node.storage import InstanceStore
+from radnode.node.storage import (
+    InstanceStore,
+    InvalidUIDError,
+    TemporaryFile,
+    encode_file_meta,
+    validate_uid,
+)
 from radnode.node.tls import build_server_context
 
 LOGGER = logging.getLogger(__name__)
@@ -59,10 +88,9 @@ LOGGER = logging.getLogger(__name__)
 #: A health check reports ``(healthy, details)`` for ``/healthz``.
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
-#: Use :mod:`radnode.node.fastpath` for each association (select-based DUL, recv_into).
+#: Use :mod:`radnode.node.fastpath` for each association (select-based DUL, zero-copy
+#: P-DATA, C-STORE answered on the DUL thread).
 FAST_RECEIVE_PATH = True
-#: Start the ingest on a worker as soon as a C-STORE request is decoded (see _on_dimse_recv).
-PRESTORE = True
 #: pynetdicom's logging handlers that run once per PDU or DIMSE message.
 _CHATTY_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
 #: Files below ``data_dir``.
@@ -98,7 +126,7 @@ class StorageNode:
         self.settings = settings
         data_dir = Path(settings.storage.data_dir)
         self.store = InstanceStore(data_dir, settings.storage.min_free_gb)
-        self.index = NodeIndex(self.store.data_dir / INDEX_FILE)
+        self.index = NodeIndex(self.store.data_dir / INDEX_FILE, settings.storage.index_sync)
         self.audit = AuditLog(self.store.data_dir / AUDIT_FILE)
         self.metrics = NodeMetrics()
         self.completion = SeriesCompletion(self.index, settings.series)
@@ -114,9 +142,6 @@ class StorageNode:
         self._in_flight_cv = threading.Condition()
         self._closing = False
         self._stopped = threading.Event()
-        self._workers = ThreadPoolExecutor(settings.node.max_associations, thread_name_prefix="radnode-store")
-        self._pending: dict[int, dict[int, Future[StoreOutcome]]] = {}
-        self._pending_lock = threading.Lock()
         self._health_checks: dict[str, HealthCheck] = {}
 
     # --- life cycle -----------------------------------------------------------------------
@@ -148,7 +173,6 @@ class StorageNode:
             (evt.EVT_REJECTED, self._on_rejected_by_pynetdicom),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_aborted),
-            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_STORE, self._on_c_store),
         ]
@@ -224,7 +248,6 @@ class StorageNode:
             for assoc in server.active_associations:
                 LOGGER.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
                 assoc.abort()
-        self._workers.shutdown(wait=True)
         self.timer.stop()
         if self._metrics_server is not None:
             self._metrics_server.stop()
@@ -233,7 +256,7 @@ class StorageNode:
         self._stopped.set()
         LOGGER.info("%s stopped", self.settings.node.ae_title)
 
-    def __enter__(self) -> StorageNode:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -272,7 +295,7 @@ class StorageNode:
                 if getattr(handler, "__self__", None) is not self:
                     assoc.unbind(chatty, handler)
         if FAST_RECEIVE_PATH:
-            tune_association(assoc)
+            tune_association(assoc, self._store_on_dul_thread, self._stage)
 
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
@@ -343,52 +366,65 @@ class StorageNode:
 
     # --- C-STORE --------------------------------------------------------------------------
 
-    def _on_dimse_recv(self, event: Event) -> None:
-        """Start ingesting a C-STORE request as soon as its last PDU is decoded.
+    def _stage(self, assoc: Association, command: StoreCommand) -> TemporaryFile | None:
+        """Open the temporary file of a C-STORE as soon as its command arrived.
 
-        This runs on the association's DUL thread; the ingest itself goes to a worker, so
-        the write and fsync overlap the time pynetdicom's association thread takes to pick
-        the request up (it polls every millisecond). :meth:`_on_c_store` then only waits.
+        It gets the File Meta of the command's UIDs, and each data set fragment is
+        appended as its PDU arrives, so that writing overlaps receiving and only the
+        fsync is left at the end. Nothing is staged when the disk guard is tripped, the
+        node is closing or a command UID is not valid (the ingest then answers as usual).
         """
-        message = event.message
-        if not isinstance(message, C_STORE_RQ) or not PRESTORE:
-            return
-        assoc = event.assoc
-        command = message.command_set
-        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == message.context_id), None)
-        if context is None:
-            return  # pynetdicom aborts the association for an unknown context
-        future = self._workers.submit(
-            self._ingest,
-            str(command.AffectedSOPClassUID or ""),
-            str(command.AffectedSOPInstanceUID or ""),
-            str(context.transfer_syntax[0]),
+        if self._closing or not self.store.has_room():
+            return None
+        try:
+            sop_class = validate_uid(command.sop_class_uid, "Affected SOP Class UID")
+            sop_instance = validate_uid(command.sop_instance_uid, "Affected SOP Instance UID")
+            transfer_syntax = validate_uid(command.transfer_syntax_uid, "Transfer Syntax UID")
+        except InvalidUIDError:
+            return None
+        meta = encode_file_meta(sop_class, sop_instance, transfer_syntax, assoc.requestor.ae_title)
+        try:
+            return self.store.temporary(prefix=meta)
+        except OSError as exc:
+            LOGGER.error("cannot stage SOP instance %s: %s", sop_instance, exc)
+            return None
+
+    def _store_on_dul_thread(
+        self, assoc: Association, command: StoreCommand, fragments: list[memoryview], sink: FragmentSink | None
+    ) -> tuple[int, str | None]:
+        """validate -> write (fsync, rename, fsync dir) -> index -> (status, comment).
+
+        Called by :class:`radnode.node.fastpath.StoreDIMSE` once the last PDU of a
+        C-STORE request arrived; the response leaves right after it returns.
+        """
+        outcome = self._ingest(
+            command.sop_class_uid,
+            command.sop_instance_uid,
+            command.transfer_syntax_uid,
             assoc.requestor.ae_title,
             assoc.requestor.address,
-            message.data_set,
+            fragments,
+            sink if isinstance(sink, TemporaryFile) else None,
         )
-        with self._pending_lock:
-            self._pending.setdefault(id(assoc), {})[int(command.MessageID)] = future
+        return outcome.status, outcome.error_comment
 
     def _on_conn_close(self, event: Event) -> None:
-        with self._pending_lock:
-            self._pending.pop(id(event.assoc), None)
+        # A transfer cut short leaves a staged temporary file: delete it now.
+        dimse = event.assoc.dimse
+        if isinstance(dimse, StoreDIMSE):
+            dimse.discard_staged()
 
     def _on_c_store(self, event: Event) -> int | Dataset:
-        """validate -> write (fsync, rename) -> index -> named status."""
+        """The same for a C-STORE that pynetdicom decoded itself (fast path not applied)."""
         request = event.request
-        with self._pending_lock:
-            future = self._pending.get(id(event.assoc), {}).pop(int(request.MessageID), None)
-        if future is not None:
-            outcome = future.result()
-        else:
+        with request.DataSet.getbuffer() as dataset:
             outcome = self._ingest(
                 str(request.AffectedSOPClassUID or ""),
                 str(request.AffectedSOPInstanceUID or ""),
                 str(event.context.transfer_syntax),
                 event.assoc.requestor.ae_title,
                 event.assoc.requestor.address,
-                request.DataSet,
+                [dataset],
             )
         if outcome.status == status.SUCCESS:
             return status.SUCCESS
@@ -401,7 +437,8 @@ class StorageNode:
         transfer_syntax: str,
         calling_ae: str,
         peer: str,
-        data: BytesIO,
+        fragments: Sequence[bytes | memoryview],
+        staged: TemporaryFile | None = None,
     ) -> StoreOutcome:
         started = time.perf_counter()
         with self._in_flight_cv:
@@ -411,11 +448,9 @@ class StorageNode:
                 )
             self._in_flight += 1
         try:
-            with data.getbuffer() as dataset:
-                outcome = self.ingestor.ingest(
-                    StoreRequest(sop_class, sop_instance, transfer_syntax, calling_ae, peer, dataset)
-                )
-                size = len(dataset)
+            request = StoreRequest(sop_class, sop_instance, transfer_syntax, calling_ae, peer, tuple(fragments))
+            outcome = self.ingestor.ingest(request, staged)
+            size = request.size
         finally:
             with self._in_flight_cv:
                 self._in_flight -= 1

@@ -5,7 +5,9 @@ temporary file in ``<data_dir>/tmp`` (same file system as the archive, so the re
 atomic), is fsync'ed, renamed to ``incoming/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``, and the
 directory is fsync'ed so the new name survives a crash too. A crash at any point leaves
 either nothing, or a temporary file that :meth:`InstanceStore.clean_temporary` removes at
-start-up, or a complete file.
+start-up, or a complete file. The listener fills the temporary file while the data
+arrives (:class:`TemporaryFile`); the fsync, rename and directory fsync still come only
+after the last byte, and before the sender hears Success.
 
 The file is a PS3.10 Part 10 file: a 128-byte preamble, ``DICM``, a File Meta Information
 group encoded here by hand (Explicit VR Little Endian, PS3.10 §7.1), then the data set
@@ -45,6 +47,8 @@ IMPLEMENTATION_VERSION_NAME = "RADNODE_0_1"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 _TEMP_SUFFIX = ".part"
 _BYTES_PER_GB = 1_000_000_000
+#: Most buffers one ``writev`` takes (IOV_MAX); a data set in small PDUs has more pieces.
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 #: Folders remembered as existing (saves a stat per store); cleared when it grows past this.
 _KNOWN_DIRS_LIMIT = 100_000
 
@@ -119,7 +123,7 @@ def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:
     total = sum(len(v) for v in views)
     written = 0
     while views:
-        n = os.writev(fd, views)
+        n = os.writev(fd, views[:_IOV_MAX])
         written += n
         while views and n >= len(views[0]):
             n -= len(views[0])
@@ -215,24 +219,21 @@ class InstanceStore:
 
     def write_instance(self, final: Path, parts: Sequence[bytes | memoryview]) -> StoredFile:
         """Write ``parts`` durably to ``final`` (temp file, fsync, rename, fsync dir)."""
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}{_TEMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+        staged = self.temporary()
         try:
-            size = _write_all(fd, parts)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        os.close(fd)
-        try:
-            self._make_dirs(final.parent)
-            os.replace(tmp, final)
-        except BaseException:
-            _unlink_quietly(tmp)
-            raise
-        fsync_directory(final.parent)
-        return StoredFile(final, final.relative_to(self.data_dir).as_posix(), size)
+            staged.append(parts)
+            return staged.commit(final)
+        finally:
+            staged.discard()  # nothing left behind when a step failed; no-op after commit
+
+    def temporary(self, prefix: bytes = b"") -> TemporaryFile:
+        """A new temporary file in ``tmp/`` holding ``prefix``, to be appended to and then
+        committed to its final path (see :class:`TemporaryFile`)."""
+        staged = TemporaryFile(self, self.tmp_dir / f"{uuid.uuid4().hex}{_TEMP_SUFFIX}")
+        if prefix:
+            staged.append([prefix])
+        staged.prefix = prefix
+        return staged
 
     def read_dataset_bytes(self, path: Path) -> bytes:
         """The data set part of a Part 10 file we wrote (everything after the File Meta)."""
@@ -285,6 +286,85 @@ class InstanceStore:
             if len(self._known_dirs) > _KNOWN_DIRS_LIMIT:
                 self._known_dirs.clear()
             self._known_dirs.add(folder)
+
+
+class TemporaryFile:
+    """A file in ``tmp/`` being written: appended to, then committed or discarded.
+
+    :meth:`commit` is the durable sequence of the module docstring (fsync, rename,
+    fsync of the directory); :meth:`discard` closes and deletes it. The listener appends
+    a C-STORE data set PDU by PDU while it arrives (:meth:`append_quietly`), so that only
+    the fsync is left when the last PDU is in. Thread-safe: a connection that closes
+    mid-transfer discards the file from another thread.
+    """
+
+    def __init__(self, store: InstanceStore, path: Path) -> None:
+        self.store = store
+        self.path = path
+        self.prefix = b""
+        #: Bytes appended so far.
+        self.size = 0
+        #: True once an append failed; such a file is never committed.
+        self.failed = False
+        self._lock = threading.Lock()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+
+    @property
+    def is_open(self) -> bool:
+        """True until the file is committed or discarded."""
+        return self._fd is not None
+
+    def append(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Append ``parts``; raises OSError (and marks the file failed) when that fails."""
+        with self._lock:
+            if self._fd is None:
+                raise OSError(f"temporary file {self.path.name} is already closed")
+            try:
+                self.size += _write_all(self._fd, parts)
+            except OSError:
+                self.failed = True
+                raise
+
+    def append_quietly(self, part: bytes | memoryview) -> None:
+        """Append one piece; a failure only marks the file failed (and is logged).
+        Nothing happens once the file is discarded (the connection closed meanwhile)."""
+        if self._fd is None:
+            return
+        try:
+            self.append([part])
+        except OSError as exc:
+            LOGGER.error("writing temporary file %s failed: %s", self.path.name, exc)
+
+    def commit(self, final: Path) -> StoredFile:
+        """fsync, close, rename to ``final``, fsync its directory; return what was stored."""
+        with self._lock:
+            fd = self._fd
+            if fd is None or self.failed:
+                raise OSError(f"temporary file {self.path.name} cannot be committed (closed or failed)")
+            self._fd = None
+            try:
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                _unlink_quietly(self.path)
+                raise
+            os.close(fd)
+            try:
+                self.store._make_dirs(final.parent)
+                os.replace(self.path, final)
+            except BaseException:
+                _unlink_quietly(self.path)
+                raise
+        fsync_directory(final.parent)
+        return StoredFile(final, final.relative_to(self.store.data_dir).as_posix(), self.size)
+
+    def discard(self) -> None:
+        """Close and delete the file unless it was committed; safe to call again."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+            _unlink_quietly(self.path)
 
 
 def _unlink_quietly(path: Path) -> None:
