@@ -27,7 +27,15 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-def _load_inputs(features: Path, labels: Path, endpoint_name: str) -> tuple[Endpoint, FeatureTable, np.ndarray]:
+#: ``--features``: the feature table every classifier and selection command reads.
+FeaturesCsv = Annotated[Path, typer.Option("--features", help="Feature CSV (first column case_id).",
+                                           exists=True, dir_okay=False)]
+#: ``--labels``: the label table joined to it by case_id.
+LabelsCsv = Annotated[Path, typer.Option("--labels", help="Label CSV (case_id and an endpoint column).",
+                                         exists=True, dir_okay=False)]
+
+
+def load_labelled_features(features: Path, labels: Path, endpoint_name: str) -> tuple[Endpoint, FeatureTable, np.ndarray]:
     """Endpoint, labelled feature rows and class indices, or exit 2 with the reason."""
     from radnode.models.classifiers.endpoints import EndpointError, get_endpoint
     from radnode.models.classifiers.table import FeatureTableError, join_labels, read_feature_csv, read_label_csv
@@ -49,10 +57,8 @@ def register_train(train_app: typer.Typer) -> None:
 
     @train_app.command("classifier")
     def train_classifier_cmd(
-        features: Annotated[Path, typer.Option("--features", help="Feature CSV (first column case_id).",
-                                               exists=True, dir_okay=False)],
-        labels: Annotated[Path, typer.Option("--labels", help="Label CSV (case_id and an endpoint column).",
-                                             exists=True, dir_okay=False)],
+        features: FeaturesCsv,
+        labels: LabelsCsv,
         endpoint: Annotated[str, typer.Option("--endpoint", help="EGFR, KRAS, ALK, TP53, PIK3CA, ROS1, PD-L1, "
                                                                  "LVI, PI or T-stage.")],
         method: Annotated[str, typer.Option("--method", help="A (RA-Seg: LDA/PCA + QDA/DT/RF/SVC) or "
@@ -70,7 +76,7 @@ def register_train(train_app: typer.Typer) -> None:
 
         if method.upper() not in ("A", "B"):
             fail(f"--method must be A or B, got {method!r}", code=EXIT_USAGE)
-        ep, table, y = _load_inputs(features, labels, endpoint)
+        ep, table, y = load_labelled_features(features, labels, endpoint)
         cohort_doc = {"description": cohort or f"from {features.name}", "features_file": features.name,
                       "labels_file": labels.name}
         try:
@@ -91,8 +97,8 @@ def register_evaluate(evaluate_app: typer.Typer) -> None:
     def evaluate_classifier_cmd(
         bundle: Annotated[Path, typer.Option("--bundle", help="Classifier bundle folder.", exists=True,
                                              file_okay=False)],
-        features: Annotated[Path, typer.Option("--features", help="Feature CSV.", exists=True, dir_okay=False)],
-        labels: Annotated[Path, typer.Option("--labels", help="Label CSV.", exists=True, dir_okay=False)],
+        features: FeaturesCsv,
+        labels: LabelsCsv,
         out: Annotated[Path, typer.Option("--out", help="Folder for evaluation.json and roc.png.")],
         compare: Annotated[Path | None, typer.Option("--compare", help="Second bundle: paired DeLong test.",
                                                      exists=True, file_okay=False)] = None,
@@ -111,7 +117,7 @@ def register_evaluate(evaluate_app: typer.Typer) -> None:
         except ClassifierBundleError as exc:
             fail(str(exc), code=EXIT_USAGE)
             raise
-        _, table, y = _load_inputs(features, labels, model.endpoint.name)
+        _, table, y = load_labelled_features(features, labels, model.endpoint.name)
         try:
             report = evaluate_bundle(model, table, y, out, compare=other, threshold=threshold,
                                      allow_extra=allow_extra)

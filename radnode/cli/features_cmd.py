@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from radnode.cli.classifier_cmd import FeaturesCsv, LabelsCsv, load_labelled_features
 from radnode.cli.context import fail
 
 #: Exit code for bad options or input tables.
@@ -104,10 +105,8 @@ def robustness_cmd(
 
 @features_app.command("select")
 def select_cmd(
-    features: Annotated[Path, typer.Option("--features", help="Feature CSV (first column case_id).",
-                                           exists=True, dir_okay=False)],
-    labels: Annotated[Path, typer.Option("--labels", help="Label CSV (case_id and an endpoint column).",
-                                         exists=True, dir_okay=False)],
+    features: FeaturesCsv,
+    labels: LabelsCsv,
     endpoint: Annotated[str, typer.Option("--endpoint", help="EGFR, KRAS, ALK, ... (see train classifier).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (stability.csv, selected_features.txt, ...).")],
     bootstraps: Annotated[int, typer.Option("--bootstraps", min=1, help="Stratified bootstrap samples.")] = 500,
@@ -123,7 +122,6 @@ def select_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Seed of bootstraps and forests.")] = 0,
 ) -> None:
     """Bootstrap feature selection (z-score on training rows, mRMR, RF-RFE) with stability frequencies."""
-    from radnode.cli.classifier_cmd import _load_inputs
     from radnode.models.classifiers.selection import (
         SelectionError,
         SelectionOptions,
@@ -132,7 +130,7 @@ def select_cmd(
     from radnode.models.classifiers.table import write_feature_csv
     from radnode.models.radiomics.robustness import RobustnessInputError, read_icc_csv
 
-    ep, table, y = _load_inputs(features, labels, endpoint)
+    ep, table, y = load_labelled_features(features, labels, endpoint)
     try:
         options = SelectionOptions(bootstraps=bootstraps, mrmr_features=mrmr_features, rfe_features=rfe_features,
                                    threshold=threshold, relevance=relevance, trees=trees,  # type: ignore[arg-type]
@@ -162,8 +160,7 @@ def select_cmd(
 
 @features_app.command("harmonise")
 def harmonise_cmd(
-    features: Annotated[Path, typer.Option("--features", help="Feature CSV (first column case_id).",
-                                           exists=True, dir_okay=False)],
+    features: FeaturesCsv,
     batches: Annotated[Path, typer.Option("--batches", help="CSV with case_id, the batch column(s) and covariates.",
                                           exists=True, dir_okay=False)],
     batch_column: Annotated[list[str], typer.Option(
