@@ -38,6 +38,9 @@ def test_the_default_setting_selects_the_shipped_demo_bundle() -> None:
     settings = settings_from_mapping({})
     assert resolve_bundle(settings.models.segmentation_bundle) == DEMO_BUNDLE_PATH
     assert resolve_bundle("none") is None
+    # An older configuration's null still means "no tumour model".
+    assert resolve_bundle(settings_from_mapping({"models": {"segmentation_bundle": None}}).models.segmentation_bundle) \
+        is None
     assert resolve_bundle("/srv/models/mine.zip") == Path("/srv/models/mine.zip")
 
 

@@ -275,10 +275,10 @@ class SweepSettings(_Section):
 class ModelSettings(_Section):
     """Which model bundles run, and where."""
 
-    segmentation_bundle: Literal["demo", "none"] | Path = Field(
+    segmentation_bundle: Literal["demo", "none"] | Path | None = Field(
         default="demo",
         description="Segmentation bundle directory or zip; 'demo' = the bundled DEMO model "
-        "(not for clinical use), 'none' = lungs only, no tumour model.",
+        "(not for clinical use), 'none' (or null) = lungs only, no tumour model.",
     )
     classifier_bundles: dict[str, Path] = Field(
         default_factory=lambda: {"EGFR": DEMO_CLASSIFIER_BUNDLE},
