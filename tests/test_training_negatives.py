@@ -1,4 +1,4 @@
-"""Hard negatives, weighted case sampling and fine-tuning in RA-Seg training."""
+"""RA-Seg training: hard negatives, weighted case sampling, fine-tuning, resuming a finished run."""
 
 from __future__ import annotations
 
@@ -109,3 +109,15 @@ def test_fine_tuning_starts_from_the_given_weights(phantom_case: TrainingCase) -
 def test_bad_sampling_settings_are_refused(bad: dict) -> None:
     with pytest.raises(TrainingError, match=next(iter(bad))):
         TrainConfig(**bad)
+
+
+def test_resuming_a_finished_run_leaves_its_checkpoint_alone(tmp_path, phantom_case: TrainingCase) -> None:
+    config = TrainConfig(steps=2, batch_size=1, patch_size=(16, 32, 32), device="cpu", num_threads=1,
+                         augment=False, checkpoint_every=1)
+    first = train_model([phantom_case], [phantom_case], TINY, config, tmp_path)
+    checkpoint = tmp_path / "last.pt"
+    before = checkpoint.read_bytes()
+    again = train_model([phantom_case], [phantom_case], TINY, config, tmp_path, resume=True)
+    assert again.resumed_from == 2 and again.step == 2
+    assert checkpoint.read_bytes() == before  # not rewritten: a parallel reader never sees it replaced
+    assert again.val_history == first.val_history  # the validation is not recorded twice

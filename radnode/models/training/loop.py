@@ -373,10 +373,12 @@ def train_model(
         if bar is not None:
             bar.stop()
     scores = validate(model, val_cases, config, device) if val_cases else {}
-    if scores:
+    finished_before = resumed_from == step  # a resumed run that had nothing left to do
+    if scores and not finished_before:
         val_history.append((step, float(np.mean(list(scores.values())))))
     model.eval()
-    save()
+    if not finished_before:  # leave a finished checkpoint alone (other processes may read it)
+        save()
     log.info("%s: %d steps, last loss %.4f, validation Dice %s", name, step,
              losses[-1] if losses else float("nan"),
              f"{np.mean(list(scores.values())):.3f}" if scores else "-")
