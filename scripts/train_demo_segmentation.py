@@ -63,7 +63,8 @@ from radnode.models.training.loop import TrainConfig, architecture_for, train_mo
 log = logging.getLogger("train_demo_segmentation")
 
 BUNDLE_NAME = "raseg-demo"
-BUNDLE_VERSION = "1.0.0"
+#: 1.0.0 fine-tuned with 20 % hard negatives; 1.1.0 with 40 % (the shipped one).
+BUNDLE_VERSION = "1.1.0"
 #: Every output of this model carries this text (see the SR writer).
 DEMO_NOTE = "demo — not for clinical use"
 
