@@ -13,18 +13,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from radnode.cli.context import fail
+from radnode.cli.context import EXIT_FAILED, EXIT_USAGE, fail
 
 if TYPE_CHECKING:  # the models are imported inside the commands, so --help stays fast
     import numpy as np
 
     from radnode.models.classifiers.endpoints import Endpoint
     from radnode.models.classifiers.table import FeatureTable
-
-#: Exit code for bad options or input tables.
-EXIT_USAGE = 2
-#: Exit code when training or evaluation fails on valid-looking input.
-EXIT_FAILED = 1
 
 
 #: ``--features``: the feature table every classifier and selection command reads.

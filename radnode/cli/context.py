@@ -44,7 +44,13 @@ def get_settings(ctx: typer.Context) -> Settings:
         raise  # unreachable: fail() exits
 
 
-def fail(message: str, code: int = 1) -> None:
+#: Exit code when a command fails on valid-looking input.
+EXIT_FAILED = 1
+#: Exit code for bad options or unusable input (typer's own usage errors use it too).
+EXIT_USAGE = 2
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> None:
     """Print a clear error (no traceback) and exit with ``code``."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     sys.stdout.flush()

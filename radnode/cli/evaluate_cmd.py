@@ -12,10 +12,8 @@ from typing import Annotated
 
 import typer
 
-from radnode.cli.context import fail
+from radnode.cli.context import EXIT_USAGE, fail
 
-#: Exit code for unreadable or unpaired inputs.
-EXIT_USAGE = 2
 
 evaluate_app = typer.Typer(name="evaluate", help="Evaluate model outputs against references.", no_args_is_help=True)
 

@@ -17,12 +17,8 @@ from typing import Annotated
 import typer
 
 from radnode.cli.classifier_cmd import FeaturesCsv, LabelsCsv, load_labelled_features
-from radnode.cli.context import fail
+from radnode.cli.context import EXIT_USAGE, fail
 
-#: Exit code for bad options or input tables.
-EXIT_USAGE = 2
-#: Exit code when the computation fails on valid-looking input.
-EXIT_FAILED = 1
 
 features_app = typer.Typer(name="features", help="Research commands on radiomic features.", no_args_is_help=True)
 

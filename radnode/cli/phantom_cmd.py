@@ -7,12 +7,7 @@ from typing import Annotated
 
 import typer
 
-from radnode.cli.context import fail
-
-#: Exit code for options that are out of range or an output folder that is not empty.
-EXIT_USAGE = 2
-#: Exit code when the phantom cannot be built (tumours do not fit the grid).
-EXIT_FAILED = 1
+from radnode.cli.context import EXIT_FAILED, EXIT_USAGE, fail
 
 
 def register(app: typer.Typer) -> None:

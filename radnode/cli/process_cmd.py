@@ -9,11 +9,10 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from radnode.cli.context import fail, get_settings
+from radnode.cli.context import EXIT_FAILED, fail, get_settings
 
 #: Exit codes distinguish "the data was refused" from "radnode broke".
 EXIT_REJECTED = 3
-EXIT_FAILED = 1
 
 
 def register(app: typer.Typer) -> None:

@@ -12,12 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
-from radnode.cli.context import fail
+from radnode.cli.context import EXIT_FAILED, EXIT_USAGE, fail
 
-#: Exit code for bad options or unusable data.
-EXIT_USAGE = 2
-#: Exit code when training fails.
-EXIT_FAILED = 1
 
 train_app = typer.Typer(name="train", help="Train models on your own data.", no_args_is_help=True)
 
