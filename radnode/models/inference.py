@@ -35,7 +35,14 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
-from radnode.models.candidates import Box, Candidate, DetectorParams, detect_candidates, mm_to_voxels
+from radnode.models.candidates import (
+    Box,
+    Candidate,
+    DetectorParams,
+    box_from_mask,
+    detect_candidates,
+    mm_to_voxels,
+)
 from radnode.models.preprocess import PreprocessedCase, PreprocessParams, PreprocessRecord, labels_to_ct, preprocess_ct
 from radnode.models.raseg import RASeg
 
@@ -272,14 +279,13 @@ def near_lung(mask: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float], 
     ``margin_mm`` of a mask voxel is inside it and the distances are exact where they matter.
     """
     near = np.zeros(mask.shape, dtype=bool)
-    reach = [int(np.ceil(margin_mm / s)) + 1 for s in spacing_zyx]
-    found = [np.nonzero(mask.any(axis=other))[0] for other in ((1, 2), (0, 2), (0, 1))]
-    window = tuple(slice(max(0, int(f[0]) - r), min(n, int(f[-1]) + 1 + r))
-                   for f, r, n in zip(found, reach, mask.shape))
-    outside = lung[window] == 0
-    if outside.all():
+    box = box_from_mask(mask, spacing_zyx)
+    if box is None:
         return near
-    near[window] = ndimage.distance_transform_edt(outside, sampling=spacing_zyx) <= margin_mm
+    window = box.grow([r + 1 for r in mm_to_voxels(margin_mm, spacing_zyx)], mask.shape).slices
+    outside = lung[window] == 0
+    if not outside.all():
+        near[window] = ndimage.distance_transform_edt(outside, sampling=spacing_zyx) <= margin_mm
     return near
 
 
