@@ -61,11 +61,11 @@ def add_row(table: Table, *cells: str | Text) -> None:
 def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
     """Everything ``radnode status`` shows, as JSON-ready data."""
     from radnode.node.index import NodeIndex, SeriesState
-    from radnode.node.scp import INDEX_FILE
+    from radnode.node.storage import INDEX_FILE
     from radnode.pipeline.outbox import OUTBOX_DB, ItemState, Outbox, format_status
     from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue
     from radnode.pipeline.scheduler import read_next_runs
-    from radnode.pipeline.sweep import SWEEP_DB, SweepStore
+    from radnode.pipeline.sweep_store import SWEEP_DB, SweepStore
 
     data_dir = Path(settings.storage.data_dir).resolve()
     status: dict[str, Any] = {"data_dir": str(data_dir), "generated_at": time.time()}

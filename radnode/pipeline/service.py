@@ -67,17 +67,9 @@ from radnode.pipeline.scheduler import (
     interval,
     window_seconds,
 )
-from radnode.pipeline.sweep import (
-    INCOMING_DIR,
-    ArchiveQuery,
-    rules_need_instance_level,
-    SWEEP_DIR,
-    RouteVerdict,
-    SeriesCandidate,
-    SweepReport,
-    Sweeper,
-    incoming_series_dir,
-)
+from radnode.node.storage import INCOMING_DIR, series_dir
+from radnode.pipeline.archive import ArchiveQuery, SeriesCandidate, rules_need_instance_level
+from radnode.pipeline.sweep import RouteVerdict, SweepReport, Sweeper
 from radnode.pipeline.worker import HEARTBEAT_SECONDS, LEASE_SECONDS, ChildOutcome, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -90,6 +82,8 @@ DISPATCH_RETRY_SECONDS = 15.0
 LEASE_RECOVERY_SECONDS = 60.0
 #: Seconds a graceful stop waits for running jobs before it kills them (they are re-queued).
 DRAIN_SECONDS = 10.0
+#: Folder where C-GET retrievals went before they took the ingest path (still cleaned up).
+LEGACY_SWEEP_DIR = "sweep"
 #: Daily time of the retention cleanup (local time).
 RETENTION_CRON = "30 3 * * *"
 
@@ -391,7 +385,7 @@ class PipelineService:
 
     def series_folder(self, study_uid: str, series_uid: str) -> Path:
         """Where the listener keeps a received series."""
-        return incoming_series_dir(self.data_dir, study_uid, series_uid)
+        return series_dir(self.data_dir, study_uid, series_uid)
 
     def on_series_complete(self, event: Any) -> Job | None:
         """Subscriber for :class:`radnode.node.completion.SeriesCompleted`: route and enqueue.
@@ -524,7 +518,8 @@ class PipelineService:
     def retention_cleanup(self) -> dict[str, int]:
         """Delete processed input older than ``storage.retention_days`` and delivered outbox files.
 
-        Only folders under ``<data_dir>/incoming`` and ``<data_dir>/sweep`` are removed, and
+        Only folders under ``<data_dir>/incoming`` (and ``<data_dir>/sweep``, where C-GET
+        retrievals of earlier versions went) are removed, and
         only for series whose newest job is done (never one still queued or failed, which an
         operator may want to retry).
         """
@@ -532,7 +527,7 @@ class PipelineService:
         if days <= 0:
             return {"inputs": 0, "outbox_files": 0}
         cutoff = time.time() - days * 86400
-        allowed = [(self.data_dir / INCOMING_DIR).resolve(), (self.data_dir / SWEEP_DIR).resolve()]
+        allowed = [(self.data_dir / INCOMING_DIR).resolve(), (self.data_dir / LEGACY_SWEEP_DIR).resolve()]
         removed = 0
         for job in self.queue.list(states=[JobState.DONE], limit=100_000):
             if job.finished_at is None or job.finished_at >= cutoff:
