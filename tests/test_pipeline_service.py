@@ -47,6 +47,11 @@ class FakeCompletion:
     def pending(self) -> list[Any]:
         return [Completed("1.2.826.0.2.9", "1.2.826.0.2", 40)]
 
+    def replay(self, subscriber: Any) -> int:
+        for event in self.pending():
+            subscriber(event)
+        return len(self.pending())
+
     def mark_processed(self, series_instance_uid: str, now: float | None = None) -> bool:
         self.processed.append(series_instance_uid)
         return True

@@ -97,6 +97,8 @@ class CompletionSource(Protocol):
 
     def pending(self) -> list[Any]: ...
 
+    def replay(self, subscriber: Callable[[Any], None]) -> int: ...
+
     def mark_processed(self, series_instance_uid: str, now: float | None = None) -> bool: ...
 
     def check_due(self, now: float | None = None) -> list[Any]: ...
@@ -288,8 +290,7 @@ class PipelineService:
         self.scheduler.start(self._tasks())
         if self.completion is not None:
             self.completion.subscribe(self.on_series_complete)
-            for event in self.completion.pending():
-                self.on_series_complete(event)
+            self.completion.replay(self.on_series_complete)  # a failure is retried, never lost
         self._started = True
         log.info(
             "pipeline started on %s: %d worker(s), %d destination(s), pipeline version %s",
