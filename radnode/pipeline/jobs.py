@@ -66,6 +66,16 @@ class JobSource(StrEnum):
     MANUAL = "manual"  # an operator or a test enqueued it
 
 
+class JobKind(StrEnum):
+    """What a job does with its series.
+
+    Each kind has its own workers, so a long processing job never holds up a forward.
+    """
+
+    PROCESS = "process"  # run the chain (worker pool, child process)
+    FORWARD = "forward"  # stage the received files unchanged for delivery (forwarder thread)
+
+
 class FailureReason(StrEnum):
     """Stable, machine-readable reasons for a failed attempt (stored and shown in ``status``)."""
 
@@ -192,6 +202,8 @@ class JobSpec:
         AE title that sent the series (routing and audit).
     max_attempts
         Attempts before the job ends ``failed``.
+    kind
+        Process the series (default), or forward it unchanged.
     """
 
     series_uid: str
@@ -205,6 +217,7 @@ class JobSpec:
     instance_count: int | None = None
     calling_ae: str | None = None
     max_attempts: int = 3
+    kind: JobKind = JobKind.PROCESS
 
     def __post_init__(self) -> None:
         if not self.series_uid:
@@ -248,6 +261,7 @@ class Job:
     traceback: str | None = None
     phases: dict[str, dict[str, Any]] = field(default_factory=initial_phases)
     result: dict[str, Any] = field(default_factory=dict)
+    kind: JobKind = JobKind.PROCESS
 
     @property
     def active(self) -> bool:
@@ -270,6 +284,7 @@ class Job:
         data = {k: v for k, v in vars(self).items()}
         data["state"] = self.state.value
         data["source"] = self.source.value
+        data["kind"] = self.kind.value
         data["input_path"] = str(self.input_path)
         data["destinations"] = list(self.destinations)
         return json.loads(json.dumps(data, default=str))

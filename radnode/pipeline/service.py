@@ -42,9 +42,11 @@ from typing import IO, Any, Protocol
 
 from radnode.config import Destination, Settings
 from radnode.pipeline.dispatch import Dispatcher, DispatchLoop
+from radnode.pipeline.forward import Forwarder
 from radnode.pipeline.jobs import (
     Backoff,
     Job,
+    JobKind,
     JobSource,
     JobSpec,
     JobState,
@@ -251,6 +253,16 @@ class PipelineService:
             heartbeat_seconds=heartbeat_seconds,
             poll_seconds=poll_seconds,
         )
+        self.forwarder = Forwarder(
+            self.queue,
+            self.outbox,
+            self.job_destinations,
+            on_staged=self.dispatch_loop.wake,
+            on_finished=self._forward_finished,
+            timeout_seconds=settings.pipeline.job_timeout_seconds,
+            lease_seconds=lease_seconds,
+            poll_seconds=poll_seconds,
+        )
         self.scheduler = PipelineScheduler(self.data_dir)
         self._lock_handle: IO[str] | None = None
         self._stop = threading.Event()
@@ -286,6 +298,7 @@ class PipelineService:
         if waiting:
             log.info("%d delivery(ies) waiting in the outbox; trying them now", waiting)
         self.pool.start()
+        self.forwarder.start()
         self.dispatch_loop.start()
         self.scheduler.start(self._tasks())
         if self.completion is not None:
@@ -307,6 +320,7 @@ class PipelineService:
             self.completion.unsubscribe(self.on_series_complete)
         self.scheduler.stop()
         self.pool.stop(timeout, drain_seconds=drain_seconds)
+        self.forwarder.stop(timeout)
         self.dispatch_loop.stop(timeout)
         if self._lock_handle is not None:
             fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
@@ -405,9 +419,7 @@ class PipelineService:
             self._mark_processed(series_uid)
             return None
         if verdict_action == "forward":
-            self._forward(study_uid, series_uid, verdict)
-            self._mark_processed(series_uid)
-            return None
+            return self._forward(event, verdict)
         latest = self.queue.latest_for_series(series_uid, self.pipeline_version)
         is_update = bool(getattr(event, "is_update", False))
         if latest is not None:
@@ -452,14 +464,38 @@ class PipelineService:
             except Exception:
                 log.exception("could not mark series %s processed in the node index", series_uid)
 
-    def _forward(self, study_uid: str, series_uid: str, verdict: RouteVerdict) -> None:
-        """Stage a received series unchanged for the rule's destinations (action ``forward``)."""
-        folder = self.series_folder(study_uid, series_uid)
-        files = sorted(folder.glob("*.dcm"))
-        destinations = [self.settings.destination(name) for name in verdict.destinations]
-        items = self.outbox.stage(files, destinations, source_series_uid=series_uid, result_objects_only=False)
-        log.info("series %s forwarded: %d item(s) to %s", series_uid, len(items), ", ".join(verdict.destinations))
-        self.dispatch_loop.wake()
+    def _forward(self, event: Any, verdict: RouteVerdict) -> Job:
+        """Queue a forward job (action ``forward``): the forwarder stages the received files
+        unchanged for the rule's destinations, off the completion thread."""
+        series_uid = event.series_instance_uid
+        latest = self.queue.latest_for_series(series_uid, kind=JobKind.FORWARD)
+        if latest is not None and latest.instance_count == event.instance_count and not getattr(event, "is_update", False):
+            if latest.active:
+                return latest
+            if latest.state is JobState.DONE:
+                self._mark_processed(series_uid)
+                return latest
+        job = self.queue.enqueue(
+            JobSpec(
+                series_uid=series_uid,
+                study_uid=event.study_instance_uid,
+                input_path=self.series_folder(event.study_instance_uid, series_uid),
+                pipeline_version=self.pipeline_version,
+                priority=Priority.LIVE,
+                source=JobSource.LIVE,
+                destinations=verdict.destinations,
+                instance_count=event.instance_count,
+                calling_ae=event.calling_ae,
+                max_attempts=self.settings.pipeline.max_attempts,
+                kind=JobKind.FORWARD,
+            )
+        )
+        self.forwarder.wake()
+        return job
+
+    def _forward_finished(self, job: Job) -> None:
+        if job.state is JobState.DONE:
+            self._mark_processed(job.series_uid)
 
     # -- worker callbacks ---------------------------------------------------------------
 
