@@ -1,4 +1,6 @@
-"""DIMSE status codes and A-ASSOCIATE-RJ reasons the node answers with, as named constants.
+"""DIMSE status codes and A-ASSOCIATE-RJ reasons, as named constants: the ones the node
+answers with, and the ones it reads from peers (C-STORE to destinations, C-FIND,
+C-MOVE and C-GET to the archive). The one set for the whole project.
 
 A bare number in a handler is how ``0x210`` ends up where ``0xC210`` was meant; every code
 the node sends is defined here once, with the part of the standard it comes from.

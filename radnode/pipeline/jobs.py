@@ -1,6 +1,8 @@
 """The job model: what one unit of pipeline work is, and the states it moves through.
 
-A job processes one received CT series with the chain of :mod:`radnode.pipeline.chain`::
+A job processes one received CT series with the chain of :mod:`radnode.pipeline.chain`
+(:attr:`JobKind.PROCESS`), or forwards it unchanged (:attr:`JobKind.FORWARD`, see
+:mod:`radnode.pipeline.forward`); both kinds move through the same states::
 
     queued ──claim──> running ──> done
       ^                  │
@@ -8,7 +10,7 @@ A job processes one received CT series with the chain of :mod:`radnode.pipeline.
       │                  ├──> failed      (QC rejection, or attempts used up)
       └──── retry ───────┴──> cancelled   (operator)
 
-A job delivers in *phases* (issue 10, "contours first"): SEG and RTSTRUCT are dispatched
+A job delivers in *phases* ("contours first"): SEG and RTSTRUCT are dispatched
 as soon as segmentation is done (:attr:`Phase.CONTOURS`), the SR follows when radiomics
 and inference finish (:attr:`Phase.REPORT`). Each phase has its own state in the job, and
 a failure in a later phase never withdraws what an earlier phase already delivered.

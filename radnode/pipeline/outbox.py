@@ -1,7 +1,8 @@
 """The outbox: result objects wait here, on disk and in SQLite, until every destination has them.
 
-A job's result objects are copied to ``<data_dir>/outbox/<SOPInstanceUID>.dcm`` (fsync,
-then rename) and one *item* per (SOP Instance UID, destination) is recorded in
+A job's result objects (or a forwarded series' received files) are put, byte for byte, at
+``<data_dir>/outbox/<SOPInstanceUID>.dcm`` (a hard link where possible, else a copy; durably,
+see :mod:`radnode.durable`) and one *item* per (SOP Instance UID, destination) is recorded in
 ``<data_dir>/outbox.sqlite``. The dispatcher (:mod:`radnode.pipeline.dispatch`) sends due
 items and reports every attempt back here. The rules this module enforces:
 

@@ -5,10 +5,11 @@
     listener --SeriesCompleted--> PipelineService.on_series_complete
                                     │ routing: process / forward / ignore
                                     ▼
-                                 JobQueue ──claim──> WorkerPool ──child process──> chain
-                                                        │ phase done
-                                                        ▼
-                                                     Outbox ──DispatchLoop──> C-STORE to destinations
+                                 JobQueue ──claim (process)──> WorkerPool ──child process──> chain
+                                    │                             │ phase done
+                                    └──claim (forward)──> Forwarder (received files, unchanged)
+                                                                  ▼
+                                                               Outbox ──DispatchLoop──> C-STORE to destinations
     PipelineScheduler: completion checks, dispatch retries, lease recovery, retention, nightly sweep
 
 Wiring into ``radnode serve`` (the listener owns the :class:`SeriesCompletion`)::
@@ -403,7 +404,8 @@ class PipelineService:
         return series_dir(self.data_dir, study_uid, series_uid)
 
     def on_series_complete(self, event: Any) -> Job | None:
-        """Subscriber for :class:`radnode.node.completion.SeriesCompleted`: route and enqueue.
+        """Subscriber for :class:`radnode.node.completion.SeriesCompleted`: route and enqueue
+        a processing or a forward job (never more work than that on the completion thread).
 
         Idempotent: an announcement of a series that already has an active job, or a
         finished job for the same instance count (a replay after restart, a sweep
