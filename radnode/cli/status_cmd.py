@@ -230,7 +230,8 @@ def render(status: dict[str, Any], console: Console) -> None:
             if job["error"]:
                 reason = f"{reason}: {_short(job['error'], 60)}" if reason else _short(job["error"], 60)
             add_row(table, 
-                str(job["id"]), job["state"], job["source"], job["series_uid"],
+                str(job["id"]), job["state"], job["source"] + (" (forward)" if job.get("kind") == "forward" else ""),
+                job["series_uid"],
                 f"{job['attempts']}/{job['max_attempts']}", "; ".join(phases), _ago(job["finished_at"], now), reason,
             )
         console.print(table)

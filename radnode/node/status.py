@@ -31,22 +31,8 @@ NONCONFORMANT_META = 0xC003
 #: Failure: Processing failure (PS3.7 C.4.2): an unexpected local error (I/O, database).
 PROCESSING_FAILURE = 0x0110
 
-#: Warning: Elements Discarded (PS3.4 B.2.3); the object is stored.
-WARNING_ELEMENTS_DISCARDED = 0xB006
-#: Warning: Data Set does not match SOP Class (PS3.4 B.2.3); the object is stored.
-WARNING_DATASET_MISMATCH = 0xB007
-#: Failure: SOP Class not supported (PS3.7 C.5.x).
-SOP_CLASS_NOT_SUPPORTED = 0x0122
+# --- C-MOVE / C-GET response statuses the sweep reads (PS3.4 C.4.2.1.5, C.4.3.1.4) -----------
 
-# --- C-FIND / C-MOVE / C-GET response statuses (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4) -------
-
-#: Pending: a match or a sub-operation report follows.
-PENDING = 0xFF00
-#: Pending: optional keys not supported.
-PENDING_WARNING = 0xFF01
-#: C-MOVE/C-GET warning: sub-operations complete, one or more failed (same code as
-#: :data:`WARNING_COERCION`, which is its meaning for C-STORE).
-SUBOPERATIONS_WARNING = 0xB000
 #: C-MOVE failure: move destination unknown (the archive does not know our AE title).
 MOVE_DESTINATION_UNKNOWN = 0xA801
 

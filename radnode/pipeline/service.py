@@ -559,8 +559,8 @@ class PipelineService:
 
         Only folders under ``<data_dir>/incoming`` (and ``<data_dir>/sweep``, where C-GET
         retrievals of earlier versions went) are removed, and
-        only for series whose newest job is done (never one still queued or failed, which an
-        operator may want to retry).
+        only for series whose newest job (processing or forward) is done (never one still
+        queued or failed, which an operator may want to retry).
         """
         days = self.settings.storage.retention_days
         if days <= 0:
@@ -571,8 +571,9 @@ class PipelineService:
         for job in self.queue.list(states=[JobState.DONE], limit=100_000):
             if job.finished_at is None or job.finished_at >= cutoff:
                 continue
-            latest = self.queue.latest_for_series(job.series_uid)
-            if latest is None or latest.id != job.id:
+            # The series' newest job of any kind (processed or forwarded) must be this one.
+            latest = [j for k in JobKind if (j := self.queue.latest_for_series(job.series_uid, kind=k))]
+            if max(j.id for j in latest) != job.id or any(j.state is not JobState.DONE for j in latest):
                 continue
             folder = job.input_path.resolve()
             if not folder.exists() or not any(base in folder.parents for base in allowed):
