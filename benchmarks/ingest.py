@@ -5,8 +5,10 @@ DCMTK ``storescu`` association to each receiver, every receiver on fresh storage
 prints instances/s and radnode's ratios; then radnode once more with 4 parallel
 associations. Every DCMTK process and Orthanc get ``TCP_NODELAY=1`` (without it they stall
 ~45 ms per instance on loopback; ../shared/BENCHMARKS.md). radnode runs as ``radnode
-serve`` with its durable path (fsync of file and directory, SQLite WAL synchronous=FULL);
-Orthanc with ``SyncStorageArea`` on; storescp writes files without fsync.
+serve`` with its durable path and default ``storage.index_sync: normal`` (each file and
+its folder fsynced before Success; index rows committed to the WAL without an fsync, and
+re-built from the files after a power loss); Orthanc with ``SyncStorageArea`` on;
+storescp writes files without fsync.
 
 Usage::
 

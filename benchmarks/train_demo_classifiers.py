@@ -46,6 +46,7 @@ sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _HERE]
 import numpy as np
 from sklearn.model_selection import train_test_split
 
+from radnode import durable
 from radnode.models.classifiers.bundle import save_classifier_bundle
 from radnode.models.classifiers.demo_cohort import DEMO_NOTE, build_demo_cohort
 from radnode.models.classifiers.endpoints import get_endpoint
@@ -101,11 +102,9 @@ def radiomics_main(args: argparse.Namespace) -> dict[str, object]:
         "timings": {"cohort_s": round(t_cohort, 1), "train_s": round(t_train, 1)},
     }
     (scratch / "evaluation.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
-    if out.exists():
-        if not args.overwrite and not args.ship:
-            raise SystemExit(f"{out} exists (use --overwrite)")
-        shutil.rmtree(out)
-    scratch.rename(out)
+    if out.exists() and not args.overwrite and not args.ship:
+        raise SystemExit(f"{out} exists (use --overwrite)")
+    durable.replace_tree(scratch, out)
     print(json.dumps({"bundle": str(out), "held_out_auc": summary["held_out_auc"], "timings": summary["timings"],
                       "chosen": summary["chosen"]}, default=str))
     return summary

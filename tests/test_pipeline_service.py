@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from radnode.config import Settings
-from radnode.pipeline.jobs import JobSource, JobState, Priority
+from radnode.pipeline.jobs import JobKind, JobSource, JobState, Priority
 from radnode.pipeline.outbox import ItemState
 from radnode.pipeline.service import PipelineBusy, PipelineService
 
@@ -46,6 +46,11 @@ class FakeCompletion:
 
     def pending(self) -> list[Any]:
         return [Completed("1.2.826.0.2.9", "1.2.826.0.2", 40)]
+
+    def replay(self, subscriber: Any) -> int:
+        for event in self.pending():
+            subscriber(event)
+        return len(self.pending())
 
     def mark_processed(self, series_instance_uid: str, now: float | None = None) -> bool:
         self.processed.append(series_instance_uid)
@@ -118,11 +123,30 @@ def test_forward_rule_stages_the_series_unchanged(service: PipelineService, shar
     folder.mkdir(parents=True)
     for path in source:
         shutil.copy(path, folder / path.name)
-    assert service.on_series_complete(ct("1.2.826.0.1.6", count=3, modality="MR")) is None
+    event = ct("1.2.826.0.1.6", count=3, modality="MR")
+    job = service.on_series_complete(event)
+    # The completion thread only queues a forward job; nothing is staged yet.
+    assert job is not None and job.kind is JobKind.FORWARD and job.state is JobState.QUEUED
+    assert service.outbox.items() == [] and service.on_series_complete(event).id == job.id  # type: ignore[union-attr]
+    assert service.queue.claim("w", 60) is None  # processing workers never take it
+    assert service.forwarder.run_once()
     items = service.outbox.items()
     assert len(items) == 3 and {i.destination for i in items} == {"tps"}
     assert {i.state for i in items} == {ItemState.PENDING} and {i.object_type for i in items} == {"CT"}
-    assert service.queue.list() == []
+    # Staged as received: the outbox files hold the exact bytes of the series' files.
+    assert sorted(i.path.read_bytes() for i in items) == sorted(p.read_bytes() for p in source)
+    assert service.queue.get(job.id).state is JobState.DONE
+    assert "1.2.826.0.1.6" in service.completion.processed  # type: ignore[union-attr]
+    assert service.queue.latest_for_series("1.2.826.0.1.6") is None  # no processing job
+
+
+def test_a_forward_whose_series_is_gone_is_retried_then_failed(service: PipelineService) -> None:
+    job = service.on_series_complete(ct("1.2.826.0.1.7", count=3, modality="MR"))
+    assert job is not None and job.kind is JobKind.FORWARD
+    assert service.forwarder.run_once()
+    retrying = service.queue.get(job.id)
+    assert retrying.state is JobState.RETRYING and retrying.reason == "input_missing"
+    assert "1.2.826.0.1.7" not in service.completion.processed  # type: ignore[union-attr]
 
 
 def test_start_replays_pending_completions_and_locks_the_data_folder(service: PipelineService) -> None:

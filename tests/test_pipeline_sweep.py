@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from radnode.config import Settings
-from radnode.node.index import SeriesState
+from radnode.node.index import NodeIndex, SeriesState
 from radnode.node.scp import StorageNode
+from radnode.node.storage import INDEX_FILE
 from radnode.pipeline.jobs import JobSource, JobSpec, JobState, Priority
 from radnode.pipeline.queue import SQLiteJobQueue
 from radnode.pipeline.service import PipelineService
@@ -147,8 +148,14 @@ def test_sweep_with_c_get_and_skips_of_failed_series(tmp_path: Path, archive_ser
         report = sweeper.run(MARCH_FROM, MARCH_TO)
         ((uid, job_id),) = report.queued
         job = queue.get(job_id)
-        assert uid == series_uid and job.input_path.parent.parent.name == "sweep"
+        # C-GET sub-operations take the ingest path: incoming/<study>/<series>, indexed.
+        assert uid == series_uid and job.input_path == (tmp_path / "data").resolve() / "incoming" / study_uid / series_uid
         assert len(list(job.input_path.glob("*.dcm"))) == 10
+        index = NodeIndex(tmp_path / "data" / INDEX_FILE)
+        try:
+            assert len(index.series_instances(series_uid)) == 10
+        finally:
+            index.close()
         # A series whose job failed is not fetched again by later sweeps.
         claimed = queue.claim("w", 60)
         assert claimed is not None

@@ -61,16 +61,16 @@ def add_row(table: Table, *cells: str | Text) -> None:
 def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
     """Everything ``radnode status`` shows, as JSON-ready data."""
     from radnode.node.index import NodeIndex, SeriesState
-    from radnode.node.scp import INDEX_FILE
+    from radnode.node.storage import INDEX_FILE
     from radnode.pipeline.outbox import OUTBOX_DB, ItemState, Outbox, format_status
     from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue
     from radnode.pipeline.scheduler import read_next_runs
-    from radnode.pipeline.sweep import SWEEP_DB, SweepStore
+    from radnode.pipeline.sweep_store import SWEEP_DB, SweepStore
 
     data_dir = Path(settings.storage.data_dir).resolve()
     status: dict[str, Any] = {"data_dir": str(data_dir), "generated_at": time.time()}
 
-    series: dict[str, Any] = {"counts": {s.value: 0 for s in SeriesState}, "open": []}
+    series: dict[str, Any] = {"counts": {s.value: 0 for s in SeriesState}, "open": [], "stuck": []}
     if (data_dir / INDEX_FILE).exists():
         index = NodeIndex(data_dir / INDEX_FILE)
         try:
@@ -91,6 +91,18 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
                         }
                         for r in records
                     ]
+            series["stuck"] = [
+                {
+                    "series_uid": f.series_instance_uid,
+                    "subscriber": f.subscriber,
+                    "round": f.round,
+                    "attempts": f.attempts,
+                    "first_failed_at": f.first_failed_at,
+                    "next_attempt_at": f.next_attempt_at,
+                    "last_error": f.last_error,
+                }
+                for f in index.completion_failures()
+            ]
         finally:
             index.close()
     series["open"] = sorted(series["open"], key=lambda r: -r["last_received_at"])[:limit]
@@ -184,6 +196,16 @@ def render(status: dict[str, Any], console: Console) -> None:
                 row["calling_ae"], _ago(row["last_received_at"], now),
             )
         console.print(table)
+    if status["series"]["stuck"]:
+        table = Table(title="Stuck series (complete, but routing/queueing failed; retried with backoff)", title_justify="left")
+        for column in ("Series UID", "Round", "Failed in", "Attempts", "Failing since", "Next try", "Last error"):
+            table.add_column(column)
+        for row in status["series"]["stuck"]:
+            add_row(table,
+                row["series_uid"], str(row["round"]), row["subscriber"].rsplit(".", 1)[-1], str(row["attempts"]),
+                _ago(row["first_failed_at"], now), _when(row["next_attempt_at"]), _short(row["last_error"], 60),
+            )
+        console.print(table)
 
     jobs = status["jobs"]
     table = Table(title="Jobs by state", title_justify="left")
@@ -208,7 +230,8 @@ def render(status: dict[str, Any], console: Console) -> None:
             if job["error"]:
                 reason = f"{reason}: {_short(job['error'], 60)}" if reason else _short(job["error"], 60)
             add_row(table, 
-                str(job["id"]), job["state"], job["source"], job["series_uid"],
+                str(job["id"]), job["state"], job["source"] + (" (forward)" if job.get("kind") == "forward" else ""),
+                job["series_uid"],
                 f"{job['attempts']}/{job['max_attempts']}", "; ".join(phases), _ago(job["finished_at"], now), reason,
             )
         console.print(table)

@@ -148,6 +148,18 @@ class StorageSettings(_Section):
         "not fsync the WAL (files stay fsync'ed before Success, and rows a power loss "
         "rolls back are re-indexed from the files at start-up); 'full' fsyncs every commit.",
     )
+    quarantine_max_gb: float = Field(
+        default=2.0, ge=0, description="Most space rejected data may take in quarantine/; the oldest items go first."
+    )
+    quarantine_max_items: int = Field(
+        default=10_000, ge=0, description="Most rejected items kept in quarantine/; the oldest go first."
+    )
+    quarantine_per_minute: int = Field(
+        default=30,
+        ge=0,
+        description="Rejected items quarantined per minute per calling AE and host; beyond it they are "
+        "refused and audited but not kept (0: never keep rejected data).",
+    )
 
 
 class SeriesSettings(_Section):

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from radnode import durable
 from radnode.models.inference import InferenceSettings
 from radnode.models.preprocess import PreprocessError, PreprocessParams
 from radnode.models.raseg import RASeg, RASegConfig
@@ -406,9 +407,9 @@ def save_bundle(
             target.mkdir()
             (target / BUNDLE_FILE).write_bytes(document)
             (target / weights_file).write_bytes(blob)
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(target, path)
+        if path.exists() and not path.is_dir() and target.is_dir():
+            path.unlink()  # a zip bundle replaced by a folder one
+        durable.replace_tree(target, path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("saved bundle %s %s to %s", name, version, path)

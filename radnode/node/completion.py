@@ -14,8 +14,14 @@ Timers are timestamps in the SQLite index (wall clock, so they survive a restart
 a crash, the first :meth:`SeriesCompletion.check_due` completes everything that fell due
 while the node was down. Completion is announced to subscribers through
 :meth:`SeriesCompletion.subscribe`; the durable record is the series row in state
-``complete``, which :meth:`SeriesCompletion.pending` lists again for a subscriber that
-starts later (at-least-once delivery is the subscriber's job, not the listener's).
+``complete``, which :meth:`SeriesCompletion.replay` announces again to a subscriber that
+starts later.
+
+An announcement that fails (the subscriber raises: routing, the job queue) is never
+dropped: it is recorded in the index (``completion_failures``: attempts, last error, next
+try) and retried with exponential backoff by every later :meth:`SeriesCompletion.check_due`
+until it succeeds or the series moves on (processed, or a new round that is announced
+anew). ``radnode status`` lists such series as *stuck*.
 """
 
 from __future__ import annotations
@@ -27,9 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from radnode.config.model import SeriesSettings
-from radnode.node.index import NodeIndex, SeriesRecord, SeriesState
+from radnode.node.index import CompletionFailure, NodeIndex, SeriesRecord, SeriesState
 
 LOGGER = logging.getLogger(__name__)
+
+#: Delay before the first retry of a failed announcement; doubled per further failure.
+RETRY_BASE_SECONDS = 5.0
+#: Longest delay between retries, so a series stuck for hours is still tried every few minutes.
+RETRY_MAX_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -84,14 +95,27 @@ class SeriesCompletion:
         The node's index, which holds series state and timers.
     settings
         ``series`` section: ``quiet_seconds`` and ``force_seconds``.
+    retry_base_seconds, retry_max_seconds
+        Backoff of failed announcements: ``min(max, base * 2 ** (attempts - 1))``.
     """
 
-    def __init__(self, index: NodeIndex, settings: SeriesSettings) -> None:
+    def __init__(
+        self,
+        index: NodeIndex,
+        settings: SeriesSettings,
+        retry_base_seconds: float = RETRY_BASE_SECONDS,
+        retry_max_seconds: float = RETRY_MAX_SECONDS,
+    ) -> None:
         self.index = index
         self.settings = settings
+        self.retry_base_seconds = retry_base_seconds
+        self.retry_max_seconds = retry_max_seconds
         self._subscribers: list[CompletionSubscriber] = []
         self._lock = threading.Lock()
         self._check_lock = threading.Lock()
+        self._retry_lock = threading.Lock()
+        # Keys of recorded failures, so a successful announcement costs no index write.
+        self._failing = {(f.series_instance_uid, f.subscriber) for f in index.completion_failures()}
 
     def subscribe(self, subscriber: CompletionSubscriber) -> None:
         """Call ``subscriber(event)`` for every completion from now on."""
@@ -107,8 +131,10 @@ class SeriesCompletion:
     def check_due(self, now: float | None = None) -> list[SeriesCompleted]:
         """Complete every series that is due at ``now`` (default: the wall clock).
 
-        The state change commits before any subscriber runs; a subscriber that raises is
-        logged and does not stop the others. Returns the events, in order.
+        The state change commits before any subscriber runs; a subscriber that raises does
+        not stop the others, and its announcement is retried later (see the module
+        docstring), which this call also does for every retry that is due. Returns the
+        newly completed events, in order.
         """
         now = time.time() if now is None else now
         with self._check_lock:
@@ -126,28 +152,93 @@ class SeriesCompletion:
                 f" of {event.expected_count} expected" if event.expected_count else "",
             )
             for subscriber in subscribers:
-                try:
-                    subscriber(event)
-                except Exception:
-                    LOGGER.exception(
-                        "completion subscriber %r failed for series %s", subscriber, event.series_instance_uid
-                    )
+                self._announce(event, subscriber, now)
+        self._retry_due(subscribers, now)
         return events
 
     def pending(self) -> list[SeriesCompleted]:
         """Series that are complete but not yet processed (to re-announce after a restart)."""
         return [SeriesCompleted.from_record(r) for r in self.index.series_in_state(SeriesState.COMPLETE)]
 
+    def replay(self, subscriber: CompletionSubscriber, now: float | None = None) -> int:
+        """Announce every :meth:`pending` series to ``subscriber`` (one that starts later,
+        e.g. the pipeline after a restart); failures are retried like any other.
+        Returns how many announcements succeeded."""
+        now = time.time() if now is None else now
+        return sum(self._announce(event, subscriber, now) for event in self.pending())
+
+    def stuck(self) -> list[CompletionFailure]:
+        """Complete series whose announcement failed and waits for a retry."""
+        return self.index.completion_failures()
+
+    def _retry_delay(self, attempts: int) -> float:
+        return float(min(self.retry_max_seconds, self.retry_base_seconds * 2 ** min(attempts - 1, 32)))
+
+    def _announce(self, event: SeriesCompleted, subscriber: CompletionSubscriber, now: float) -> bool:
+        """Call ``subscriber(event)``; record a failure for a retry, or clear an old one."""
+        name = subscriber_name(subscriber)
+        key = (event.series_instance_uid, name)
+        try:
+            subscriber(event)
+        except Exception as exc:
+            failure = self.index.record_completion_failure(
+                event.series_instance_uid, name, event.round, now, f"{type(exc).__name__}: {exc}", self._retry_delay
+            )
+            self._failing.add(key)
+            LOGGER.error(
+                "completion subscriber %s failed for series %s (attempt %d); retry in %.0f s",
+                name, event.series_instance_uid, failure.attempts, failure.next_attempt_at - now,
+                exc_info=failure.attempts == 1,
+            )
+            return False
+        if key in self._failing:
+            self.index.clear_completion_failure(*key)
+            self._failing.discard(key)
+            LOGGER.info("completion subscriber %s succeeded for series %s after a retry", name, event.series_instance_uid)
+        return True
+
+    def _retry_due(self, subscribers: list[CompletionSubscriber], now: float) -> None:
+        if not self._failing or not self._retry_lock.acquire(blocking=False):
+            return  # nothing to retry, or another thread is retrying right now
+        try:
+            self._retry_failures(subscribers, now)
+        finally:
+            self._retry_lock.release()
+
+    def _retry_failures(self, subscribers: list[CompletionSubscriber], now: float) -> None:
+        by_name = {subscriber_name(s): s for s in subscribers}
+        for failure in self.index.completion_failures(due_at=now):
+            subscriber = by_name.get(failure.subscriber)
+            if subscriber is None:
+                continue  # not subscribed in this process: stays listed as stuck
+            record = self.index.series(failure.series_instance_uid)
+            if record is None or record.state is not SeriesState.COMPLETE or record.round != failure.round:
+                # Processed meanwhile, or a new round (which is announced on its own).
+                self.index.clear_completion_failure(failure.series_instance_uid, failure.subscriber)
+                self._failing.discard((failure.series_instance_uid, failure.subscriber))
+                continue
+            self._announce(SeriesCompleted.from_record(record), subscriber, now)
+
     def mark_processed(self, series_instance_uid: str, now: float | None = None) -> bool:
         """Record that a complete series was processed; False if it was not complete."""
         return self.index.mark_processed(series_instance_uid, time.time() if now is None else now)
 
 
+def subscriber_name(subscriber: CompletionSubscriber) -> str:
+    """A stable name for a subscriber (its qualified name), as recorded with its failures."""
+    func = getattr(subscriber, "__func__", subscriber)
+    module = getattr(func, "__module__", None) or type(subscriber).__module__
+    qualname = getattr(func, "__qualname__", None) or type(subscriber).__qualname__
+    return f"{module}.{qualname}"
+
+
 class CompletionTimer:
     """Runs :meth:`SeriesCompletion.check_due` on a small background thread.
 
-    A stop-gap until the pipeline's scheduler calls ``check_due`` itself. :meth:`wake`
-    makes it check at once (used when a series reaches its expected count).
+    The listener's own clock, so series complete (and failed announcements are retried)
+    whether or not a pipeline runs in the same process; the pipeline's scheduler may call
+    ``check_due`` too (it is serialised). :meth:`wake` makes it check at once (used when a
+    series reaches its expected count).
 
     Parameters
     ----------

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -83,6 +83,16 @@ CREATE TABLE IF NOT EXISTS series (
     attributes          TEXT    NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS series_by_state ON series (state);
+CREATE TABLE IF NOT EXISTS completion_failures (
+    series_instance_uid TEXT    NOT NULL,
+    subscriber          TEXT    NOT NULL,
+    round               INTEGER NOT NULL,
+    attempts            INTEGER NOT NULL,
+    first_failed_at     REAL    NOT NULL,
+    next_attempt_at     REAL    NOT NULL,
+    last_error          TEXT,
+    PRIMARY KEY (series_instance_uid, subscriber)
+);
 """
 
 
@@ -159,6 +169,19 @@ _SERIES_COLUMNS = (
     "instance_count, expected_count, completed_count, first_received_at, last_received_at, "
     "completed_at, completion_reason, processed_at, attributes"
 )
+
+
+@dataclass(frozen=True)
+class CompletionFailure:
+    """A complete series whose announcement to one subscriber failed and waits for a retry."""
+
+    series_instance_uid: str
+    subscriber: str
+    round: int
+    attempts: int
+    first_failed_at: float
+    next_attempt_at: float
+    last_error: str | None
 
 
 def _series_from_row(row: tuple[Any, ...]) -> SeriesRecord:
@@ -408,6 +431,48 @@ class NodeIndex:
                 (SeriesState.PROCESSED.value, now, series_instance_uid, SeriesState.COMPLETE.value),
             )
             return cur.rowcount == 1
+
+    # --- completion failures --------------------------------------------------------------
+
+    def record_completion_failure(
+        self, series_instance_uid: str, subscriber: str, round_: int, now: float, error: str, delay: Callable[[int], float]
+    ) -> CompletionFailure:
+        """Count one more failed announcement; the next try is ``now + delay(attempts)``."""
+        with self._transaction() as cur:
+            row = cur.execute(
+                "SELECT attempts, first_failed_at, round FROM completion_failures "
+                "WHERE series_instance_uid = ? AND subscriber = ?",
+                (series_instance_uid, subscriber),
+            ).fetchone()
+            attempts, first = (row[0] + 1, row[1]) if row and row[2] == round_ else (1, now)
+            failure = CompletionFailure(
+                series_instance_uid, subscriber, round_, attempts, first, now + delay(attempts), error
+            )
+            cur.execute(
+                "INSERT OR REPLACE INTO completion_failures (series_instance_uid, subscriber, round, attempts, "
+                "first_failed_at, next_attempt_at, last_error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (series_instance_uid, subscriber, round_, attempts, first, failure.next_attempt_at, error),
+            )
+        return failure
+
+    def clear_completion_failure(self, series_instance_uid: str, subscriber: str) -> None:
+        """Forget a failure (the announcement succeeded, or the series moved on)."""
+        with self._transaction() as cur:
+            cur.execute(
+                "DELETE FROM completion_failures WHERE series_instance_uid = ? AND subscriber = ?",
+                (series_instance_uid, subscriber),
+            )
+
+    def completion_failures(self, due_at: float | None = None) -> list[CompletionFailure]:
+        """Failed announcements (all, or those due at ``due_at``), oldest failure first."""
+        query = "SELECT * FROM completion_failures"
+        params: tuple[Any, ...] = ()
+        if due_at is not None:
+            query += " WHERE next_attempt_at <= ?"
+            params = (due_at,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY first_failed_at", params).fetchall()
+        return [CompletionFailure(*row) for row in rows]
 
     @staticmethod
     def _reread(cur: sqlite3.Cursor, series_instance_uid: str) -> SeriesRecord:

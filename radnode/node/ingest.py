@@ -4,6 +4,10 @@ This is the body of the C-STORE handler with the network taken away, so tests ca
 it directly and the handler in :mod:`radnode.node.scp` stays a few lines long. The order
 is fixed: disk guard -> command UIDs -> header parse -> data set checks -> duplicate check
 -> durable write -> index commit -> Success. Bad data goes to quarantine with a reason.
+
+It is the only way an instance enters radnode: the listener's C-STORE (a sender, or a
+C-MOVE sub-operation of the sweep) and the sweep's C-GET sub-operations
+(:func:`local_ingestor` for a process without a listener) all call :meth:`Ingestor.ingest`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,11 +27,15 @@ from typing import Literal
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from radnode.config import Settings
 from radnode.node import status
 from radnode.node.audit import AuditLog
 from radnode.node.header import HeaderError, InstanceHeader, parse_header_fragments
 from radnode.node.index import InstanceRecord, NodeIndex, SeriesChange
+from radnode.node.quarantine import Quarantine
 from radnode.node.storage import (
+    AUDIT_FILE,
+    INDEX_FILE,
     InstanceStore,
     InvalidUIDError,
     TemporaryFile,
@@ -105,6 +114,8 @@ class Ingestor:
     on_expected_reached
         Called (after the commit) when a series reached the instance count its data
         announced, so the completion checker can run at once.
+    quarantine
+        Where rejected data is kept, within its caps (default: the default caps).
     """
 
     def __init__(
@@ -114,8 +125,10 @@ class Ingestor:
         audit: AuditLog,
         on_update: Literal["reprocess", "ignore"] = "reprocess",
         on_expected_reached: Callable[[], None] | None = None,
+        quarantine: Quarantine | None = None,
     ) -> None:
         self.store = store
+        self.quarantine = quarantine or Quarantine.from_settings(store)
         self.index = index
         self.audit = audit
         self.on_update = on_update
@@ -404,6 +417,7 @@ class Ingestor:
 
     def _reject(self, request: StoreRequest, rejection: _Rejection, quarantine: bool) -> StoreOutcome:
         quarantined: Path | None = None
+        rate_limited = False
         if quarantine and request.size:
             meta = encode_file_meta(
                 _printable(request.sop_class_uid),
@@ -412,7 +426,7 @@ class Ingestor:
                 request.calling_ae,
             )
             try:
-                quarantined = self.store.quarantine(
+                kept = self.quarantine.keep(
                     [meta, *request.dataset],
                     {
                         "reason": rejection.reason,
@@ -426,9 +440,20 @@ class Ingestor:
                         "command_sop_instance_uid": request.sop_instance_uid,
                         "received_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     },
+                    request.calling_ae,
+                    request.peer_address,
                 )
+                quarantined = kept.path
+                rate_limited = kept.rate_limited
+                for stem in kept.dropped:
+                    self.audit.record("quarantine-dropped", quarantine_file=stem, reason="quarantine-cap")
             except OSError:
                 LOGGER.exception("could not quarantine rejected data (%s)", rejection.reason)
+        if rate_limited:
+            # Still answered and audited below; the log line is what a flood must not multiply.
+            LOGGER.debug("rejection from %s (%s) over the quarantine rate; not kept", request.calling_ae, request.peer_address)
+            self._audit_rejection(request, rejection, None, "rate-limited")
+            return StoreOutcome(rejection.code, "rejected", error_comment=rejection.comment, reason=rejection.reason)
         LOGGER.warning(
             "rejected C-STORE from %s (%s): %s [0x%04X] %s",
             request.calling_ae,
@@ -437,19 +462,7 @@ class Ingestor:
             rejection.code,
             rejection.detail,
         )
-        self.audit.record(
-            "instance-rejected",
-            calling_ae=request.calling_ae,
-            peer_address=request.peer_address,
-            sop_class_uid=_printable(request.sop_class_uid),
-            sop_instance_uid=_printable(request.sop_instance_uid),
-            transfer_syntax_uid=request.transfer_syntax_uid,
-            status=f"0x{rejection.code:04X}",
-            reason=rejection.reason,
-            error_comment=rejection.comment,
-            quarantine_file=quarantined.name if quarantined else None,
-            size=request.size,
-        )
+        self._audit_rejection(request, rejection, quarantined.name if quarantined else None, None)
         return StoreOutcome(
             rejection.code,
             "rejected",
@@ -457,6 +470,43 @@ class Ingestor:
             reason=rejection.reason,
             quarantine_file=quarantined,
         )
+
+
+    def _audit_rejection(
+        self, request: StoreRequest, rejection: _Rejection, quarantine_file: str | None, detail: str | None
+    ) -> None:
+        self.audit.record(
+            "instance-rejected",
+            calling_ae=request.calling_ae,
+            peer_address=request.peer_address,
+            sop_class_uid=_printable(request.sop_class_uid),
+            sop_instance_uid=_printable(request.sop_instance_uid),
+            transfer_syntax_uid=_printable(request.transfer_syntax_uid),
+            status=f"0x{rejection.code:04X}",
+            reason=rejection.reason,
+            error_comment=rejection.comment,
+            quarantine_file=quarantine_file,
+            size=request.size,
+            detail=detail,
+        )
+
+
+@contextmanager
+def local_ingestor(settings: Settings) -> Iterator[Ingestor]:
+    """An :class:`Ingestor` on the node's data folder for a process without a listener
+    (``radnode sweep`` retrieving with C-GET): same checks, layout, index, audit and
+    quarantine as the listener. Index rows commit with ``full`` durability, since this
+    process does not reconcile files with the index at start-up as the listener does."""
+    store = InstanceStore(settings.storage.data_dir, settings.storage.min_free_gb)
+    index = NodeIndex(store.data_dir / INDEX_FILE, "full")
+    audit = AuditLog(store.data_dir / AUDIT_FILE)
+    try:
+        yield Ingestor(
+            store, index, audit, settings.series.on_update, quarantine=Quarantine.from_settings(store, settings.storage)
+        )
+    finally:
+        index.close()
+        audit.close()
 
 
 def _subdirs(folder: Path) -> list[os.DirEntry[str]]:

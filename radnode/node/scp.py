@@ -74,7 +74,10 @@ from radnode.node.fastpath import (
 from radnode.node.index import NodeIndex
 from radnode.node.ingest import Ingestor, StoreOutcome, StoreRequest
 from radnode.node.metrics import MetricsServer, NodeMetrics
+from radnode.node.quarantine import Quarantine
 from radnode.node.storage import (
+    AUDIT_FILE,
+    INDEX_FILE,
     InstanceStore,
     InvalidUIDError,
     TemporaryFile,
@@ -93,9 +96,6 @@ HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 FAST_RECEIVE_PATH = True
 #: pynetdicom's logging handlers that run once per PDU or DIMSE message.
 _CHATTY_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
-#: Files below ``data_dir``.
-INDEX_FILE = "radnode.sqlite"
-AUDIT_FILE = Path("audit") / "audit.jsonl"
 
 
 def storage_contexts() -> list[Any]:
@@ -132,7 +132,12 @@ class StorageNode:
         self.completion = SeriesCompletion(self.index, settings.series)
         self.timer = CompletionTimer(self.completion)
         self.ingestor = Ingestor(
-            self.store, self.index, self.audit, settings.series.on_update, on_expected_reached=self.timer.wake
+            self.store,
+            self.index,
+            self.audit,
+            settings.series.on_update,
+            on_expected_reached=self.timer.wake,
+            quarantine=Quarantine.from_settings(self.store, settings.storage),
         )
         self.access = AccessPolicy(settings.node)
         self.completion.subscribe(self._record_completion)

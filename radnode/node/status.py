@@ -1,4 +1,6 @@
-"""DIMSE status codes and A-ASSOCIATE-RJ reasons the node answers with, as named constants.
+"""DIMSE status codes and A-ASSOCIATE-RJ reasons, as named constants: the ones the node
+answers with, and the ones it reads from peers (C-STORE to destinations, C-FIND,
+C-MOVE and C-GET to the archive). The one set for the whole project.
 
 A bare number in a handler is how ``0x210`` ends up where ``0xC210`` was meant; every code
 the node sends is defined here once, with the part of the standard it comes from.
@@ -28,6 +30,11 @@ MISSING_ATTRIBUTE = 0xC002
 NONCONFORMANT_META = 0xC003
 #: Failure: Processing failure (PS3.7 C.4.2): an unexpected local error (I/O, database).
 PROCESSING_FAILURE = 0x0110
+
+# --- C-MOVE / C-GET response statuses the sweep reads (PS3.4 C.4.2.1.5, C.4.3.1.4) -----------
+
+#: C-MOVE failure: move destination unknown (the archive does not know our AE title).
+MOVE_DESTINATION_UNKNOWN = 0xA801
 
 #: Human-readable names for logs and the audit trail.
 STATUS_NAMES: dict[int, str] = {

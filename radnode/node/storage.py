@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from radnode.durable import fsync_directory
+
 LOGGER = logging.getLogger(__name__)
 
 #: PS3.5 §9.1: a UID is at most 64 characters of digits and dots, with components that do
@@ -51,6 +53,18 @@ _BYTES_PER_GB = 1_000_000_000
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 #: Folders remembered as existing (saves a stat per store); cleared when it grows past this.
 _KNOWN_DIRS_LIMIT = 100_000
+
+# The layout of ``<data_dir>`` (defined here only; everything else asks this module).
+#: Received instances: ``incoming/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``.
+INCOMING_DIR = "incoming"
+#: Rejected data, each item with a JSON reason file (see :mod:`radnode.node.quarantine`).
+QUARANTINE_DIR = "quarantine"
+#: Temporary files (same file system, so the final rename is atomic).
+TMP_DIR = "tmp"
+#: The node's index of instances and series.
+INDEX_FILE = "radnode.sqlite"
+#: The audit trail.
+AUDIT_FILE = Path("audit") / "audit.jsonl"
 
 
 class InvalidUIDError(ValueError):
@@ -109,13 +123,15 @@ def encode_file_meta(
     return _PREAMBLE + group_length + body
 
 
-def fsync_directory(path: Path) -> None:
-    """fsync a directory so that entries created or renamed in it are durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def series_dir(data_dir: Path, study_uid: str, series_uid: str) -> Path:
+    """Folder of one received series: ``<data_dir>/incoming/<StudyUID>/<SeriesUID>``.
+
+    Raises :class:`InvalidUIDError` for a UID that is not a conformant UID, since this is
+    where a UID becomes a path (an archive's or a sender's UID is untrusted input).
+    """
+    study = validate_uid(study_uid, "StudyInstanceUID")
+    series = validate_uid(series_uid, "SeriesInstanceUID")
+    return Path(data_dir) / INCOMING_DIR / study / series
 
 
 def _write_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:
@@ -158,9 +174,9 @@ class InstanceStore:
 
     def __init__(self, data_dir: Path, min_free_gb: float = 1.0) -> None:
         self.data_dir = Path(data_dir).resolve()
-        self.incoming = self.data_dir / "incoming"
-        self.quarantine_dir = self.data_dir / "quarantine"
-        self.tmp_dir = self.data_dir / "tmp"
+        self.incoming = self.data_dir / INCOMING_DIR
+        self.quarantine_dir = self.data_dir / QUARANTINE_DIR
+        self.tmp_dir = self.data_dir / TMP_DIR
         self.min_free_bytes = int(min_free_gb * _BYTES_PER_GB)
         self._known_dirs: set[Path] = set()
         self._dir_lock = threading.Lock()
@@ -208,14 +224,9 @@ class InstanceStore:
         The UIDs must already be validated; they are re-checked here because this is
         the line that turns them into a path.
         """
-        for attribute, uid in (
-            ("StudyInstanceUID", study_uid),
-            ("SeriesInstanceUID", series_uid),
-            ("SOPInstanceUID", sop_uid),
-        ):
-            validate_uid(uid, attribute)
+        validate_uid(sop_uid, "SOPInstanceUID")
         name = f"{sop_uid}.dcm" if version == 1 else f"{sop_uid}_v{version}.dcm"
-        return self.incoming / study_uid / series_uid / name
+        return series_dir(self.data_dir, study_uid, series_uid) / name
 
     def write_instance(self, final: Path, parts: Sequence[bytes | memoryview]) -> StoredFile:
         """Write ``parts`` durably to ``final`` (temp file, fsync, rename, fsync dir)."""

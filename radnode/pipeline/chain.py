@@ -3,16 +3,13 @@
 ``radnode process`` runs it offline on a folder; the worker runs the same function for
 queued jobs. Each stage is a plain typed function of the previous stages' outputs, so a
 test can call any of them alone, and each stage's wall time lands in ``result.json``.
-Later stages (segmentation, regions, radiomics, classifiers, writers) plug in here.
+A new stage is a function here and one line in :func:`run_chain`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from radnode import __version__
+from radnode import __version__, durable
 from pydicom import Dataset
 
 from radnode.config import Settings
@@ -278,10 +275,9 @@ def report_algorithm(algorithm: AlgorithmInfo, radiomics: RadiomicsResult | None
 
 
 def save_dataset(dataset: Dataset, path: Path) -> Path:
-    """Write a DICOM object as a Part 10 file, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    dataset.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
+    """Write a DICOM object as a Part 10 file, durably (see :mod:`radnode.durable`)."""
+    with durable.replacing(path) as tmp:
+        dataset.save_as(tmp, enforce_file_format=True)
     return path
 
 
@@ -336,20 +332,8 @@ def write_report(
 
 
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON next to ``path`` and rename it in place, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON durably, so readers never see half a file (see :mod:`radnode.durable`)."""
+    durable.write_json(path, payload)
 
 
 def run_chain(

@@ -15,6 +15,11 @@ Status handling (PS3.4 B.2.3, PS3.7 Annex C):
   counts towards the outbox's attempt limit;
 * no association, an abort, or no response within the DIMSE timeout: the destination is
   *down*; its items wait (exponential backoff), they are never given up.
+
+Files are sent as they are: the data set bytes of the outbox file go out unchanged (a
+forwarded series keeps every private or slightly malformed element its scanner wrote),
+whenever the peer accepted the file's own transfer syntax. Only when it accepted just
+another one is the file decoded and converted by pynetdicom (uncompressed syntaxes).
 """
 
 from __future__ import annotations
@@ -25,29 +30,19 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.status import code_to_category
 
 from radnode.config import Destination, Settings
 from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, OutboxItem, format_status
 
 log = logging.getLogger(__name__)
-
-#: PS3.7 C.1.1: success.
-STATUS_SUCCESS = 0x0000
-#: PS3.4 B.2.3 warnings: coercion of data elements, elements discarded, data set does not
-#: match SOP class. The object is stored.
-STATUS_WARNING_COERCION = 0xB000
-STATUS_WARNING_ELEMENTS_DISCARDED = 0xB006
-STATUS_WARNING_DATASET_MISMATCH = 0xB007
-#: PS3.4 B.2.3 failure: refused, out of resources (start of the 0xA7xx range).
-STATUS_OUT_OF_RESOURCES = 0xA700
-#: PS3.7 C.5.x: SOP class not supported.
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 
 #: Category names returned by :func:`pynetdicom.status.code_to_category`.
 _CATEGORY_SUCCESS = "Success"
@@ -131,15 +126,21 @@ class Dispatcher:
         return summary
 
     def _contexts(self, ae: AE, items: Sequence[OutboxItem]) -> None:
-        syntaxes: dict[str, list[str]] = {}
+        """One presentation context per SOP class and file transfer syntax, so that an
+        accepted context means the file goes out as it is (a peer accepts one transfer
+        syntax per context, its own preference), plus one per SOP class offering the
+        uncompressed syntaxes for a converted copy when the exact one is refused."""
+        contexts: list[tuple[str, list[str]]] = []
+        fallback = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         for item in items:
-            wanted = syntaxes.setdefault(item.sop_class_uid, [])
-            for ts in (item.transfer_syntax_uid, ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-                if ts not in wanted:
-                    wanted.append(ts)
-        if len(syntaxes) > MAX_CONTEXTS:
-            raise ValueError(f"{len(syntaxes)} SOP classes exceed the {MAX_CONTEXTS} presentation contexts of one association")
-        for sop_class, transfer_syntaxes in syntaxes.items():
+            exact = (item.sop_class_uid, [item.transfer_syntax_uid])
+            if exact not in contexts:
+                contexts.append(exact)
+        for sop_class in dict.fromkeys(item.sop_class_uid for item in items):
+            contexts.append((sop_class, fallback))
+        if len(contexts) > MAX_CONTEXTS:
+            raise ValueError(f"{len(contexts)} presentation contexts exceed the {MAX_CONTEXTS} of one association")
+        for sop_class, transfer_syntaxes in contexts:
             ae.add_requested_context(sop_class, transfer_syntaxes)
 
     def _down(self, dest: Destination, items: Sequence[OutboxItem], reason: str, summary: DispatchSummary) -> None:
@@ -182,7 +183,7 @@ class Dispatcher:
                     break
                 started = time.time()
                 try:
-                    dataset = pydicom.dcmread(item.path)
+                    dataset = _sendable(assoc, item)
                 except (InvalidDicomError, OSError, EOFError) as exc:
                     self.outbox.record(
                         item, AttemptOutcome.LOCAL_ERROR, error=f"cannot read outbox file {item.path}: {exc}", started_at=started
@@ -224,6 +225,27 @@ class Dispatcher:
             if assoc.is_established:
                 assoc.release()
         return summary
+
+
+def _sendable(assoc: Any, item: OutboxItem) -> Path | pydicom.Dataset:
+    """The file itself when the peer accepted its transfer syntax (sent byte for byte,
+    never decoded), else the decoded data set for pynetdicom to convert."""
+    exact = any(
+        cx.abstract_syntax == item.sop_class_uid and cx.transfer_syntax[0] == item.transfer_syntax_uid
+        for cx in assoc.accepted_contexts
+    )
+    if exact:
+        if not item.path.is_file():
+            raise OSError(f"{item.path} is missing")
+        # pynetdicom sends a file path's data set unread only with this switch (read at
+        # each call); the node sends nothing else by path.
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        return item.path
+    log.info(
+        "%s %s: peer did not accept transfer syntax %s; sending a converted copy",
+        item.object_type, item.sop_instance_uid, item.transfer_syntax_uid,
+    )
+    return pydicom.dcmread(item.path)
 
 
 class DispatchLoop:

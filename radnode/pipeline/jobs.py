@@ -1,6 +1,8 @@
 """The job model: what one unit of pipeline work is, and the states it moves through.
 
-A job processes one received CT series with the chain of :mod:`radnode.pipeline.chain`::
+A job processes one received CT series with the chain of :mod:`radnode.pipeline.chain`
+(:attr:`JobKind.PROCESS`), or forwards it unchanged (:attr:`JobKind.FORWARD`, see
+:mod:`radnode.pipeline.forward`); both kinds move through the same states::
 
     queued ──claim──> running ──> done
       ^                  │
@@ -8,7 +10,7 @@ A job processes one received CT series with the chain of :mod:`radnode.pipeline.
       │                  ├──> failed      (QC rejection, or attempts used up)
       └──── retry ───────┴──> cancelled   (operator)
 
-A job delivers in *phases* (issue 10, "contours first"): SEG and RTSTRUCT are dispatched
+A job delivers in *phases* ("contours first"): SEG and RTSTRUCT are dispatched
 as soon as segmentation is done (:attr:`Phase.CONTOURS`), the SR follows when radiomics
 and inference finish (:attr:`Phase.REPORT`). Each phase has its own state in the job, and
 a failure in a later phase never withdraws what an earlier phase already delivered.
@@ -64,6 +66,16 @@ class JobSource(StrEnum):
     LIVE = "live"  # a series completed at the listener and a routing rule said "process"
     SWEEP = "sweep"  # the nightly sweep retrieved a series that was never processed
     MANUAL = "manual"  # an operator or a test enqueued it
+
+
+class JobKind(StrEnum):
+    """What a job does with its series.
+
+    Each kind has its own workers, so a long processing job never holds up a forward.
+    """
+
+    PROCESS = "process"  # run the chain (worker pool, child process)
+    FORWARD = "forward"  # stage the received files unchanged for delivery (forwarder thread)
 
 
 class FailureReason(StrEnum):
@@ -192,6 +204,8 @@ class JobSpec:
         AE title that sent the series (routing and audit).
     max_attempts
         Attempts before the job ends ``failed``.
+    kind
+        Process the series (default), or forward it unchanged.
     """
 
     series_uid: str
@@ -205,6 +219,7 @@ class JobSpec:
     instance_count: int | None = None
     calling_ae: str | None = None
     max_attempts: int = 3
+    kind: JobKind = JobKind.PROCESS
 
     def __post_init__(self) -> None:
         if not self.series_uid:
@@ -248,6 +263,7 @@ class Job:
     traceback: str | None = None
     phases: dict[str, dict[str, Any]] = field(default_factory=initial_phases)
     result: dict[str, Any] = field(default_factory=dict)
+    kind: JobKind = JobKind.PROCESS
 
     @property
     def active(self) -> bool:
@@ -270,6 +286,7 @@ class Job:
         data = {k: v for k, v in vars(self).items()}
         data["state"] = self.state.value
         data["source"] = self.source.value
+        data["kind"] = self.kind.value
         data["input_path"] = str(self.input_path)
         data["destinations"] = list(self.destinations)
         return json.loads(json.dumps(data, default=str))

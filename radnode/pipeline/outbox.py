@@ -1,7 +1,8 @@
 """The outbox: result objects wait here, on disk and in SQLite, until every destination has them.
 
-A job's result objects are copied to ``<data_dir>/outbox/<SOPInstanceUID>.dcm`` (fsync,
-then rename) and one *item* per (SOP Instance UID, destination) is recorded in
+A job's result objects (or a forwarded series' received files) are put, byte for byte, at
+``<data_dir>/outbox/<SOPInstanceUID>.dcm`` (a hard link where possible, else a copy; durably,
+see :mod:`radnode.durable`) and one *item* per (SOP Instance UID, destination) is recorded in
 ``<data_dir>/outbox.sqlite``. The dispatcher (:mod:`radnode.pipeline.dispatch`) sends due
 items and reports every attempt back here. The rules this module enforces:
 
@@ -25,10 +26,7 @@ All outbox SQL lives in this module.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from radnode import durable
 from radnode.config import Destination, ResultObject
 from radnode.pipeline.sqlite_db import SQLiteDB, in_clause
 from radnode.pipeline.jobs import Backoff, Phase, phase_of
@@ -281,26 +280,13 @@ class Outbox:
         )
 
     def _copy_in(self, source: Path, sop_uid: str) -> Path:
-        """Copy ``source`` to ``<outbox>/<sop_uid>.dcm`` durably; keep an existing copy."""
+        """Put ``source`` at ``<outbox>/<sop_uid>.dcm`` durably, byte for byte; keep an
+        existing copy. A hard link where possible: sources (received instances, finished
+        results) are never modified in place, and either name can be deleted alone."""
         target = self.folder / f"{sop_uid}.dcm"
         if target.exists():
             return target
-        fd, tmp = tempfile.mkstemp(prefix=f".{sop_uid}.", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
-            dir_fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return durable.copy_file(source, target, link=True)
 
     def stage(
         self,

@@ -36,6 +36,7 @@ from radnode.pipeline.jobs import (
     FailureReason,
     Job,
     JobSource,
+    JobKind,
     JobSpec,
     JobState,
     Phase,
@@ -79,8 +80,8 @@ class JobQueue(ABC):
         """Add a job in state ``queued``; returns the stored job."""
 
     @abstractmethod
-    def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
-        """Take the next due job (highest priority, then oldest) and mark it ``running``.
+    def claim(self, worker_id: str, lease_seconds: float, kind: JobKind = JobKind.PROCESS) -> Job | None:
+        """Take the next due job of ``kind`` (highest priority, then oldest) and mark it ``running``.
 
         The attempt counter is incremented here, so an attempt that kills the whole
         node still counts against ``max_attempts``.
@@ -147,8 +148,10 @@ class JobQueue(ABC):
         """Number of jobs in every state (all states present, zeros included)."""
 
     @abstractmethod
-    def latest_for_series(self, series_uid: str, pipeline_version: str | None = None) -> Job | None:
-        """The newest job for a series (and chain version), whatever its state."""
+    def latest_for_series(
+        self, series_uid: str, pipeline_version: str | None = None, kind: JobKind = JobKind.PROCESS
+    ) -> Job | None:
+        """The newest job of ``kind`` for a series (and chain version), whatever its state."""
 
     @abstractmethod
     def oldest_waiting_since(self) -> float | None:
@@ -187,7 +190,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error            TEXT,
     traceback        TEXT,
     phases           TEXT    NOT NULL,
-    result           TEXT    NOT NULL DEFAULT '{}'
+    result           TEXT    NOT NULL DEFAULT '{}',
+    kind             TEXT    NOT NULL DEFAULT 'process'
 );
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (state, priority, created_at);
 CREATE INDEX IF NOT EXISTS jobs_series ON jobs (series_uid, pipeline_version);
@@ -225,6 +229,10 @@ class SQLiteJobQueue(JobQueue):
         self.backoff = backoff or Backoff()
         self._clock = clock
         self._db = SQLiteDB(self.path, _SCHEMA)
+        with self._db.write() as conn:  # a queue created before jobs had a kind
+            columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if "kind" not in columns:
+                conn.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'process'")
 
     @classmethod
     def in_data_dir(cls, data_dir: Path, **kwargs: Any) -> SQLiteJobQueue:
@@ -265,6 +273,7 @@ class SQLiteJobQueue(JobQueue):
             traceback=row["traceback"],
             phases=json.loads(row["phases"]),
             result=json.loads(row["result"]),
+            kind=JobKind(row["kind"]),
         )
 
     def _fetch(self, conn: sqlite3.Connection, job_id: int) -> Job:
@@ -312,7 +321,7 @@ class SQLiteJobQueue(JobQueue):
             cursor = conn.execute(
                 "INSERT INTO jobs (series_uid, study_uid, input_path, pipeline_version, source, profile, "
                 "destinations, instance_count, calling_ae, priority, state, attempts, max_attempts, "
-                "budget, created_at, updated_at, phases) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+                "budget, created_at, updated_at, phases, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
                 (
                     spec.series_uid,
                     spec.study_uid,
@@ -330,21 +339,25 @@ class SQLiteJobQueue(JobQueue):
                     now,
                     now,
                     json.dumps(initial_phases()),
+                    JobKind(spec.kind).value,
                 ),
             )
             job = self._fetch(conn, int(cursor.lastrowid or 0))
-        log.info("job %d queued for series %s (priority %d, %s)", job.id, job.series_uid, job.priority, job.source.value)
+        log.info(
+            "job %d (%s) queued for series %s (priority %d, %s)",
+            job.id, job.kind.value, job.series_uid, job.priority, job.source.value,
+        )
         return job
 
-    def claim(self, worker_id: str, lease_seconds: float) -> Job | None:
+    def claim(self, worker_id: str, lease_seconds: float, kind: JobKind = JobKind.PROCESS) -> Job | None:
         now = self._clock()
         claimable = tuple(s.value for s in CLAIMABLE_STATES)
         with self._db.write() as conn:
             row = conn.execute(
-                f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(claimable))}) "
+                f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(claimable))}) AND kind = ? "
                 "AND (not_before IS NULL OR not_before <= ?) "
                 "ORDER BY priority DESC, created_at ASC, id ASC LIMIT 1",
-                (*claimable, now),
+                (*claimable, JobKind(kind).value, now),
             ).fetchone()
             if row is None:
                 return None
@@ -543,9 +556,11 @@ class SQLiteJobQueue(JobQueue):
                 result[JobState(row["state"])] = row["n"]
         return result
 
-    def latest_for_series(self, series_uid: str, pipeline_version: str | None = None) -> Job | None:
-        query = "SELECT * FROM jobs WHERE series_uid = ?"
-        params: list[Any] = [series_uid]
+    def latest_for_series(
+        self, series_uid: str, pipeline_version: str | None = None, kind: JobKind = JobKind.PROCESS
+    ) -> Job | None:
+        query = "SELECT * FROM jobs WHERE series_uid = ? AND kind = ?"
+        params: list[Any] = [series_uid, JobKind(kind).value]
         if pipeline_version is not None:
             query += " AND pipeline_version = ?"
             params.append(pipeline_version)

@@ -5,10 +5,11 @@
     listener --SeriesCompleted--> PipelineService.on_series_complete
                                     │ routing: process / forward / ignore
                                     ▼
-                                 JobQueue ──claim──> WorkerPool ──child process──> chain
-                                                        │ phase done
-                                                        ▼
-                                                     Outbox ──DispatchLoop──> C-STORE to destinations
+                                 JobQueue ──claim (process)──> WorkerPool ──child process──> chain
+                                    │                             │ phase done
+                                    └──claim (forward)──> Forwarder (received files, unchanged)
+                                                                  ▼
+                                                               Outbox ──DispatchLoop──> C-STORE to destinations
     PipelineScheduler: completion checks, dispatch retries, lease recovery, retention, nightly sweep
 
 Wiring into ``radnode serve`` (the listener owns the :class:`SeriesCompletion`)::
@@ -42,9 +43,11 @@ from typing import IO, Any, Protocol
 
 from radnode.config import Destination, Settings
 from radnode.pipeline.dispatch import Dispatcher, DispatchLoop
+from radnode.pipeline.forward import Forwarder
 from radnode.pipeline.jobs import (
     Backoff,
     Job,
+    JobKind,
     JobSource,
     JobSpec,
     JobState,
@@ -67,17 +70,9 @@ from radnode.pipeline.scheduler import (
     interval,
     window_seconds,
 )
-from radnode.pipeline.sweep import (
-    INCOMING_DIR,
-    ArchiveQuery,
-    rules_need_instance_level,
-    SWEEP_DIR,
-    RouteVerdict,
-    SeriesCandidate,
-    SweepReport,
-    Sweeper,
-    incoming_series_dir,
-)
+from radnode.node.storage import INCOMING_DIR, series_dir
+from radnode.pipeline.archive import ArchiveQuery, SeriesCandidate, rules_need_instance_level
+from radnode.pipeline.sweep import RouteVerdict, SweepReport, Sweeper
 from radnode.pipeline.worker import HEARTBEAT_SECONDS, LEASE_SECONDS, ChildOutcome, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -90,6 +85,8 @@ DISPATCH_RETRY_SECONDS = 15.0
 LEASE_RECOVERY_SECONDS = 60.0
 #: Seconds a graceful stop waits for running jobs before it kills them (they are re-queued).
 DRAIN_SECONDS = 10.0
+#: Folder where C-GET retrievals went before they took the ingest path (still cleaned up).
+LEGACY_SWEEP_DIR = "sweep"
 #: Daily time of the retention cleanup (local time).
 RETENTION_CRON = "30 3 * * *"
 
@@ -102,6 +99,8 @@ class CompletionSource(Protocol):
     def unsubscribe(self, subscriber: Callable[[Any], None]) -> None: ...
 
     def pending(self) -> list[Any]: ...
+
+    def replay(self, subscriber: Callable[[Any], None]) -> int: ...
 
     def mark_processed(self, series_instance_uid: str, now: float | None = None) -> bool: ...
 
@@ -255,6 +254,16 @@ class PipelineService:
             heartbeat_seconds=heartbeat_seconds,
             poll_seconds=poll_seconds,
         )
+        self.forwarder = Forwarder(
+            self.queue,
+            self.outbox,
+            self.job_destinations,
+            on_staged=self.dispatch_loop.wake,
+            on_finished=self._forward_finished,
+            timeout_seconds=settings.pipeline.job_timeout_seconds,
+            lease_seconds=lease_seconds,
+            poll_seconds=poll_seconds,
+        )
         self.scheduler = PipelineScheduler(self.data_dir)
         self._lock_handle: IO[str] | None = None
         self._stop = threading.Event()
@@ -290,12 +299,12 @@ class PipelineService:
         if waiting:
             log.info("%d delivery(ies) waiting in the outbox; trying them now", waiting)
         self.pool.start()
+        self.forwarder.start()
         self.dispatch_loop.start()
         self.scheduler.start(self._tasks())
         if self.completion is not None:
             self.completion.subscribe(self.on_series_complete)
-            for event in self.completion.pending():
-                self.on_series_complete(event)
+            self.completion.replay(self.on_series_complete)  # a failure is retried, never lost
         self._started = True
         log.info(
             "pipeline started on %s: %d worker(s), %d destination(s), pipeline version %s",
@@ -312,6 +321,7 @@ class PipelineService:
             self.completion.unsubscribe(self.on_series_complete)
         self.scheduler.stop()
         self.pool.stop(timeout, drain_seconds=drain_seconds)
+        self.forwarder.stop(timeout)
         self.dispatch_loop.stop(timeout)
         if self._lock_handle is not None:
             fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
@@ -391,10 +401,11 @@ class PipelineService:
 
     def series_folder(self, study_uid: str, series_uid: str) -> Path:
         """Where the listener keeps a received series."""
-        return incoming_series_dir(self.data_dir, study_uid, series_uid)
+        return series_dir(self.data_dir, study_uid, series_uid)
 
     def on_series_complete(self, event: Any) -> Job | None:
-        """Subscriber for :class:`radnode.node.completion.SeriesCompleted`: route and enqueue.
+        """Subscriber for :class:`radnode.node.completion.SeriesCompleted`: route and enqueue
+        a processing or a forward job (never more work than that on the completion thread).
 
         Idempotent: an announcement of a series that already has an active job, or a
         finished job for the same instance count (a replay after restart, a sweep
@@ -410,9 +421,7 @@ class PipelineService:
             self._mark_processed(series_uid)
             return None
         if verdict_action == "forward":
-            self._forward(study_uid, series_uid, verdict)
-            self._mark_processed(series_uid)
-            return None
+            return self._forward(event, verdict)
         latest = self.queue.latest_for_series(series_uid, self.pipeline_version)
         is_update = bool(getattr(event, "is_update", False))
         if latest is not None:
@@ -457,14 +466,38 @@ class PipelineService:
             except Exception:
                 log.exception("could not mark series %s processed in the node index", series_uid)
 
-    def _forward(self, study_uid: str, series_uid: str, verdict: RouteVerdict) -> None:
-        """Stage a received series unchanged for the rule's destinations (action ``forward``)."""
-        folder = self.series_folder(study_uid, series_uid)
-        files = sorted(folder.glob("*.dcm"))
-        destinations = [self.settings.destination(name) for name in verdict.destinations]
-        items = self.outbox.stage(files, destinations, source_series_uid=series_uid, result_objects_only=False)
-        log.info("series %s forwarded: %d item(s) to %s", series_uid, len(items), ", ".join(verdict.destinations))
-        self.dispatch_loop.wake()
+    def _forward(self, event: Any, verdict: RouteVerdict) -> Job:
+        """Queue a forward job (action ``forward``): the forwarder stages the received files
+        unchanged for the rule's destinations, off the completion thread."""
+        series_uid = event.series_instance_uid
+        latest = self.queue.latest_for_series(series_uid, kind=JobKind.FORWARD)
+        if latest is not None and latest.instance_count == event.instance_count and not getattr(event, "is_update", False):
+            if latest.active:
+                return latest
+            if latest.state is JobState.DONE:
+                self._mark_processed(series_uid)
+                return latest
+        job = self.queue.enqueue(
+            JobSpec(
+                series_uid=series_uid,
+                study_uid=event.study_instance_uid,
+                input_path=self.series_folder(event.study_instance_uid, series_uid),
+                pipeline_version=self.pipeline_version,
+                priority=Priority.LIVE,
+                source=JobSource.LIVE,
+                destinations=verdict.destinations,
+                instance_count=event.instance_count,
+                calling_ae=event.calling_ae,
+                max_attempts=self.settings.pipeline.max_attempts,
+                kind=JobKind.FORWARD,
+            )
+        )
+        self.forwarder.wake()
+        return job
+
+    def _forward_finished(self, job: Job) -> None:
+        if job.state is JobState.DONE:
+            self._mark_processed(job.series_uid)
 
     # -- worker callbacks ---------------------------------------------------------------
 
@@ -524,21 +557,23 @@ class PipelineService:
     def retention_cleanup(self) -> dict[str, int]:
         """Delete processed input older than ``storage.retention_days`` and delivered outbox files.
 
-        Only folders under ``<data_dir>/incoming`` and ``<data_dir>/sweep`` are removed, and
-        only for series whose newest job is done (never one still queued or failed, which an
-        operator may want to retry).
+        Only folders under ``<data_dir>/incoming`` (and ``<data_dir>/sweep``, where C-GET
+        retrievals of earlier versions went) are removed, and
+        only for series whose newest job (processing or forward) is done (never one still
+        queued or failed, which an operator may want to retry).
         """
         days = self.settings.storage.retention_days
         if days <= 0:
             return {"inputs": 0, "outbox_files": 0}
         cutoff = time.time() - days * 86400
-        allowed = [(self.data_dir / INCOMING_DIR).resolve(), (self.data_dir / SWEEP_DIR).resolve()]
+        allowed = [(self.data_dir / INCOMING_DIR).resolve(), (self.data_dir / LEGACY_SWEEP_DIR).resolve()]
         removed = 0
         for job in self.queue.list(states=[JobState.DONE], limit=100_000):
             if job.finished_at is None or job.finished_at >= cutoff:
                 continue
-            latest = self.queue.latest_for_series(job.series_uid)
-            if latest is None or latest.id != job.id:
+            # The series' newest job of any kind (processed or forwarded) must be this one.
+            latest = [j for k in JobKind if (j := self.queue.latest_for_series(job.series_uid, kind=k))]
+            if max(j.id for j in latest) != job.id or any(j.state is not JobState.DONE for j in latest):
                 continue
             folder = job.input_path.resolve()
             if not folder.exists() or not any(base in folder.parents for base in allowed):

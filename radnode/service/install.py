@@ -28,12 +28,12 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import radnode
+from radnode import durable
 
 #: The unit, as systemd knows it.
 UNIT_NAME = "radnode.service"
@@ -435,18 +435,7 @@ def _below(root: Path, path: PurePosixPath) -> Path:
 
 
 def _write_atomic(target: Path, content: str, mode: int) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    durable.write_text(target, content, mode)
 
 
 def _remove(target: Path, action: RemovePath) -> bool:

@@ -27,7 +27,6 @@ measures the network, not the candidate detector.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 from monai.losses import DiceCELoss
 
+from radnode import durable
 from radnode.models.bundle import save_bundle
 from radnode.models.candidates import DetectorParams, box_from_mask, mm_to_voxels
 from radnode.models.inference import (
@@ -257,10 +257,8 @@ def validate(
 
 
 def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with durable.replacing(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_checkpoint(path: Path, arch: RASegConfig, train_ids: Sequence[str]) -> dict[str, Any]:

@@ -1,0 +1,422 @@
+"""The archive as a Query/Retrieve client: C-FIND for CT series, C-MOVE or C-GET to fetch one.
+
+PS3.4 Annex C, Study Root information model. Everything the archive answers is untrusted
+input: a UID that is not a conformant UID (PS3.5 §9.1) is dropped at query time, because
+UIDs become folder names; retrieved instances are stored only through the node's ingest
+(C-MOVE: the listener; C-GET: :class:`GetRetriever` hands each sub-operation to an
+:class:`~radnode.node.ingest.Ingestor`), so both land in ``incoming/<study>/<series>/``,
+indexed and audited like any instance a sender pushed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from pynetdicom.status import code_to_category
+
+from radnode.config import Settings
+from radnode.node import status
+from radnode.node.ingest import Ingestor, StoreRequest, local_ingestor
+from radnode.node.storage import InvalidUIDError, series_dir, validate_uid
+
+log = logging.getLogger(__name__)
+
+#: Modality (0008,0060) the sweep looks for.
+CT_MODALITY = "CT"
+_CATEGORY_SUCCESS = "Success"
+_CATEGORY_PENDING = "Pending"
+_CATEGORY_WARNING = "Warning"
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot run (no PACS configured, query refused, already running)."""
+
+
+@dataclass(frozen=True)
+class SeriesCandidate:
+    """A CT series as the archive describes it at SERIES level (no patient data)."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    study_date: str | None = None
+    series_description: str | None = None
+    body_part: str | None = None
+    series_number: int | None = None
+    instance_count: int | None = None
+    station_name: str | None = None
+    # From one instance (IMAGE-level C-FIND), only when a routing rule needs them.
+    sop_class_uid: str | None = None
+    image_type: tuple[str, ...] = ()
+    slice_thickness: float | None = None
+    manufacturer: str | None = None
+    software_versions: tuple[str, ...] = ()
+
+    def attributes(self) -> dict[str, Any]:
+        """The attributes routing rules test, by DICOM keyword (as the node's index keeps them)."""
+        return {
+            "StudyInstanceUID": self.study_uid,
+            "SeriesInstanceUID": self.series_uid,
+            "Modality": self.modality,
+            "StudyDate": self.study_date,
+            "SeriesDescription": self.series_description,
+            "BodyPartExamined": self.body_part,
+            "StationName": self.station_name,
+            "SOPClassUID": self.sop_class_uid,
+            "ImageType": list(self.image_type),
+            "SliceThickness": self.slice_thickness,
+            "Manufacturer": self.manufacturer,
+            "SoftwareVersions": list(self.software_versions),
+        }
+
+
+@dataclass(frozen=True)
+class RetrieveResult:
+    """The end of one retrieval."""
+
+    ok: bool
+    folder: Path
+    completed: int = 0
+    failed: int = 0
+    status: int | None = None
+    error: str | None = None
+
+
+class Retriever(Protocol):
+    """Fetches one series from the archive into a folder the job can read."""
+
+    def retrieve(self, candidate: SeriesCandidate) -> RetrieveResult: ...
+
+
+def _da(value: date) -> str:
+    """A date as DICOM DA (PS3.5 6.2: YYYYMMDD)."""
+    return value.strftime("%Y%m%d")
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _uid(ds: Dataset, keyword: str) -> str | None:
+    """A UID the archive returned, or None (logged) when it is missing or not a valid UID."""
+    value = _text(ds, keyword)
+    if value is None:
+        return None
+    try:
+        return validate_uid(value, keyword)
+    except InvalidUIDError as exc:
+        log.warning("archive answered an invalid %s; that match is ignored: %s", keyword, exc)
+        return None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+class _Association:
+    """Opens associations to the configured PACS with our AE title and timeouts."""
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.pacs is None:
+            raise SweepError("the sweep needs a 'pacs' section (ae_title, host, port) to query")
+        self.settings = settings
+        self.pacs = settings.pacs
+
+    def ae(self) -> AE:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.acse_timeout = node.acse_timeout
+        ae.dimse_timeout = node.dimse_timeout
+        ae.network_timeout = node.network_timeout
+        return ae
+
+    def open(self, ae: AE, **kwargs: Any) -> Any:
+        assoc = ae.associate(self.pacs.host, self.pacs.port, ae_title=self.pacs.ae_title, **kwargs)
+        if not assoc.is_established:
+            why = "rejected the association" if assoc.is_rejected else "is unreachable or aborted"
+            raise SweepError(f"PACS {self.pacs.ae_title}@{self.pacs.host}:{self.pacs.port} {why}")
+        return assoc
+
+
+def rules_need_instance_level(settings: Settings) -> bool:
+    """Whether a routing rule tests attributes an archive only returns per instance."""
+    return any(
+        rule.match.image_type_contains is not None
+        or rule.match.slice_thickness_min is not None
+        or rule.match.slice_thickness_max is not None
+        for rule in settings.routing
+    )
+
+
+def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        return ()
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split("\\") if v.strip())
+    try:
+        return tuple(str(v).strip() for v in value)
+    except TypeError:
+        return (str(value).strip(),)
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+class ArchiveQuery(_Association):
+    """C-FIND against the configured PACS (Study Root, PS3.4 C.6.2).
+
+    Parameters
+    ----------
+    settings
+        PACS address, our AE title, timeouts.
+    instance_level
+        Also C-FIND one series' instances for Image Type, Slice Thickness, SOP Class,
+        Manufacturer (routing rules on those cannot be judged from SERIES level).
+    """
+
+    def __init__(self, settings: Settings, instance_level: bool = False) -> None:
+        super().__init__(settings)
+        self.instance_level = instance_level
+
+    def _instance_facts(self, assoc: Any, study_uid: str, series_uid: str) -> dict[str, Any]:
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = series_uid
+        query.SOPInstanceUID = ""
+        query.SOPClassUID = ""
+        query.ImageType = ""
+        query.SliceThickness = ""
+        query.Manufacturer = ""
+        query.SoftwareVersions = ""
+        matches = self._find(assoc, query)
+        if not matches:
+            return {}
+        first = matches[0]
+        return {
+            "sop_class_uid": _text(first, "SOPClassUID"),
+            "image_type": _multi(first, "ImageType"),
+            "slice_thickness": _float(first, "SliceThickness"),
+            "manufacturer": _text(first, "Manufacturer"),
+            "software_versions": _multi(first, "SoftwareVersions"),
+        }
+
+    def _find(self, assoc: Any, identifier: Dataset) -> list[Dataset]:
+        matches: list[Dataset] = []
+        for response, found in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+            if "Status" not in response:
+                raise SweepError("C-FIND got no response from the PACS (timeout or abort)")
+            code = int(response.Status)
+            category = code_to_category(code)
+            if category == _CATEGORY_PENDING and found is not None:
+                matches.append(found)
+            elif category not in (_CATEGORY_PENDING, _CATEGORY_SUCCESS):
+                raise SweepError(f"C-FIND refused by the PACS with status 0x{code:04X}")
+        return matches
+
+    def series(self, date_from: date, date_to: date, modality: str = CT_MODALITY) -> list[SeriesCandidate]:
+        """All series of ``modality`` in studies dated within ``[date_from, date_to]``."""
+        ae = self.ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = self.open(ae)
+        try:
+            study = Dataset()
+            study.QueryRetrieveLevel = "STUDY"
+            study.StudyInstanceUID = ""
+            study.StudyDate = f"{_da(date_from)}-{_da(date_to)}"
+            study.ModalitiesInStudy = modality
+            studies = self._find(assoc, study)
+            candidates: list[SeriesCandidate] = []
+            for found in studies:
+                study_uid = _uid(found, "StudyInstanceUID")
+                if not study_uid:
+                    continue
+                query = Dataset()
+                query.QueryRetrieveLevel = "SERIES"
+                query.StudyInstanceUID = study_uid
+                query.SeriesInstanceUID = ""
+                query.Modality = modality
+                query.SeriesNumber = ""
+                query.SeriesDescription = ""
+                query.BodyPartExamined = ""
+                query.StationName = ""
+                query.NumberOfSeriesRelatedInstances = ""
+                for series in self._find(assoc, query):
+                    series_uid = _uid(series, "SeriesInstanceUID")
+                    series_modality = _text(series, "Modality") or ""
+                    if not series_uid or series_modality.upper() != modality:
+                        continue  # an archive that ignores the Modality key still returns others
+                    extra = self._instance_facts(assoc, study_uid, series_uid) if self.instance_level else {}
+                    candidates.append(
+                        SeriesCandidate(
+                            study_uid=study_uid,
+                            series_uid=series_uid,
+                            modality=series_modality,
+                            study_date=_text(found, "StudyDate"),
+                            series_description=_text(series, "SeriesDescription"),
+                            body_part=_text(series, "BodyPartExamined"),
+                            series_number=_int(series, "SeriesNumber"),
+                            instance_count=_int(series, "NumberOfSeriesRelatedInstances"),
+                            station_name=_text(series, "StationName"),
+                            **extra,
+                        )
+                    )
+        finally:
+            assoc.release()
+        log.info("sweep C-FIND %s..%s: %d study(ies), %d CT series", date_from, date_to, len(studies), len(candidates))
+        return candidates
+
+
+def _retrieve_identifier(candidate: SeriesCandidate) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "SERIES"
+    identifier.StudyInstanceUID = candidate.study_uid
+    identifier.SeriesInstanceUID = candidate.series_uid
+    return identifier
+
+
+def _final_status(responses: Iterator[tuple[Dataset, Dataset | None]]) -> tuple[int | None, int, int]:
+    """Consume C-MOVE/C-GET responses; return (final status, completed, failed sub-operations)."""
+    final: int | None = None
+    completed = failed = 0
+    for response, _identifier in responses:
+        if "Status" not in response:
+            return None, completed, failed
+        final = int(response.Status)
+        completed = int(response.get("NumberOfCompletedSuboperations", completed) or 0)
+        failed = int(response.get("NumberOfFailedSuboperations", failed) or 0)
+    return final, completed, failed
+
+
+def _retrieve_outcome(candidate: SeriesCandidate, folder: Path, final: int | None, completed: int, failed: int, verb: str) -> RetrieveResult:
+    if final is None:
+        return RetrieveResult(False, folder, completed, failed, None, f"{verb}: no response from the PACS (timeout or abort)")
+    category = code_to_category(final)
+    if category == _CATEGORY_SUCCESS or (category == _CATEGORY_WARNING and completed > 0):
+        if failed:
+            log.warning("%s of series %s: %d sub-operation(s) failed, %d completed", verb, candidate.series_uid, failed, completed)
+        return RetrieveResult(True, folder, completed, failed, final)
+    hint = " (the PACS does not know radnode's AE title as a move destination)" if final == status.MOVE_DESTINATION_UNKNOWN else ""
+    return RetrieveResult(False, folder, completed, failed, final, f"{verb} failed with status 0x{final:04X}{hint}")
+
+
+class MoveRetriever(_Association):
+    """C-MOVE a series to radnode's own AE title (the listener receives it)."""
+
+    def retrieve(self, candidate: SeriesCandidate) -> RetrieveResult:
+        folder = series_dir(self.settings.storage.data_dir, candidate.study_uid, candidate.series_uid)
+        ae = self.ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        try:
+            assoc = self.open(ae)
+        except SweepError as exc:
+            return RetrieveResult(False, folder, error=str(exc))
+        try:
+            final, completed, failed = _final_status(
+                assoc.send_c_move(
+                    _retrieve_identifier(candidate), self.settings.node.ae_title, StudyRootQueryRetrieveInformationModelMove
+                )
+            )
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return _retrieve_outcome(candidate, folder, final, completed, failed, "C-MOVE")
+
+
+class GetRetriever(_Association):
+    """C-GET a series over one association; each instance goes through the node's ingest.
+
+    The C-STORE sub-operations arrive on the same association. Their data is untrusted
+    archive input, so it takes exactly the path of an instance sent to the listener
+    (:class:`~radnode.node.ingest.Ingestor`): UID checks (a UID never becomes a path
+    unchecked), the exact bytes received written durably under ``incoming/``, indexed,
+    audited, or quarantined with a reason and answered with a failure status.
+
+    Parameters
+    ----------
+    settings
+        PACS address, our AE title, timeouts, data folder.
+    ingestor
+        A context manager factory yielding the :class:`Ingestor` to use; by default
+        :func:`~radnode.node.ingest.local_ingestor` on ``settings``.
+    """
+
+    def __init__(self, settings: Settings, ingestor: Callable[[Settings], AbstractContextManager[Ingestor]] | None = None) -> None:
+        super().__init__(settings)
+        self._ingestor = ingestor or local_ingestor
+
+    def retrieve(self, candidate: SeriesCandidate) -> RetrieveResult:
+        folder = series_dir(self.settings.storage.data_dir, candidate.study_uid, candidate.series_uid)
+        archive_ae = self.pacs.ae_title
+        with self._ingestor(self.settings) as ingestor:
+
+            def on_store(event: Any) -> int | Dataset:
+                request = event.request
+                with request.DataSet.getbuffer() as data:
+                    outcome = ingestor.ingest(
+                        StoreRequest(
+                            sop_class_uid=str(request.AffectedSOPClassUID or ""),
+                            sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+                            transfer_syntax_uid=str(event.context.transfer_syntax),
+                            calling_ae=archive_ae,
+                            peer_address=str(event.assoc.acceptor.address),
+                            dataset=(data,),
+                        )
+                    )
+                if outcome.status == status.SUCCESS:
+                    if outcome.series_instance_uid != candidate.series_uid:
+                        log.warning(
+                            "C-GET of series %s: the archive sent an instance of series %s (stored as such)",
+                            candidate.series_uid, outcome.series_instance_uid,
+                        )
+                    return status.SUCCESS
+                response = Dataset()
+                response.Status = outcome.status
+                if outcome.error_comment:
+                    response.ErrorComment = outcome.error_comment
+                return response
+
+            ae = self.ae()
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+            ae.add_requested_context(CTImageStorage)
+            try:
+                assoc = self.open(
+                    ae, ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)]
+                )
+            except SweepError as exc:
+                return RetrieveResult(False, folder, error=str(exc))
+            try:
+                final, completed, failed = _final_status(
+                    assoc.send_c_get(_retrieve_identifier(candidate), StudyRootQueryRetrieveInformationModelGet)
+                )
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+        return _retrieve_outcome(candidate, folder, final, completed, failed, "C-GET")
