@@ -57,7 +57,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from radnode.config.model import Settings
 from radnode.node import status
-from radnode.node.access import AccessPolicy
+from radnode.node.access import AccessPolicy, exposure_warnings
 from radnode.node.audit import AuditLog
 from radnode.node.completion import (
     CompletionSubscriber,
@@ -199,14 +199,8 @@ class StorageNode:
             LOGGER.info(
                 "metrics on http://%s:%d/metrics", self.settings.metrics.host, self._metrics_server.port
             )
-        if self.access.accepts_any_calling_ae:
-            LOGGER.warning(
-                "node.strict is off: associations from ANY calling AE title are accepted%s; "
-                "set node.strict and node.allowed_calling_aes for production",
-                "" if not node.allowed_calling_aes else " (unlisted ones are logged)",
-            )
-        elif not node.allowed_calling_aes:
-            LOGGER.warning("node.strict is on but node.allowed_calling_aes is empty: every association will be rejected")
+        for warning in exposure_warnings(node):
+            LOGGER.warning("%s", warning)
         LOGGER.info(
             "%s listening on %s:%d%s, data in %s",
             node.ae_title,
