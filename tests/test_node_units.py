@@ -450,9 +450,9 @@ def test_fast_path_answers_c_store_itself_only_when_given_a_handler() -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "supported"), [("3.0.4", True), ("3.1.0", True), ("4.0.0", False), ("2.1.1", False), ("dev", False)]
+    ("version", "supported"), [("3.0.4", True), ("3.0.9", True), ("3.1.0", False), ("4.0.0", False), ("2.1.1", False), ("dev", False)]
 )
-def test_fast_path_is_limited_to_pynetdicom_3(version: str, supported: bool) -> None:
+def test_fast_path_is_limited_to_the_tested_pynetdicom_series(version: str, supported: bool) -> None:
     import pynetdicom
 
     from radnode.node.fastpath import pynetdicom_supported

@@ -285,3 +285,63 @@ def test_graceful_stop_lets_a_running_job_finish(tmp_path: Path, monkeypatch: py
     pool.stop(timeout=30, drain_seconds=20)
     assert queue.get(job.id).state is JobState.DONE
     assert queue.get(later.id).state is JobState.QUEUED  # not started during the drain
+
+
+def test_a_corrupted_model_or_classifier_bundle_fails_the_job_naming_it(tmp_path: Path, shared_data: Path) -> None:
+    """A damaged bundle stops the job before it delivers anything, with a reason that names
+    the bundle; the worker pool goes on (the next job runs once the bundle is repaired)."""
+    from radnode.config.model import DEMO_CLASSIFIER_BUNDLE
+    from radnode.models.tumour import DEMO_BUNDLE_PATH
+
+    seg = tmp_path / "raseg-site"
+    shutil.copytree(DEMO_BUNDLE_PATH, seg)
+    classifier = tmp_path / "egfr-site"
+    shutil.copytree(DEMO_CLASSIFIER_BUNDLE, classifier)
+
+    def flip_last_byte(path: Path) -> bytes:
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 0x01]))
+        return original
+
+    seg_weights = next(seg.glob("weights.*"))
+    seg_original = flip_last_byte(seg_weights)
+    model_file = classifier / "model.skops"
+    classifier_original = flip_last_byte(model_file)
+    ct = shared_data / "ibsi_ct_phantom" / "dicom" / "image"
+    few = folder(tmp_path, "few")
+    for path in sorted(ct.glob("*.dcm"))[:5]:
+        shutil.copy(path, few / path.name)
+
+    def run(settings: Settings, input_path: Path) -> Job:
+        queue = SQLiteJobQueue(tmp_path / f"jobs-{len(list(tmp_path.glob('jobs-*')))}.sqlite")
+        job = queue.enqueue(JobSpec(series_uid="9.9", input_path=input_path, pipeline_version="1", max_attempts=1))
+        pool = WorkerPool(queue, settings, tmp_path / "results", poll_seconds=0.1, heartbeat_seconds=0.5, lease_seconds=10)
+        pool.start()
+        try:
+            wait_idle(queue, 120)
+        finally:
+            pool.stop()
+        return queue.get(job.id)
+
+    def settings_with(segmentation: Path | str) -> Settings:
+        return Settings(
+            storage={"data_dir": str(tmp_path / "data")},
+            pipeline={"workers": 1, "job_timeout_seconds": 120, "max_attempts": 1},
+            models={"segmentation_bundle": str(segmentation), "classifier_bundles": {"EGFR": str(classifier)}},
+        )
+
+    broken_seg = run(settings_with(seg), ct)
+    assert broken_seg.state is JobState.FAILED and broken_seg.reason == FailureReason.CHAIN_ERROR.value
+    assert f"segmentation bundle {seg} (models.segmentation_bundle) is unusable" in (broken_seg.error or "")
+    assert "SHA-256" in (broken_seg.error or "")
+    assert broken_seg.phase_state(Phase.CONTOURS) is PhaseState.FAILED  # nothing was delivered
+
+    seg_weights.write_bytes(seg_original)
+    broken_classifier = run(settings_with(seg), ct)
+    assert broken_classifier.state is JobState.FAILED
+    assert f"classifier bundle {classifier} for EGFR (models.classifier_bundles) is unusable" in (broken_classifier.error or "")
+    assert broken_classifier.phase_state(Phase.CONTOURS) is PhaseState.FAILED
+
+    model_file.write_bytes(classifier_original)
+    repaired = run(settings_with(seg), few)  # both bundles pass their checks: QC judges the series
+    assert repaired.reason == FailureReason.QC_REJECTED.value and "too_few_slices" in (repaired.error or "")

@@ -71,6 +71,7 @@ from radnode.node.fastpath import (
     StoreDIMSE,
     tune_association,
 )
+from radnode.node.fastpath import self_test as fastpath_self_test
 from radnode.node.index import NodeIndex
 from radnode.node.ingest import Ingestor, StoreOutcome, StoreRequest
 from radnode.node.metrics import MetricsServer, NodeMetrics
@@ -88,9 +89,6 @@ LOGGER = logging.getLogger(__name__)
 #: A health check reports ``(healthy, details)`` for ``/healthz``.
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
-#: Use :mod:`radnode.node.fastpath` for each association (select-based DUL, zero-copy
-#: P-DATA, C-STORE answered on the DUL thread).
-FAST_RECEIVE_PATH = True
 #: pynetdicom's logging handlers that run once per PDU or DIMSE message.
 _CHATTY_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
 #: Files below ``data_dir``.
@@ -143,6 +141,8 @@ class StorageNode:
         self._closing = False
         self._stopped = threading.Event()
         self._health_checks: dict[str, HealthCheck] = {}
+        #: Whether associations use :mod:`radnode.node.fastpath` (decided in :meth:`start`).
+        self.fast_receive = False
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -154,6 +154,7 @@ class StorageNode:
                 "the listener needs pynetdicom's _config.STORE_RECV_CHUNKED_DATASET = False "
                 "(it writes the received bytes itself)"
             )
+        self.fast_receive = self._choose_receive_path()
         self.store.clean_temporary()
         recovered = self.ingestor.recover_orphans()
         if recovered:
@@ -288,8 +289,23 @@ class StorageNode:
             for handler, _args in list(assoc.get_handlers(chatty)):
                 if getattr(handler, "__self__", None) is not self:
                     assoc.unbind(chatty, handler)
-        if FAST_RECEIVE_PATH:
+        if self.fast_receive:
             tune_association(assoc, self._store_on_dul_thread, self._stage)
+
+    def _choose_receive_path(self) -> bool:
+        """``node.fast_receive``, if the fast path's self-test passes on this pynetdicom."""
+        if not self.settings.node.fast_receive:
+            LOGGER.info("receive path: pynetdicom's ordinary path (node.fast_receive is off)")
+            return False
+        problem = fastpath_self_test()
+        if problem is not None:
+            LOGGER.warning(
+                "receive path: the fast path's self-test failed (%s); falling back to pynetdicom's "
+                "ordinary path (slower, equally correct)", problem,
+            )
+            return False
+        LOGGER.info("receive path: fast (node.fast_receive, self-test passed)")
+        return True
 
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
