@@ -511,9 +511,18 @@ class WorkerPool:
     def run_job(self, job: Job, worker_id: str) -> Job | None:
         """Run one claimed job to the end of this attempt and record the outcome."""
         out_dir = self.out_dir(job)
-        if out_dir.exists():  # leftovers of an earlier attempt must not be mistaken for results
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
+        try:
+            if out_dir.exists():  # leftovers of an earlier attempt must not be mistaken for results
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True)
+        except OSError as exc:  # a full or read-only results volume: this attempt fails, a later one may not
+            return self._record(
+                job,
+                worker_id,
+                ChildOutcome(OutcomeKind.RAISED, 0.0, error=f"cannot prepare the result folder {out_dir}: {exc}"),
+                reason=FailureReason.EXCEPTION,
+                retryable=True,
+            )
         if not job.input_path.exists():
             return self._record(
                 job,
