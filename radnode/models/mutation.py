@@ -55,12 +55,14 @@ def deep_feature_columns(vector: list[float]) -> dict[str, float]:
     return {f"deep_{i:03d}": float(v) for i, v in enumerate(vector)}
 
 
-def predict_endpoints(bundles: Mapping[str, Path], features: Mapping[str, float]) -> MutationResult:
-    """Run every configured bundle on one case's features."""
+def predict_endpoints(
+    bundles: Mapping[str, Path], features: Mapping[str, float], pins: Mapping[str, str] | None = None
+) -> MutationResult:
+    """Run every configured bundle on one case's features (``pins``: endpoint -> pinned SHA-256)."""
     result = MutationResult()
     for endpoint, path in bundles.items():
         try:
-            bundle = load_classifier_bundle(path)
+            bundle = load_classifier_bundle(path, (pins or {}).get(endpoint))
             probabilities = bundle.predict_one(dict(features))
         except (ClassifierBundleError, OSError, ValueError) as exc:
             result.errors[endpoint] = f"{type(exc).__name__}: {exc}"

@@ -70,12 +70,14 @@ class TumourSegmentation:
         }
 
 
-def network_tumour(ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: str) -> TumourSegmentation:
-    """Segment with the RA-Seg network of a bundle (checksum and architecture verified)."""
+def network_tumour(
+    ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: str, expected_sha256: str | None = None
+) -> TumourSegmentation:
+    """Segment with the RA-Seg network of a bundle (checksum, pin and architecture verified)."""
     from radnode.models.bundle import load_bundle
     from radnode.models.inference import resolve_device, segment_ct
 
-    bundle = load_bundle(bundle_path, device=resolve_device(device))
+    bundle = load_bundle(bundle_path, device=resolve_device(device), expected_sha256=expected_sha256)
     seg = segment_ct(bundle.model, ct, lung.astype(np.uint8), settings=bundle.inference_settings(device=device))
     meta = bundle.meta
     notes = [f"RA-Seg bundle {meta.name} {meta.version}"]
@@ -95,12 +97,12 @@ def network_tumour(ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: 
 
 
 def segment_tumour(
-    ct: sitk.Image, lung: np.ndarray, setting: str | Path | None, device: str = "auto"
+    ct: sitk.Image, lung: np.ndarray, setting: str | Path | None, device: str = "auto", expected_sha256: str | None = None
 ) -> TumourSegmentation:
     """The chain's tumour stage: the configured bundle, else an empty, explained result."""
     bundle_path = resolve_bundle(setting)
     if bundle_path is not None:
-        return network_tumour(ct, lung, bundle_path, device)
+        return network_tumour(ct, lung, bundle_path, device, expected_sha256)
     log.warning("no segmentation bundle configured (models.segmentation_bundle = none): tumour not segmented")
     return TumourSegmentation(
         mask=np.zeros(lung.shape, dtype=bool),

@@ -42,6 +42,7 @@ from radnode.models.radiomics import RadiomicsResult, extract_regions
 from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
 from radnode.pipeline.version import PIPELINE_VERSION
 from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
+from radnode.models.verify import verify_configured_bundles
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,8 @@ def find_lungs(series: CTSeries) -> LungMaskResult:
 
 def find_tumour(series: CTSeries, lungs: LungMaskResult, settings: Settings) -> TumourSegmentation:
     """Stage 3: tumour mask inside the lungs (RA-Seg bundle, or the classical outline)."""
-    return segment_tumour(series.image, lungs.lungs, settings.models.segmentation_bundle, settings.models.device)
+    models = settings.models
+    return segment_tumour(series.image, lungs.lungs, models.segmentation_bundle, models.device, models.segmentation_sha256)
 
 
 def zyx_spacing(series: CTSeries) -> tuple[float, float, float]:
@@ -247,7 +249,7 @@ def predict_mutations(
         {name: r.features for name, r in radiomics.regions.items() if r.status == "done"}
     )
     features.update(deep_feature_columns(deep_features or []))
-    return predict_endpoints(bundles, features)
+    return predict_endpoints(bundles, features, settings.models.classifier_sha256)
 
 
 def measure_regions(series: CTSeries, written: list[Region]) -> list[RegionStats]:
@@ -352,6 +354,8 @@ def run_chain(
     stages = _Stages(result, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        with stages.stage("models"):  # every configured bundle intact (and as pinned) before any work
+            verify_configured_bundles(settings.models)
         with stages.stage("load_and_qc"):
             try:
                 series = load_and_check(input_path, settings)

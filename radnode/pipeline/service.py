@@ -511,9 +511,8 @@ class PipelineService:
             return [known[n] for n in job.destinations if n in known]
         return list(self.settings.destinations)
 
-    def _stage_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path] | None = None) -> int:
-        if files is None:  # the chain did not list them: every finished object in its folder
-            files = sorted(p for p in out_dir.rglob("*.dcm") if not p.name.startswith("."))
+    def _stage_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path]) -> int:
+        """Stage exactly the files the chain handed over for ``phase`` (the one staging path)."""
         items = self.outbox.stage(
             files, self.job_destinations(job), job_id=job.id, source_series_uid=job.series_uid, only_phase=phase
         )
