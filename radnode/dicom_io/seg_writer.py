@@ -38,6 +38,7 @@ from radnode.dicom_io.derived import (
     source_geometry,
     split_regions,
 )
+from radnode.dicom_io.provenance import contributing_equipment, declare_coding_schemes, ihe_coding_scheme
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
     Region,
@@ -209,8 +210,10 @@ def build_seg(
             omit_empty_frames=True,
             series_description=opts.description("SEG"),
             institution_name=opts.institution_name,
+            contributing_equipment=contributing_equipment(algorithm.contributors, opts.institution_name),
         )
     _make_deterministic(seg, opts.uid_root, uids.sop_instance_uid)
+    declare_coding_schemes(seg, [codes.radnode_coding_scheme(), ihe_coding_scheme()])
     logger.info(
         "SEG %s for series %s: %d segments, %d frames%s",
         uids.sop_instance_uid,
