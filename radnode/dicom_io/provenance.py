@@ -114,7 +114,8 @@ class ContributingAlgorithm:
         """Contribution Description (ST)."""
         text = f"{self.role}: {self.name} {self.version}"
         if self.demo:
-            text += f" ({codes.DEMO_TEXT})"
+            # ASCII: a SEG or RTSTRUCT keeps the source's character set (often Latin-1).
+            text += f" ({codes.DEMO_TEXT.replace(chr(0x2014), '-')})"
         return text[:_ST]
 
 
