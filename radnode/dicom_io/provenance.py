@@ -160,6 +160,8 @@ def ihe_coding_scheme() -> CodingSchemeIdentificationItem:
 
 def declare_coding_schemes(ds: Dataset, schemes: Sequence[CodingSchemeIdentificationItem]) -> None:
     """Add scheme declarations to ``ds`` (PS3.3 C.12.1.1.4), each designator once."""
+    if not schemes:
+        return  # an empty sequence would break the Type 1 rule of its items
     existing = list(ds.get("CodingSchemeIdentificationSequence", []))
     known = {str(item.CodingSchemeDesignator) for item in existing}
     for scheme in schemes:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from os import PathLike
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept
@@ -115,6 +116,17 @@ def _content_description(written: Sequence[Region], missing: Sequence[Region]) -
     if others:
         text += "; empty: " + ", ".join(others)
     return text[:64]
+
+
+def _private_schemes(written: Sequence[Region], algorithm: AlgorithmInfo) -> list[CodingSchemeIdentificationItem]:
+    """Declarations of the private coding schemes this SEG uses (PS3.3 C.12.1.1.4)."""
+    schemes = []
+    used = {c.scheme_designator for r in written for c in (r.category, r.property_type, r.type_modifier) if c}
+    if codes.RADNODE_SCHEME in used:
+        schemes.append(codes.radnode_coding_scheme())
+    if algorithm.contributors:
+        schemes.append(ihe_coding_scheme())
+    return schemes
 
 
 def _make_deterministic(seg: Dataset, root: str, sop_uid: str) -> None:
@@ -213,7 +225,7 @@ def build_seg(
             contributing_equipment=contributing_equipment(algorithm.contributors, opts.institution_name),
         )
     _make_deterministic(seg, opts.uid_root, uids.sop_instance_uid)
-    declare_coding_schemes(seg, [codes.radnode_coding_scheme(), ihe_coding_scheme()])
+    declare_coding_schemes(seg, _private_schemes(written, algorithm))
     logger.info(
         "SEG %s for series %s: %d segments, %d frames%s",
         uids.sop_instance_uid,

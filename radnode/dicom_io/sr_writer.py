@@ -468,7 +468,7 @@ def build_sr(
             manufacturer_model_name=algorithm.name[:64],
             software_versions=list(algorithm.software_versions),
             device_serial_number="0",
-            coding_schemes=[codes.radnode_coding_scheme(), ihe_coding_scheme()],
+            coding_schemes=[codes.radnode_coding_scheme(), *([ihe_coding_scheme()] if equipment else [])],
             specific_character_set=UTF8_CHARACTER_SET,
             contributing_equipment=equipment,
         )
