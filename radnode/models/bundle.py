@@ -116,6 +116,16 @@ class BundleMeta:
             **self.extra,
         }
 
+    @property
+    def checksum(self) -> str:
+        """SHA-256 over the whole ``bundle.json`` content (which holds the weights' SHA-256).
+
+        Retrained weights, other preprocessing or inference defaults: another checksum,
+        hence another Device UID in every object the bundle contributes to.
+        """
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        return sha256_hex(text.encode("utf-8"))
+
 
 @dataclass
 class Bundle:

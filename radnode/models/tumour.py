@@ -57,6 +57,10 @@ class TumourSegmentation:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     deep_features: list[float] | None = None
+    #: SHA-256 of the bundle (``BundleMeta.checksum``); empty when no model ran.
+    checksum: str = ""
+    #: Who made the bundle (``manufacturer`` in bundle.json, else radnode).
+    manufacturer: str = "radnode"
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description for result.json."""
@@ -64,6 +68,7 @@ class TumourSegmentation:
             "method": self.method,
             "version": self.version,
             "demo": self.demo,
+            "checksum": self.checksum,
             "voxels": int(np.count_nonzero(self.mask)),
             "notes": list(self.notes),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
@@ -93,6 +98,8 @@ def network_tumour(
         notes=notes,
         timings=dict(seg.grid.timings),
         deep_features=None if features is None else [float(v) for v in features],
+        checksum=meta.checksum,
+        manufacturer=str(meta.extra.get("manufacturer") or "radnode"),
     )
 
 

@@ -22,6 +22,7 @@ from radnode import __version__, durable
 from pydicom import Dataset
 
 from radnode.config import Settings
+from radnode.dicom_io.provenance import ContributingAlgorithm, checksum_of, engine_algorithm
 from radnode.dicom_io.qc import QCLimits
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
@@ -259,12 +260,38 @@ def measure_regions(series: CTSeries, written: list[Region]) -> list[RegionStats
     return [region_statistics(r.mask, image, spacing, name=r.name) for r in written]
 
 
+def segmentation_algorithms(tumour: TumourSegmentation) -> tuple[ContributingAlgorithm, ...]:
+    """The lung mask and (when one ran) the tumour bundle, as IHE AIR contributing algorithms.
+
+    The weight-free lung mask ships with radnode, so its checksum covers radnode's
+    version; a bundle's is its content checksum (a bundle without one, e.g. a test's
+    stand-in, falls back to name and version).
+    """
+    lung = ContributingAlgorithm(
+        name=LUNG_MASK_METHOD,
+        version=LUNG_MASK_VERSION,
+        checksum=checksum_of("lung-mask", LUNG_MASK_METHOD, LUNG_MASK_VERSION, __version__),
+        role="lung segmentation",
+    )
+    if tumour.method == NO_MODEL:
+        return (lung,)
+    bundle = ContributingAlgorithm(
+        name=tumour.method,
+        version=tumour.version,
+        checksum=tumour.checksum or checksum_of("tumour-model", tumour.method, tumour.version),
+        role="tumour segmentation",
+        manufacturer=tumour.manufacturer,
+        demo=tumour.demo,
+    )
+    return (lung, bundle)
+
+
 def algorithm_info(tumour: TumourSegmentation) -> AlgorithmInfo:
     """Provenance written into every object: package, pipeline and model versions."""
     versions = {"pipeline": PIPELINE_VERSION, LUNG_MASK_METHOD: LUNG_MASK_VERSION}
     if tumour.method != NO_MODEL:
         versions[tumour.method] = tumour.version
-    return AlgorithmInfo(model_versions=versions, demo=tumour.demo)
+    return AlgorithmInfo(model_versions=versions, demo=tumour.demo, contributors=segmentation_algorithms(tumour))
 
 
 def report_algorithm(algorithm: AlgorithmInfo, radiomics: RadiomicsResult | None) -> AlgorithmInfo:
@@ -273,7 +300,8 @@ def report_algorithm(algorithm: AlgorithmInfo, radiomics: RadiomicsResult | None
         return algorithm
     engine = radiomics.engine
     versions = {**algorithm.model_versions, f"radiomics-{engine['name']}": str(engine["version"])}
-    return AlgorithmInfo(model_versions=versions, demo=algorithm.demo)
+    contributors = (*algorithm.contributors, engine_algorithm(engine, radiomics.profiles))
+    return AlgorithmInfo(model_versions=versions, demo=algorithm.demo, contributors=contributors)
 
 
 def save_dataset(dataset: Dataset, path: Path) -> Path:

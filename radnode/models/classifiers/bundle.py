@@ -219,6 +219,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def bundle_checksum(bundle: ClassifierBundle) -> str:
+    """SHA-256 over ``classifier.json``'s content with the model file's own SHA-256 in it.
+
+    Any change of the model file or of the metadata (features, endpoint, threshold ...)
+    gives another checksum; the SR derives the classifier's Device UID from it.
+    """
+    data = bundle.meta.to_dict()
+    if not data["model_sha256"] and bundle.path is not None:
+        data["model_sha256"] = _sha256(Path(bundle.path) / MODEL_FILE)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def decision_threshold(meta: ClassifierMeta, default: float) -> float:
+    """Probability threshold of the positive class: ``details.threshold`` when the bundle has one."""
+    value = meta.details.get("threshold", default)
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ClassifierBundleError(f"classifier.json details.threshold {value!r} is not a number") from None
+    if not 0.0 < threshold < 1.0:
+        raise ClassifierBundleError(f"classifier.json details.threshold {threshold} is not in (0, 1)")
+    return threshold
+
+
 def save_classifier_bundle(bundle: ClassifierBundle, out_dir: str | os.PathLike[str], *,
                            overwrite: bool = False) -> Path:
     """Write ``bundle`` to ``out_dir`` (created; must be empty unless ``overwrite``)."""
