@@ -148,6 +148,11 @@ class StorageSettings(_Section):
         "not fsync the WAL (files stay fsync'ed before Success, and rows a power loss "
         "rolls back are re-indexed from the files at start-up); 'full' fsyncs every commit.",
     )
+    feature_db_url: str = Field(
+        default="",
+        description="SQLAlchemy URL of the research feature database every processed series adds "
+        "its radiomic features to ('' = sqlite file features.sqlite in data_dir); see docs/research.md.",
+    )
 
 
 class SeriesSettings(_Section):
