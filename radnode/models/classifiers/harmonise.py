@@ -313,7 +313,7 @@ def load_fit(path: str | os.PathLike[str]) -> tuple[ComBatFit, dict[str, list[st
             tuple(data["batches"]),
             *(np.asarray(data[k], dtype=np.float64) for k in ("gamma", "delta2", "gamma_hat", "delta2_hat", "alpha",
                                                                 "sigma")),
-            np.asarray(data["beta"], dtype=np.float64).reshape(q, -1),
+            np.asarray(data["beta"], dtype=np.float64).reshape(q, len(data["alpha"])),
         )
         names = {k: [str(v) for v in data[k]] for k in ("features", "covariates", "batch_columns")}
     except (OSError, ValueError, KeyError, TypeError) as exc:
