@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from sklearn.model_selection import StratifiedKFold
 from typer.testing import CliRunner
 
 from radnode.cli.main import app
@@ -36,7 +36,13 @@ from radnode.models.research.synthetic import (
     set_name,
     write_cohort,
 )
-from radnode.models.research.tables import ResearchInputError, read_matrix, restrict_gene_sets, staged_output
+from radnode.models.research.tables import (
+    ResearchInputError,
+    read_gmt,
+    read_matrix,
+    restrict_gene_sets,
+    staged_output,
+)
 from radnode.pipeline.jobs import JobSpec, JobState
 from radnode.pipeline.service import PipelineService
 
@@ -112,9 +118,8 @@ def shuffled_run(cohort: dict[str, Path]) -> tuple[object, pd.DataFrame]:
     feats = read_matrix(cohort["features"], "features")[list(PLANTED_FEATURES)]
     shuffled = pd.DataFrame(feats.to_numpy()[np.random.default_rng(3).permutation(len(feats))],
                             index=feats.index, columns=feats.columns)
-    sets = restrict_gene_sets(
-        __import__("radnode.models.research.tables", fromlist=["read_gmt"]).read_gmt(cohort["gene_sets"]),
-        list(expr.columns), cohort["gene_sets"], cohort["expression"])
+    sets = restrict_gene_sets(read_gmt(cohort["gene_sets"]), list(expr.columns), cohort["gene_sets"],
+                              cohort["expression"])
     return run_genemask(expr, shuffled, sets, FAST_OPTIONS), expr
 
 
@@ -165,8 +170,7 @@ def test_each_baseline_learns_a_planted_feature(family: str, cohort: dict[str, P
     expr = read_matrix(cohort["expression"], "expression").to_numpy()
     feature = read_matrix(cohort["features"], "features")["tumour_original_glcm_Contrast"].to_numpy()
     y = (feature > np.median(feature)).astype(int)
-    folds = list(__import__("sklearn.model_selection", fromlist=["StratifiedKFold"]).StratifiedKFold(
-        2, shuffle=True, random_state=0).split(expr, y))
+    folds = list(StratifiedKFold(2, shuffle=True, random_state=0).split(expr, y))
     label, auc, model = best_baseline(family, expr, y, folds, seed=0)
     assert auc > 0.75, (label, auc)
     assert model.named_steps["scale"].mean_.shape == (expr.shape[1],)
@@ -362,4 +366,3 @@ def test_the_service_adds_a_finished_jobs_features(tmp_path: Path) -> None:
     table = pd.read_csv(tmp_path / "f.csv")
     assert table["sample_id"].tolist() == ["PAT7"] and table.loc[0, "tumour_original_firstorder_Mean"] == 42.0
     assert table.loc[0, "job_id"] == job.id and table.loc[0, "series_instance_uid"] == series
-    assert pydicom.__version__  # header read through pydicom (PatientID, StudyDate)

@@ -12,6 +12,7 @@ See ``docs/research.md``. Models are imported inside the commands so ``--help`` 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Annotated
@@ -34,6 +35,13 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     except ValueError:
         fail(f"{option} {text!r}: expected comma-separated numbers", code=EXIT_USAGE)
         raise
+
+
+def _require(*modules: str) -> None:
+    """Exit 2 with the install command when an optional library of the ``research`` extra is missing."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"this command needs {', '.join(missing)}: pip install 'radnode[research]'", code=EXIT_USAGE)
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -63,6 +71,8 @@ def export_cmd(
     suffix = out.suffix.lower()
     if suffix not in (".csv", ".parquet"):
         fail(f"--out {out}: expected a .csv or .parquet file name", code=EXIT_USAGE)
+    if suffix == ".parquet":
+        _require("pyarrow")
     if db is None:
         settings = get_settings(ctx)
         db = database_url(settings.storage.data_dir, settings.storage.feature_db_url)
@@ -122,6 +132,7 @@ def genemask_cmd(
     top: Annotated[int, typer.Option("--top", min=1, help="Gene sets shown in the heat-map.")] = 20,
 ) -> None:
     """Gene-masking radiogenomics: networks from gene expression to radiomic classes, masked per gene set."""
+    _require("matplotlib")
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from radnode.models.research.baselines import BASELINE_FAMILIES
@@ -209,8 +220,12 @@ def survival_cmd(
                                                                             "model (repeat).")] = None,
     bootstraps: Annotated[int, typer.Option("--bootstraps", min=10, help="Bootstrap resamples of the CI.")] = 1000,
     penalizer: Annotated[float, typer.Option("--penalizer", min=0, help="lifelines ridge penalizer.")] = 0.01,
+    risk_quantile: Annotated[float, typer.Option("--risk-quantile", min=0.05, max=0.95,
+                                                 help="Training quantile of the score splitting the risk groups.")]
+    = 0.5,
 ) -> None:
     """Cox model on radiomic features: C-index (bootstrap 95 % CI), Kaplan-Meier risk groups, log-rank test."""
+    _require("lifelines", "matplotlib")
     from radnode.models.research.plots import km_plot
     from radnode.models.research.survival import SurvivalOptions, run_survival
     from radnode.models.research.tables import (
@@ -223,7 +238,7 @@ def survival_cmd(
 
     options = SurvivalOptions(seed=seed, folds=folds, test_fraction=test_fraction, max_features=max_features,
                               bootstraps=bootstraps, penalizer=penalizer, select=tuple(select or ()),
-                              covariates=tuple(covariate or ()))
+                              covariates=tuple(covariate or ()), risk_quantile=risk_quantile)
     try:
         feats = read_matrix(features, "features")
         clin = read_clinical(clinical)

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,3 @@ def join_clinical(table: pd.DataFrame, clinical_path: str | os.PathLike[str], sa
     return out.reset_index(drop=True)
 
 
-def today() -> str:
-    """Today's date as YYYYMMDD (a default for reports)."""
-    return date.today().strftime("%Y%m%d")

@@ -42,7 +42,6 @@ from radnode.models.research.baselines import BASELINE_FAMILIES, baseline_scores
 from radnode.models.research.network import (
     Kind,
     NetParams,
-    TrainedNetwork,
     TrainOptions,
     fit_network,
     grid,

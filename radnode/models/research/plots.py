@@ -53,8 +53,8 @@ def km_plot(km: dict[str, dict[str, Any]], summary: dict[str, Any], path: str | 
         ax.set_title(f"{part}: C-index {c:.3f}, log-rank p = {p:.3g}" if p is not None else part, fontsize=9)
         ax.set_xlabel("time")
     axes[0].set_ylabel("survival probability")
-    fig.suptitle(f"{summary.get('method')} {summary.get('version')}: risk groups split at the training median "
-                 f"({summary.get('note')})", fontsize=9)
+    fig.suptitle(f"{summary.get('method')} {summary.get('version')}: risk groups split at training quantile "
+                 f"{summary.get('risk_quantile', 0.5):g} of the score ({summary.get('note')})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
