@@ -167,6 +167,11 @@ class StorageSettings(_Section):
         description="Rejected items quarantined per minute per calling AE and host; beyond it they are "
         "refused and audited but not kept (0: never keep rejected data).",
     )
+    feature_db_url: str = Field(
+        default="",
+        description="SQLAlchemy URL of the research feature database every processed series adds "
+        "its radiomic features to ('' = sqlite file features.sqlite in data_dir); see docs/research.md.",
+    )
 
 
 class SeriesSettings(_Section):

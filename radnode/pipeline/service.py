@@ -522,11 +522,26 @@ class PipelineService:
     def _job_finished(self, job: Job, outcome: ChildOutcome) -> None:
         if job.state is JobState.DONE and job.source is not JobSource.MANUAL:
             self._mark_processed(job.series_uid)
+        if job.state is JobState.DONE:
+            self._record_features(job)
         for listener in self._finished_listeners:
             try:
                 listener(job, outcome)
             except Exception:
                 log.exception("finished-listener failed for job %d", job.id)
+
+    def _record_features(self, job: Job) -> None:
+        """Add the job's radiomic features to the research feature database (never fails the job)."""
+        from radnode.models.research.featuredb import database_url, record_result
+
+        result_json = self.pool.out_dir(job) / "result.json"
+        try:
+            if result_json.is_file():
+                url = database_url(self.data_dir, self.settings.storage.feature_db_url)
+                rows = record_result(url, result_json, job.input_path, job.id)
+                log.info("job %d series %s: %d region row(s) added to the feature database", job.id, job.series_uid, rows)
+        except Exception:
+            log.exception("job %d series %s: features not added to the feature database", job.id, job.series_uid)
 
     # -- sweep --------------------------------------------------------------------------
 
