@@ -342,6 +342,10 @@ def test_feature_database_records_and_exports(tmp_path: Path) -> None:
     features = read_matrix(tmp_path / "joined.csv", "features")  # the analyses read the export as FEAT.csv
     assert list(features.columns) == ["tumour_original_firstorder_Mean", "tumour_original_shape_Sphericity"]
 
+    code, output = _run("research", "export", "--db", url, "--out", str(tmp_path / "complete.csv"), "--drop-incomplete")
+    assert code == 0 and json.loads(output.strip().splitlines()[-1])["dropped_incomplete"] == 1
+    assert "ring_original_glcm_Contrast" not in read_matrix(tmp_path / "complete.csv", "features").columns
+
     code, output = _run("research", "export", "--db", url, "--out", str(tmp_path / "x.csv"), "--from", "2024-13-01")
     assert code == 2 and "--from" in output
 
