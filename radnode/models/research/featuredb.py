@@ -89,9 +89,11 @@ def database_url(data_dir: str | os.PathLike[str], url: str = "") -> str:
 
 def open_db(url: str) -> Engine:
     """An engine with the table created if missing (a SQLite file's folder too)."""
+    connect_args: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+        connect_args["timeout"] = 30.0  # several workers may finish at once
+    engine = create_engine(url, connect_args=connect_args)
     metadata.create_all(engine)
     return engine
 
