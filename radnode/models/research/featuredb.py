@@ -229,8 +229,8 @@ def export_table(engine: Engine, *, date_from: str | None = None, date_to: str |
         if not sample:
             log.warning("series %s has no %s; left out of the export", entry["series_instance_uid"], key_column)
             continue
-        if sample in latest:
-            log.info("sample %s: series %s replaces %s (processed later)", "(id withheld)",
+        if sample in latest:  # the sample ID itself may be a PatientID: not logged
+            log.info("series %s replaces series %s of the same sample in the export (processed later)",
                      entry["series_instance_uid"], latest[sample]["series_instance_uid"])
         latest[sample] = entry
     feature_names = sorted({n for e in latest.values() for n in e["values"]})
