@@ -225,6 +225,7 @@ def _bad_inputs(cohort: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str]
     clin["event"] = 0
     clin.loc[:3, "event"] = 1
     clin.to_csv(tmp / "few_events.csv", index=False)
+    clin[["sample_id", "time", "age"]].to_csv(tmp / "no_classes.csv", index=False)
     common = ["--gene-sets", str(cohort["gene_sets"]), *FAST, "--baselines", "none"]
     return {
         "missing sample_id": (["research", "genemask", "--expression", str(tmp / "no_id.csv"), "--features",
@@ -237,6 +238,10 @@ def _bad_inputs(cohort: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str]
         "gmt without matrix genes": (["research", "genemask", "--expression", str(cohort["expression"]), "--features",
                                       str(cohort["features"]), "--gene-sets", str(tmp / "foreign.gmt"), *FAST],
                                      ["foreign.gmt", "no gene", "HGNC"]),
+        "clinical without histology or stage": (["research", "genemask", "--expression", str(cohort["expression"]),
+                                                 "--features", str(cohort["features"]), "--clinical",
+                                                 str(tmp / "no_classes.csv"), *common],
+                                                ["no_classes.csv", "histology", "stage", "expected"]),
         "fewer events than folds": (["research", "survival", "--features", str(cohort["features"]), "--clinical",
                                      str(tmp / "few_events.csv"), "--folds", "5"],
                                     ["few_events.csv", "'event'", "fewer than the 5 CV folds"]),
@@ -244,7 +249,7 @@ def _bad_inputs(cohort: dict[str, Path], tmp: Path) -> dict[str, tuple[list[str]
 
 
 @pytest.mark.parametrize("case", ["missing sample_id", "non-numeric cell", "no overlap", "gmt without matrix genes",
-                                  "fewer events than folds"])
+                                  "clinical without histology or stage", "fewer events than folds"])
 def test_bad_input_is_named_with_exit_2_and_nothing_written(case: str, cohort: dict[str, Path],
                                                             tmp_path: Path) -> None:
     args, expected = _bad_inputs(cohort, tmp_path)[case]
@@ -341,6 +346,10 @@ def test_feature_database_records_and_exports(tmp_path: Path) -> None:
     assert joined.to_dict("list") == {"sample_id": ["PAT2"], "time": [12.5], "event": [1]}
     features = read_matrix(tmp_path / "joined.csv", "features")  # the analyses read the export as FEAT.csv
     assert list(features.columns) == ["tumour_original_firstorder_Mean", "tumour_original_shape_Sphericity"]
+
+    code, output = _run("research", "export", "--db", url, "--out", str(tmp_path / "complete.csv"), "--drop-incomplete")
+    assert code == 0 and json.loads(output.strip().splitlines()[-1])["dropped_incomplete"] == 1
+    assert "ring_original_glcm_Contrast" not in read_matrix(tmp_path / "complete.csv", "features").columns
 
     code, output = _run("research", "export", "--db", url, "--out", str(tmp_path / "x.csv"), "--from", "2024-13-01")
     assert code == 2 and "--from" in output

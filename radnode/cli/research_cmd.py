@@ -63,6 +63,9 @@ def export_cmd(
         "study_instance_uid); its matching rows are written to <out>_clinical.csv.", dir_okay=False)] = None,
     db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL (default: storage.feature_db_url, "
                                                         "or <data_dir>/features.sqlite).")] = None,
+    drop_incomplete: Annotated[bool, typer.Option(
+        "--drop-incomplete", help="Leave out feature columns with a missing value (non-finite in result.json, or a "
+        "region missing for some sample), so the analyses can read the file.")] = False,
 ) -> None:
     """Write the feature database as FEAT.csv (sample_id, <region>_<feature>..., UID and version columns)."""
     from radnode.models.research.featuredb import database_url, export_table, join_clinical, open_db
@@ -85,6 +88,13 @@ def export_cmd(
         raise
     if table.empty:
         fail(f"{db}: no feature rows match the filters", code=EXIT_USAGE)
+    dropped = 0
+    if drop_incomplete:
+        from radnode.models.research.tables import METADATA_COLUMNS
+
+        incomplete = [c for c in table.columns[1:] if c not in METADATA_COLUMNS and table[c].isna().any()]
+        table = table.drop(columns=incomplete)
+        dropped = len(incomplete)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     if suffix == ".parquet":
@@ -92,7 +102,7 @@ def export_cmd(
     else:
         table.to_csv(tmp, index=False)
     tmp.replace(out)
-    summary = {"out": str(out), "samples": len(table), "columns": table.shape[1]}
+    summary = {"out": str(out), "samples": len(table), "columns": table.shape[1], "dropped_incomplete": dropped}
     if clin is not None:
         clin_path = out.with_name(f"{out.stem}_clinical.csv")
         clin.to_csv(clin_path, index=False)

@@ -89,9 +89,11 @@ def database_url(data_dir: str | os.PathLike[str], url: str = "") -> str:
 
 def open_db(url: str) -> Engine:
     """An engine with the table created if missing (a SQLite file's folder too)."""
+    connect_args: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url)
+        connect_args["timeout"] = 30.0  # several workers may finish at once
+    engine = create_engine(url, connect_args=connect_args)
     metadata.create_all(engine)
     return engine
 
@@ -227,8 +229,8 @@ def export_table(engine: Engine, *, date_from: str | None = None, date_to: str |
         if not sample:
             log.warning("series %s has no %s; left out of the export", entry["series_instance_uid"], key_column)
             continue
-        if sample in latest:
-            log.info("sample %s: series %s replaces %s (processed later)", "(id withheld)",
+        if sample in latest:  # the sample ID itself may be a PatientID: not logged
+            log.info("series %s replaces series %s of the same sample in the export (processed later)",
                      entry["series_instance_uid"], latest[sample]["series_instance_uid"])
         latest[sample] = entry
     feature_names = sorted({n for e in latest.values() for n in e["values"]})

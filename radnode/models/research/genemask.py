@@ -222,9 +222,16 @@ def _targets(binary: Binarised, clin_train: pd.DataFrame | None, clin_test: pd.D
                for c in binary.train.columns]
     if clin_train is None or clin_test is None:
         return targets
-    for col in options.categorical:
-        if col not in clin_train.columns:
-            continue
+    present = [c for c in options.categorical if c in clin_train.columns]
+    if not present:
+        raise ResearchInputError(f"{clinical_path}: none of the columns {list(options.categorical)} found; expected "
+                                 f"sample_id and histology and/or stage (the table has {list(clin_train.columns)})")
+    for col in present:
+        for part in (clin_train, clin_test):
+            empty = [s for s, v in zip(part.index, part[col].astype(str)) if not v.strip()]
+            if empty:
+                raise ResearchInputError(f"{clinical_path}: column {col!r} is empty for {len(empty)} sample(s) "
+                                         f"(first: {empty[0]!r}); expected a class for every sample")
         classes = tuple(sorted(set(clin_train[col].astype(str))))
         if len(classes) < 2:
             raise ResearchInputError(f"{clinical_path}: column {col!r} has one class ({classes[0]!r}) in the training "
