@@ -104,6 +104,7 @@ def node_setup(tmp_path: Path) -> Iterator[tuple[OrthancServer, NodeProcess, Pat
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
         "pipeline": {"workers": 1, "job_timeout_seconds": 120, "max_attempts": 3},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
+        "dashboard": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
     }
     config_path = tmp_path / "radnode.yaml"
     config_path.write_text(yaml.safe_dump(config))

@@ -1,0 +1,61 @@
+"""The dashboard's ASGI application: routes, sessions, static files, error pages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Mount
+from starlette.staticfiles import StaticFiles
+
+from radnode.config import Settings
+from radnode.web import api, pages
+from radnode.web.auth import SESSION_COOKIE, session_secret
+from radnode.web.data import HealthCheck, data_dir
+from radnode.web.users import UserStore
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/api/"):
+        return api.DumpResponse({"error": exc.detail, "status": exc.status_code}, status_code=exc.status_code)
+    return PlainTextResponse(f"{exc.status_code}: {exc.detail}", status_code=exc.status_code)
+
+
+async def _login_required(request: Request, exc: Exception) -> Response:
+    return pages.login_redirect(request)
+
+
+def create_app(settings: Settings, health: HealthCheck | None = None) -> Starlette:
+    """The dashboard for the node whose settings are ``settings``.
+
+    ``health`` is the live node's ``/healthz`` check when run inside ``radnode serve``;
+    without it the overview shows what the data folder says (as ``radnode status`` does).
+    """
+    folder = data_dir(settings)
+    middleware = [
+        Middleware(
+            SessionMiddleware,
+            secret_key=session_secret(folder),
+            session_cookie=SESSION_COOKIE,
+            max_age=int(settings.dashboard.session_hours * 3600),
+            same_site="strict",
+            https_only=settings.dashboard.tls.enabled,
+        )
+    ]
+    app = Starlette(
+        routes=[*pages.routes, *api.routes, Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")],
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error, pages.LoginRequired: _login_required},
+    )
+    app.state.settings = settings
+    app.state.health = health
+    app.state.users = UserStore(folder)
+    return app

@@ -1,0 +1,105 @@
+"""Sessions, roles and CSRF for the dashboard.
+
+A signed session cookie (Starlette's ``SessionMiddleware``, itsdangerous underneath)
+carries only the user name and a CSRF token; the user's role is read from the users
+table on every request, so removing a user or lowering a role takes effect at once.
+Every state-changing request goes through :func:`authorise`: no user → 401, too weak
+a role → 403, no or wrong CSRF token → 403, in that order.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from radnode.web.users import User, UserStore
+
+SECRET_FILE = "dashboard.secret"
+SESSION_COOKIE = "radnode_session"
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "x-csrf-token"
+
+
+def session_secret(data_dir: Path) -> str:
+    """The cookie-signing key, generated into ``<data_dir>/dashboard.secret`` (0600) on first start.
+
+    A key kept on disk lets sessions survive a restart; deleting the file logs everyone out.
+    """
+    path = Path(data_dir) / SECRET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        secret = path.read_text(encoding="ascii").strip()
+        if len(secret) < 32:
+            raise RuntimeError(f"{path} holds a key shorter than 32 characters; delete it to make a new one")
+        return secret
+    secret = secrets.token_urlsafe(48)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(secret + "\n")
+    return secret
+
+
+def users(request: Request) -> UserStore:
+    return request.app.state.users  # type: ignore[no-any-return]
+
+
+def current_user(request: Request) -> User | None:
+    """The logged-in user, re-read from the users table (``None`` when not logged in)."""
+    name = request.session.get("user")
+    return users(request).get(name) if isinstance(name, str) else None
+
+
+def csrf_token(request: Request) -> str:
+    """This session's CSRF token (made on first use; forms carry it as a hidden field)."""
+    token = request.session.get("csrf")
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        request.session["csrf"] = token
+    return token
+
+
+def log_in(request: Request, user: User) -> None:
+    """Start a fresh session for ``user`` (a new CSRF token, so one seen before login is useless)."""
+    request.session.clear()
+    request.session["user"] = user.name
+    csrf_token(request)
+
+
+def log_out(request: Request) -> None:
+    request.session.clear()
+
+
+async def check_csrf(request: Request) -> None:
+    """403 unless the header or form field carries this session's CSRF token."""
+    expected = request.session.get("csrf")
+    supplied = request.headers.get(CSRF_HEADER)
+    if supplied is None and request.headers.get("content-type", "").startswith(
+        ("application/x-www-form-urlencoded", "multipart/form-data")
+    ):
+        form = await request.form()
+        value = form.get(CSRF_FIELD)
+        supplied = value if isinstance(value, str) else None
+    if not isinstance(expected, str) or not supplied or not secrets.compare_digest(expected, supplied):
+        raise HTTPException(403, "missing or invalid CSRF token")
+
+
+def require(request: Request, role: str) -> User:
+    """The logged-in user when their role is ``role`` or above: 401 when nobody, 403 when too weak."""
+    user = current_user(request)
+    if user is None:
+        raise HTTPException(401, "log in first")
+    if not user.has_role(role):
+        raise HTTPException(403, f"needs role {role} (you are {user.role})")
+    return user
+
+
+async def authorise(request: Request, role: str) -> User:
+    """For state-changing requests: logged in (401), role (403), then CSRF (403)."""
+    user = require(request, role)
+    await check_csrf(request)
+    return user
