@@ -26,6 +26,9 @@ PHI_KEYS = frozenset(
 REDACTED = "(hidden)"
 #: Most jobs a search looks through (newest first); the list pages through the matches.
 SEARCH_WINDOW = 5000
+#: ``radnode.pipeline.chain.RESULT_FILE``; not imported from there, which would load torch
+#: into the web process for one string.
+RESULT_FILE = "result.json"
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
 
@@ -164,7 +167,6 @@ def results_folder(settings: Settings, job_id: int) -> Path:
 def job_detail(settings: Settings, job_id: int) -> dict[str, Any]:
     """One job: its record, attempts, deliveries, result.json and which overlay PNGs exist."""
     from radnode.dicom_io.overlays import OVERLAY_DIR, OVERLAY_NAMES
-    from radnode.pipeline.chain import RESULT_FILE
     from radnode.pipeline.outbox import OUTBOX_DB, Outbox, format_status
     from radnode.pipeline.queue import QUEUE_FILE, JobNotFound, SQLiteJobQueue
 
