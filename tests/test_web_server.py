@@ -2,44 +2,28 @@
 
 from __future__ import annotations
 
-import http.cookiejar
 import logging
-import re
 import socket
 import ssl
 import subprocess
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from node_support import free_port
+from web_support import PASSWORD, http_login
 from radnode.config.loader import settings_from_mapping
 from radnode.web.server import DashboardServer, exposure_warning
 from radnode.web.users import UserStore
 
-PASSWORD = "correct horse battery"
 
 
 def _settings(data_dir: Path, **dashboard: object):
     return settings_from_mapping(
         {"storage": {"data_dir": str(data_dir)}, "dashboard": {"host": "127.0.0.1", "port": free_port(), **dashboard}}, source="test"
     )
-
-
-def _login(base: str, context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
-    """Log in over HTTP as a browser would: GET the form, POST it with the CSRF token and cookie."""
-    handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())]
-    if context is not None:
-        handlers.append(urllib.request.HTTPSHandler(context=context))
-    opener = urllib.request.build_opener(*handlers)
-    form = opener.open(base + "login", timeout=10).read().decode()
-    token = re.search(r'name="csrf-token" content="([^"]+)"', form).group(1)
-    body = urllib.parse.urlencode({"username": "op", "password": PASSWORD, "csrf_token": token}).encode()
-    opener.open(base + "login", data=body, timeout=10)
-    return opener
 
 
 def test_serves_pages_static_files_and_api_on_a_real_socket(tmp_path: Path) -> None:
@@ -56,7 +40,7 @@ def test_serves_pages_static_files_and_api_on_a_real_socket(tmp_path: Path) -> N
         for asset in ("static/dashboard.css", "static/dashboard.js"):
             with urllib.request.urlopen(base + asset, timeout=10) as response:
                 assert response.status == 200 and len(response.read()) > 100
-        opener = _login(base)
+        opener = http_login(base, "op")
         overview = opener.open(base + "api/overview", timeout=10).read().decode()
         assert '"healthy": true' in overview  # the live node's health check, not the data folder
         assert "Overview" in opener.open(base, timeout=10).read().decode()
@@ -104,7 +88,7 @@ def test_serves_https_with_the_configured_certificate(tmp_path: Path) -> None:
     try:
         assert server.url.startswith("https://")
         context = ssl.create_default_context(cafile=str(cert))
-        opener = _login(server.url, context)
+        opener = http_login(server.url, "op", context=context)
         me = opener.open(server.url + "api/me", timeout=10).read().decode()
         assert '"role": "operator"' in me
         with pytest.raises(OSError):  # plain HTTP gets no answer (URLError or a closed connection)

@@ -8,8 +8,12 @@ records written by :class:`~radnode.node.audit.AuditLog`.
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import re
+import ssl
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +37,6 @@ from radnode.pipeline.service import RESULTS_DIR
 from radnode.web.users import UserStore
 
 PASSWORD = "correct horse battery"
-SERIES_DESCRIPTION_OF = "SeriesDescription"
 
 
 @dataclass
@@ -124,11 +127,21 @@ def make_node_data(root: Path, dashboard: dict | None = None) -> NodeData:
     return NodeData(settings, data_dir, phantom, series_uid, description, done.id, failed.id, result)
 
 
+def http_login(base: str, name: str, password: str = PASSWORD, context: ssl.SSLContext | None = None) -> urllib.request.OpenerDirector:
+    """Log in over HTTP as a browser would: GET the form, POST it with its CSRF token and the cookie."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar())]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
+    token = csrf_of(opener.open(base + "login", timeout=10).read().decode())
+    body = urllib.parse.urlencode({"username": name, "password": password, "csrf_token": token}).encode()
+    with opener.open(base + "login", data=body, timeout=10) as response:
+        assert "/login" not in response.url, f"login as {name} failed"
+    return opener
+
+
 def csrf_of(html: str) -> str:
     match = re.search(r'name="csrf-token" content="([^"]+)"', html)
     assert match, html[:500]
     return match.group(1)
 
-
-def unique_uid(seed: int) -> str:
-    return f"1.2.826.0.1.3680043.99.{100 + seed}.{np.random.default_rng(seed).integers(1, 10**6)}"
