@@ -95,3 +95,17 @@ def test_serves_https_with_the_configured_certificate(tmp_path: Path) -> None:
             urllib.request.urlopen(server.url.replace("https", "http") + "login", timeout=5)
     finally:
         server.stop()
+
+
+def test_config_check_warns_about_a_dashboard_open_to_the_network(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from radnode.cli import app
+
+    quiet = {"node": {"host": "10.0.0.5", "strict": True, "allowed_calling_aes": ["CT1"]}}
+    for dashboard, warned in (({}, False), ({"host": "0.0.0.0"}, True), ({"host": "0.0.0.0", "enabled": False}, False)):
+        path = tmp_path / "radnode.yaml"
+        path.write_text(yaml.safe_dump({**quiet, "dashboard": dashboard}))
+        result = CliRunner().invoke(app, ["config", "check", str(path)])
+        assert result.exit_code == 0 and ("dashboard bound to 0.0.0.0:8110 without TLS" in result.output) is warned, dashboard
