@@ -13,6 +13,7 @@ from PIL import Image
 from starlette.testclient import TestClient
 from typer.testing import CliRunner
 
+from radnode.node.audit import read_audit
 from radnode.pipeline.jobs import JobSpec, JobState
 from radnode.pipeline.queue import SQLiteJobQueue
 from radnode.web import create_app
@@ -65,7 +66,7 @@ def test_pages_redirect_to_login_and_api_answers_401_without_a_session(client: T
             assert response.json()["status"] == 401
 
 
-def test_login_needs_csrf_and_the_right_password(client: TestClient) -> None:
+def test_login_needs_csrf_and_the_right_password(client: TestClient, node: NodeData) -> None:
     client.get("/login")
     assert client.post("/login", data={"username": "viewer", "password": PASSWORD}).status_code == 403
     token = csrf_of(client.get("/login").text)
@@ -73,6 +74,9 @@ def test_login_needs_csrf_and_the_right_password(client: TestClient) -> None:
     assert wrong.status_code == 401 and "wrong password" in wrong.text
     unknown = client.post("/login", data={"username": "nobody", "password": PASSWORD, "csrf_token": token})
     assert unknown.status_code == 401
+    failures = [r for r in read_audit(node.data_dir / "audit" / "audit.jsonl") if r["event"] == "dashboard_login"]
+    assert {"user": "nobody"} in [r["detail"] for r in failures if r["outcome"] == "failure"]
+    assert all("not the password" not in json.dumps(r) for r in failures)
     assert client.get("/api/me").status_code == 401
 
 
@@ -210,7 +214,8 @@ def test_rules_page_and_the_tester(client: TestClient, node: NodeData) -> None:
 def test_audit_is_filterable(client: TestClient) -> None:
     login(client, "viewer")
     everything = client.get("/api/audit").json()
-    assert [r["event"] for r in everything["records"]] == ["instance_stored", "association", "association"]
+    listener = [r for r in everything["records"] if r.get("source") != "dashboard"]
+    assert [r["event"] for r in listener] == ["instance_stored", "association", "association"]
     rejected = client.get("/api/audit", params={"event": "association", "q": "INTRUDER"}).json()["records"]
     assert len(rejected) == 1 and rejected[0]["reason"] == "unknown calling AE"
     html = client.get("/audit", params={"q": "INTRUDER"}).text
@@ -253,6 +258,13 @@ def test_operator_cancels_and_retries_with_the_cli_rules(client: TestClient, nod
     assert "queued again" in client.get(f"/jobs/{job}").text  # the flash message
     assert client.post("/api/jobs/99999/retry", headers={"x-csrf-token": token}).status_code == 404
     assert "Retry" in client.get(f"/jobs/{job}").text
+    actions = [r for r in client.get("/api/audit", params={"q": "operator"}).json()["records"]
+               if r["event"].startswith("job_") and r["detail"]["job_id"] == job]
+    assert [(r["event"], r["outcome"]) for r in reversed(actions)] == [
+        ("job_retry", "refused"), ("job_cancel", "done"), ("job_cancel", "refused"), ("job_retry", "done")
+    ]
+    logins = client.get("/api/audit", params={"event": "dashboard_login"}).json()["records"]
+    assert {"user": "operator"} in [r["detail"] for r in logins if r["outcome"] == "success"]
 
 
 def test_reviewer_may_do_what_an_operator_may(client: TestClient, node: NodeData) -> None:

@@ -12,7 +12,7 @@ from starlette.routing import Route
 
 from radnode.config import Settings
 from radnode.web import data
-from radnode.web.auth import authorise, require
+from radnode.web.auth import audit, authorise, require
 
 
 class DumpResponse(JSONResponse):
@@ -74,16 +74,17 @@ async def steer(request: Request, action: str) -> str:
     """Retry or cancel (operator role, CSRF): the message, 404 for an unknown job, 409 when not allowed."""
     from radnode.pipeline.queue import InvalidTransition, JobNotFound
 
-    await authorise(request, "operator")
+    user = await authorise(request, "operator")
     job_id = request.path_params["job_id"]
     try:
-        if action == "retry":
-            return data.retry(settings_of(request), job_id)
-        return data.cancel(settings_of(request), job_id)
+        message = data.retry(settings_of(request), job_id) if action == "retry" else data.cancel(settings_of(request), job_id)
     except JobNotFound as exc:
         raise HTTPException(404, str(exc)) from None
     except InvalidTransition as exc:
+        audit(request, f"job_{action}", "refused", user.name, job_id=job_id, reason=str(exc))
         raise HTTPException(409, str(exc)) from None
+    audit(request, f"job_{action}", "done", user.name, job_id=job_id)
+    return message
 
 
 async def route_test(request: Request) -> dict[str, Any]:

@@ -63,6 +63,11 @@ def csrf_token(request: Request) -> str:
     return token
 
 
+def audit(request: Request, event: str, outcome: str, user: str, **detail: object) -> None:
+    """One dashboard action in the node's audit log: who (a dashboard user, never a patient), what, result."""
+    request.app.state.audit.record(event, source="dashboard", outcome=outcome, detail={"user": user, **detail})
+
+
 def log_in(request: Request, user: User) -> None:
     """Start a fresh session for ``user`` (a new CSRF token, so one seen before login is useless)."""
     request.session.clear()

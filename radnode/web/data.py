@@ -312,7 +312,9 @@ def explain_series(settings: Settings, series_uid: str) -> dict[str, Any]:
 
 def audit(settings: Settings, event: str = "", query: str = "", limit: int = 200) -> dict[str, Any]:
     """The newest ``limit`` audit records matching an event name and a text, newest first."""
-    path = data_dir(settings) / "audit" / "audit.jsonl"
+    from radnode.node.storage import AUDIT_FILE
+
+    path = data_dir(settings) / AUDIT_FILE
     limit = max(1, min(limit, 5000))
     kept: deque[dict[str, Any]] = deque(maxlen=limit)
     events: set[str] = set()

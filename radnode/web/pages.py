@@ -14,7 +14,7 @@ from starlette.templating import Jinja2Templates
 
 from radnode.web import data
 from radnode.web.api import int_param, job_or_404, jobs_query, overlay_response, route_test, settings_of, steer
-from radnode.web.auth import check_csrf, csrf_token, current_user, log_in, log_out, users
+from radnode.web.auth import audit, check_csrf, csrf_token, current_user, log_in, log_out, users
 from radnode.web.users import User
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
@@ -64,6 +64,7 @@ async def login(request: Request) -> Response:
     name, password = str(form.get("username") or ""), str(form.get("password") or "")
     user = users(request).authenticate(name, password)
     target = _safe_next(str(form.get("next") or "/"))
+    audit(request, "dashboard_login", "failure" if user is None else "success", name[:64])
     if user is None:
         response = render(request, "login.html", None, next=target, error="Unknown user or wrong password.")
         response.status_code = 401

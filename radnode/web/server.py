@@ -60,6 +60,7 @@ class DashboardServer:
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls.enabled and tls.require_client_cert else ssl.CERT_NONE,
             lifespan="off",
         )
+        self.app = self.config.app
         self._server = uvicorn.Server(self.config)
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -105,3 +106,4 @@ class DashboardServer:
             self._thread.join(timeout)
         if self._socket is not None:
             self._socket.close()
+        self.app.state.audit.close()
