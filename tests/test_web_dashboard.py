@@ -66,6 +66,14 @@ def test_pages_redirect_to_login_and_api_answers_401_without_a_session(client: T
             assert response.json()["status"] == 401
 
 
+def test_every_response_forbids_framing_and_sniffing(client: TestClient, node: NodeData) -> None:
+    login(client, "viewer")
+    for path in ("/login", "/", "/api/overview", f"/jobs/{node.done_job}/overlays/axial.png", "/static/dashboard.js", "/jobs/0"):
+        headers = client.get(path).headers
+        assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff", path
+        assert "frame-ancestors 'none'" in headers["content-security-policy"], path
+
+
 def test_login_needs_csrf_and_the_right_password(client: TestClient, node: NodeData) -> None:
     client.get("/login")
     assert client.post("/login", data={"username": "viewer", "password": PASSWORD}).status_code == 403
