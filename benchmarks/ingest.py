@@ -169,8 +169,8 @@ def fresh(folder: Path) -> None:
 
 
 @contextmanager
-def dashboard_viewer(port: int, data: Path) -> Iterator[None]:
-    """An open dashboard tab: a logged-in viewer whose overview refreshes every second."""
+def dashboard_viewer(port: int, data: Path, every: float) -> Iterator[None]:
+    """An open dashboard tab: a logged-in viewer whose overview refreshes every ``every`` s (0: no tab)."""
     import http.cookiejar
     import re
     import threading
@@ -179,6 +179,9 @@ def dashboard_viewer(port: int, data: Path) -> Iterator[None]:
 
     from radnode.web.users import UserStore
 
+    if every <= 0:
+        yield
+        return
     UserStore(data).add("bench", "viewer", "benchmark-password")
     stop = threading.Event()
 
@@ -193,7 +196,7 @@ def dashboard_viewer(port: int, data: Path) -> Iterator[None]:
                 break
             except OSError:
                 stop.wait(0.2)
-        while not stop.wait(1.0):
+        while not stop.wait(every):
             opener.open(base + "partials/overview", timeout=5).read()
 
     thread = threading.Thread(target=poll, daemon=True)
@@ -205,8 +208,10 @@ def dashboard_viewer(port: int, data: Path) -> Iterator[None]:
         thread.join(10)
 
 
-def run_radnode(work: Path, data: Path, files: list[Path], associations: int, dashboard: bool = False) -> float:
-    """radnode serve; ``dashboard`` turns the web dashboard on with a viewer polling it."""
+def run_radnode(
+    work: Path, data: Path, files: list[Path], associations: int, dashboard: bool = False, poll: float = 1.0
+) -> float:
+    """radnode serve; ``dashboard`` turns the web dashboard on, with a viewer polling it every ``poll`` s."""
     fresh(data)
     port = free_port()
     web_port = free_port()
@@ -226,7 +231,7 @@ def run_radnode(work: Path, data: Path, files: list[Path], associations: int, da
     with process([sys.executable, "-c", SERVE, "--config", str(config), "serve"], work / "radnode.log") as proc:
         wait_echo(port, "RADNODE", proc)
         groups = [files[k::associations] for k in range(associations)]
-        with dashboard_viewer(web_port, data) if dashboard else nullcontext():
+        with dashboard_viewer(web_port, data, poll) if dashboard else nullcontext():
             seconds = send(port, "RADNODE", groups)
     stored = count_files(data / "incoming", ".dcm")
     if stored != len(files):
@@ -285,6 +290,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="Keep slices and logs here (default: a temp dir).")
     parser.add_argument("--only", default="", help="Comma-separated receivers, e.g. 'radnode,radnode+web'.")
+    parser.add_argument("--web-poll", type=float, default=1.0,
+                        help="radnode+web: seconds between overview refreshes of the polling viewer (0: dashboard idle).")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="radnode-ingest-bench-"))
@@ -301,7 +308,7 @@ def main() -> None:
         "orthanc": lambda storage: run_orthanc(work, storage, files),
         "radnode": lambda storage: run_radnode(work, storage, files, 1),
         "radnode x4": lambda storage: run_radnode(work, storage, files, 4),
-        "radnode+web": lambda storage: run_radnode(work, storage, files, 1, dashboard=True),
+        "radnode+web": lambda storage: run_radnode(work, storage, files, 1, dashboard=True, poll=args.web_poll),
     }
     if args.only:
         receivers = {name: run for name, run in receivers.items() if name in args.only.split(",")}
@@ -323,7 +330,7 @@ def main() -> None:
     if {"radnode", "radnode x4"} <= set(median):
         print(f"radnode x4 / radnode = {median['radnode x4'] / median['radnode']:.2f}")
     if {"radnode", "radnode+web"} <= set(median):
-        print(f"radnode+web / radnode = {median['radnode+web'] / median['radnode']:.2f}  (dashboard on, a viewer polling it)")
+        print(f"radnode+web / radnode = {median['radnode+web'] / median['radnode']:.2f}  (dashboard on, viewer polling every {args.web_poll:g} s)")
     shutil.rmtree(runs, ignore_errors=True)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
