@@ -203,6 +203,8 @@ def test_results_reach_orthanc_once_even_after_kill_9_during_a_job(
     detail = json.loads(browser.open(f"{dashboard}api/jobs/{job.id}", timeout=10).read())
     assert detail["result"]["status"] == "done" and detail["overlays"] == ["axial.png", "coronal.png", "sagittal.png", "grid.png"]
     assert browser.open(f"{dashboard}jobs/{job.id}/overlays/axial.png", timeout=10).read()[:4] == b"\x89PNG"
+    page = browser.open(f"{dashboard}jobs/{job.id}", timeout=10).read().decode()
+    assert "Result: done" in page and "Lung right" in page and "radnode-lungmask-classical" in page
     assert node.terminate() == 0  # graceful SIGTERM
     print(f"\ncontours in Orthanc {contours_latency:.1f} s after Orthanc's C-STORE to radnode returned")
 
