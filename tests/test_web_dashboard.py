@@ -88,6 +88,20 @@ def test_login_needs_csrf_and_the_right_password(client: TestClient, node: NodeD
     assert client.get("/api/me").status_code == 401
 
 
+def test_password_guessing_is_throttled_per_user_name(node: NodeData) -> None:
+    UserStore(node.data_dir).add("guessed", "viewer", PASSWORD)
+    with TestClient(create_app(node.settings), follow_redirects=False) as c:
+        token = csrf_of(c.get("/login").text)
+        for attempt in range(5):
+            wrong = c.post("/login", data={"username": "guessed", "password": f"guess {attempt}", "csrf_token": token})
+            assert wrong.status_code == 401
+        right = c.post("/login", data={"username": "guessed", "password": PASSWORD, "csrf_token": token})
+        assert right.status_code == 429 and c.get("/api/me").status_code == 401
+        login(c, "viewer")  # other users are not locked out
+    throttled = [r for r in read_audit(node.data_dir / "audit" / "audit.jsonl") if r.get("outcome") == "throttled"]
+    assert [r["detail"]["user"] for r in throttled] == ["guessed"]
+
+
 def test_login_rotates_the_csrf_token_and_logout_ends_the_session(client: TestClient) -> None:
     before = csrf_of(client.get("/login").text)
     after = login(client, "viewer")

@@ -18,7 +18,7 @@ from radnode.config import Settings
 from radnode.node.audit import AuditLog
 from radnode.node.storage import AUDIT_FILE
 from radnode.web import api, pages
-from radnode.web.auth import SESSION_COOKIE, session_secret
+from radnode.web.auth import SESSION_COOKIE, LoginThrottle, session_secret
 from radnode.web.data import HealthCheck, data_dir
 from radnode.web.users import UserStore
 
@@ -89,5 +89,6 @@ def create_app(settings: Settings, health: HealthCheck | None = None) -> Starlet
     app.state.settings = settings
     app.state.health = health
     app.state.users = UserStore(folder)
+    app.state.login_throttle = LoginThrottle()
     app.state.audit = AuditLog(folder / AUDIT_FILE)  # appends beside the listener's records (O_APPEND lines)
     return app

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
+import time
+from collections import defaultdict, deque
 from pathlib import Path
 
 from starlette.exceptions import HTTPException
@@ -42,6 +45,37 @@ def session_secret(data_dir: Path) -> str:
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(secret + "\n")
     return secret
+
+
+class LoginThrottle:
+    """Refuse a user name after ``limit`` failed logins within ``window`` seconds (password guessing).
+
+    Per name, not per address: a guesser behind many addresses is stopped too. In memory:
+    a restart forgets it, which costs a guesser a node restart per ``limit`` tries.
+    """
+
+    def __init__(self, limit: int = 5, window: float = 300.0) -> None:
+        self.limit, self.window = limit, window
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def _recent(self, name: str, now: float) -> deque[float]:
+        failures = self._failures[name]
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        return failures
+
+    def blocked(self, name: str) -> bool:
+        with self._lock:
+            return len(self._recent(name, time.monotonic())) >= self.limit
+
+    def failed(self, name: str) -> None:
+        with self._lock:
+            self._recent(name, time.monotonic()).append(time.monotonic())
+
+    def succeeded(self, name: str) -> None:
+        with self._lock:
+            self._failures.pop(name, None)
 
 
 def users(request: Request) -> UserStore:

@@ -61,14 +61,22 @@ def _safe_next(target: str | None) -> str:
 async def login(request: Request) -> Response:
     await check_csrf(request)
     form = await request.form()
-    name, password = str(form.get("username") or ""), str(form.get("password") or "")
-    user = users(request).authenticate(name, password)
+    name, password = str(form.get("username") or "")[:64], str(form.get("password") or "")
     target = _safe_next(str(form.get("next") or "/"))
-    audit(request, "dashboard_login", "failure" if user is None else "success", name[:64])
+    throttle = request.app.state.login_throttle
+    if throttle.blocked(name):
+        audit(request, "dashboard_login", "throttled", name)
+        response = render(request, "login.html", None, next=target, error="Too many failed logins; try again in a few minutes.")
+        response.status_code = 429
+        return response
+    user = users(request).authenticate(name, password)
+    audit(request, "dashboard_login", "failure" if user is None else "success", name)
     if user is None:
+        throttle.failed(name)
         response = render(request, "login.html", None, next=target, error="Unknown user or wrong password.")
         response.status_code = 401
         return response
+    throttle.succeeded(name)
     log_in(request, user)
     return RedirectResponse(target, status_code=303)
 
