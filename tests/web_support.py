@@ -17,7 +17,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 from pydicom import dcmread
 
