@@ -131,6 +131,24 @@ def test_a_removed_user_is_logged_out_at_once(node: NodeData, tmp_path: Path) ->
         assert c.get("/api/me").status_code == 401
 
 
+def test_a_trusted_proxy_header_names_the_user_and_nobody_else_can_set_it(node: NodeData) -> None:
+    settings = node.settings.model_copy(deep=True)
+    settings.dashboard.proxy_user_header = "X-Remote-User"
+    untrusted = settings.model_copy(deep=True)
+    settings.dashboard.trusted_proxies = ["testclient"]  # the address Starlette's TestClient connects from
+    untrusted.dashboard.trusted_proxies = ["10.0.0.1"]
+    with TestClient(create_app(settings), follow_redirects=False) as c:
+        assert c.get("/api/me", headers={"X-Remote-User": "operator"}).json()["role"] == "operator"
+        assert c.get("/api/me", headers={"X-Remote-User": "not-a-user"}).status_code == 401
+        job = new_job(node, "9.1")
+        token = c.get("/api/me", headers={"X-Remote-User": "operator"}).json()["csrf_token"]
+        assert c.post(f"/api/jobs/{job}/cancel", headers={"X-Remote-User": "operator"}).status_code == 403  # CSRF still
+        ok = c.post(f"/api/jobs/{job}/cancel", headers={"X-Remote-User": "operator", "x-csrf-token": token})
+        assert ok.status_code == 200
+    with TestClient(create_app(untrusted), follow_redirects=False) as c:
+        assert c.get("/api/me", headers={"X-Remote-User": "operator"}).status_code == 401
+
+
 # --- pages ----------------------------------------------------------------------------------
 
 

@@ -421,6 +421,12 @@ class DashboardSettings(_Section):
         description="Roles shown patient-identifying fields; others see them redacted.",
     )
     session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    proxy_user_header: str | None = Field(
+        default=None, description="Header naming the logged-in user, set by a trusted reverse proxy (e.g. X-Remote-User)."
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Client addresses whose proxy_user_header is believed; nobody else's."
+    )
 
 
 class LoggingSettings(_Section):

@@ -82,9 +82,24 @@ def users(request: Request) -> UserStore:
     return request.app.state.users  # type: ignore[no-any-return]
 
 
+def proxy_user_name(request: Request) -> str | None:
+    """The user a trusted reverse proxy vouches for (``dashboard.proxy_user_header``), else ``None``.
+
+    Only from the addresses in ``dashboard.trusted_proxies``: anyone else could set the header.
+    """
+    dash = request.app.state.settings.dashboard
+    client = request.client.host if request.client else None
+    if not dash.proxy_user_header or client not in dash.trusted_proxies:
+        return None
+    return request.headers.get(dash.proxy_user_header) or None
+
+
 def current_user(request: Request) -> User | None:
-    """The logged-in user, re-read from the users table (``None`` when not logged in)."""
-    name = request.session.get("user")
+    """The logged-in user (session, or a trusted proxy's header), re-read from the users table.
+
+    A proxy-named user must exist in the table too: the role always comes from radnode.
+    """
+    name = proxy_user_name(request) or request.session.get("user")
     return users(request).get(name) if isinstance(name, str) else None
 
 
