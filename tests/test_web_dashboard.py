@@ -158,6 +158,7 @@ def test_overview_shows_queue_destinations_disk_and_errors(client: TestClient, n
     assert "Disk free" in html and "pacs" in html and "127.0.0.1:11999" in html
     assert "the phantom broke" in html  # the failed job is a recent error
     assert 'data-refresh="/partials/overview"' in html
+    assert node.series_uid in html.split('id="open-series"')[1]  # the phantom series, still receiving
     partial = client.get("/partials/overview")
     assert partial.status_code == 200 and "<html" not in partial.text and "Destinations" in partial.text
     api = client.get("/api/overview").json()
