@@ -20,6 +20,8 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed debian-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	# The node tests once more on pynetdicom's ordinary receive path (node.fast_receive off).
+	RADNODE_NODE__FAST_RECEIVE=false $(BIN)/python -m pytest tests/test_node_*.py $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 

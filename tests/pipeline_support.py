@@ -26,6 +26,8 @@ from radnode.dicom_io.uids import derive_uid, derived_object_uids
 HERE = Path(__file__).resolve().parent
 #: Reference to a chain in this file, for ``WorkerPool(chain=...)``.
 SUPPORT_FILE = str(HERE / "pipeline_support.py")
+#: Test-only entry point running ``radnode serve``'s node with a chain given as an argument.
+SERVE_ENTRY = HERE / "serve_entry.py"
 
 #: SOP classes of the result objects (PS3.4 B.5).
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -94,26 +96,40 @@ def write_result_objects(
 # --- chains (run in the worker's child process) -------------------------------------------
 
 
-def results_chain(input_path: Path, out_dir: Path, settings: Any, progress: Callable[[str, str], None] | None = None) -> dict[str, Any]:
-    """Two-phase chain: SEG+RTSTRUCT, ``phase:contours`` done, a gap, SR, ``phase:report`` done."""
-    assert progress is not None
+def results_chain(
+    input_path: Path,
+    out_dir: Path,
+    settings: Any,
+    progress: Callable[[str, str], None] | None = None,
+    on_phase: Callable[[str, dict[str, Path]], None] | None = None,
+) -> dict[str, Any]:
+    """Two-phase chain: SEG+RTSTRUCT handed over, a gap, then the SR handed over."""
+    assert progress is not None and on_phase is not None
     source = first_header(input_path)
     broken = bool(os.environ.get(ENV_BROKEN))
-    progress("phase:contours", "start")
-    write_result_objects(source, out_dir, ["SEG", "RTSTRUCT"], broken=broken)
-    progress("phase:contours", "done")
+    progress("write_contours", "start")
+    contours = write_result_objects(source, out_dir, ["SEG", "RTSTRUCT"], broken=broken)
+    progress("write_contours", "done")
+    on_phase("contours", {p.stem: p for p in contours})
     (out_dir / "contours.time").write_text(repr(time.time()))
     time.sleep(float(os.environ.get(ENV_PHASE_GAP, "0")))
     if os.environ.get(ENV_FAIL_REPORT):
         raise RuntimeError("radiomics failed (test)")
-    progress("phase:report", "start")
-    write_result_objects(source, out_dir, ["SR"], broken=broken)
-    progress("phase:report", "done")
+    report = write_result_objects(source, out_dir, ["SR"], broken=broken)
+    on_phase("report", {p.stem: p for p in report})
     return {"status": "done", "error": None, "outputs": {"SEG": "SEG.dcm", "RTSTRUCT": "RTSTRUCT.dcm", "SR": "SR.dcm"}}
 
 
-def scripted_chain(input_path: Path, out_dir: Path, settings: Any, progress: Callable[[str, str], None] | None = None) -> dict[str, Any]:
-    """Behaviour by input folder name: ``exit``, ``sigkill``, ``memory``, ``hang``, ``reject``, else ok.
+def scripted_chain(
+    input_path: Path,
+    out_dir: Path,
+    settings: Any,
+    progress: Callable[[str, str], None] | None = None,
+    on_phase: Callable[[str, dict[str, Path]], None] | None = None,
+) -> dict[str, Any]:
+    """Behaviour by input folder name: ``exit``, ``sigkill``, ``memory``, ``hang``, ``reject``,
+    ``nophase`` (says done without handing over its phases), ``badphase`` (hands over a phase
+    that does not exist), else ok (both phases handed over, with no objects).
 
     Writes its pid to ``<input>/pid`` (and its OOM score adjustment to ``<input>/oom_score_adj``)
     first, so a test can check the process is gone and that the OOM killer prefers it.
@@ -135,6 +151,13 @@ def scripted_chain(input_path: Path, out_dir: Path, settings: Any, progress: Cal
         return {"status": "rejected", "error": "too_few_slices: 3 slices (test)"}
     if behaviour == "slow":
         time.sleep(float(os.environ.get(ENV_PHASE_GAP, "2")))
+    if behaviour == "nophase":
+        return {"status": "done", "error": None, "outputs": {}}
+    assert on_phase is not None
+    if behaviour == "badphase":
+        on_phase("segmentation", {})
+    on_phase("contours", {})
+    on_phase("report", {})
     return {"status": "done", "error": None, "outputs": {}}
 
 

@@ -151,3 +151,20 @@ def test_missing_things_are_named(tmp_path: Path, model: RASeg) -> None:
         load_bundle(path)
     with pytest.raises(BundleError, match="already exists"):
         save_bundle(model, path, **META)
+
+
+def test_a_pinned_hash_refuses_weights_replaced_together_with_their_hash(tmp_path: Path, model: RASeg) -> None:
+    """bundle.json's hash guards against damage; the pin in the settings against replacement."""
+    from radnode.models.bundle import sha256_hex, verify_bundle
+
+    good = save_bundle(model, tmp_path / "good", **META)
+    pin = sha256_hex((good / "weights.safetensors").read_bytes())
+    assert verify_bundle(good, pin).name == META["name"]
+    assert torch.equal(_outputs(load_bundle(good, expected_sha256=pin.upper()).model), _outputs(model))
+    # Someone replaces the whole bundle (weights and the JSON hash beside them): self-consistent.
+    shutil.rmtree(good)
+    save_bundle(RASeg(TINY), good, **META)
+    load_bundle(good)  # loads without a pin...
+    for check in (lambda: verify_bundle(good, pin), lambda: load_bundle(good, expected_sha256=pin)):
+        with pytest.raises(BundleError, match=r"weights\.safetensors.*not the pinned .*models\.segmentation_sha256"):
+            check()

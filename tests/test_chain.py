@@ -66,7 +66,7 @@ def test_result_json_names_stages_models_and_outputs(chain_run: tuple[Path, list
     payload = json.loads((out / "result.json").read_text())
     assert payload["pipeline_version"] == PIPELINE_VERSION
     assert [s["name"] for s in payload["stages"]] == [
-        "load_and_qc", "lung_mask", "tumour", "regions", "measurements", "write_contours",
+        "models", "load_and_qc", "lung_mask", "tumour", "regions", "measurements", "write_contours",
         "radiomics", "mutations", "write_report",
     ]
     # Without a tumour, radiomics runs on the whole lung and says why the others were skipped.

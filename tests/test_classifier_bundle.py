@@ -201,3 +201,104 @@ def test_cli_reports_bad_input(tmp_path: Path) -> None:
                             str(tmp_path / "fewer.csv"), "--labels", str(tmp_path / "l.csv"), "--out",
                             str(tmp_path / "e")])
     assert r.exit_code == 1 and "ring_f2" in r.output and "missing" in r.output
+
+
+class _Trap:
+    """Unpickling this touches a file: proof that a pickle ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def _legacy_bundle(saved_path: Path, folder: Path, payload: object, sha256: str | None) -> Path:
+    """A bundle in the pre-skops layout (model.joblib holding ``payload``); ``sha256`` is
+    written as the JSON's model_sha256 (``None``: the field is left out)."""
+    import joblib
+
+    folder.mkdir()
+    joblib.dump(payload, folder / "model.joblib")
+    meta = json.loads((saved_path / META_FILE).read_text())
+    meta["model_file"] = "model.joblib"
+    meta.pop("model_sha256")
+    if sha256 is not None:
+        meta["model_sha256"] = sha256
+    (folder / META_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_bundle_without_a_checksum_is_never_unpickled(saved, tmp_path: Path) -> None:
+    path, _, _ = saved
+    marker = tmp_path / "code-ran"
+    for name, digest in (("none", None), ("empty", "")):
+        folder = _legacy_bundle(path, tmp_path / name, _Trap(marker), digest)
+        with pytest.raises(ClassifierBundleError, match="model_sha256' is missing.*never loaded"):
+            load_classifier_bundle(folder)
+    assert not marker.exists()
+
+
+def test_a_legacy_pickled_bundle_loads_only_with_its_checksum(saved, tmp_path: Path) -> None:
+    import hashlib
+
+    path, test, _ = saved
+    model = load_classifier_bundle(path).model
+    folder = _legacy_bundle(path, tmp_path / "legacy", model, None)
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["model_sha256"] = hashlib.sha256((folder / "model.joblib").read_bytes()).hexdigest()
+    (folder / META_FILE).write_text(json.dumps(meta))
+    assert np.allclose(load_classifier_bundle(folder).predict_proba(test), load_classifier_bundle(path).predict_proba(test))
+
+
+def test_models_are_stored_as_skops_and_untrusted_types_are_refused(saved, tmp_path: Path) -> None:
+    """A skops file is rebuilt from an allow-list: a function like os.system is refused
+    (named) even when the JSON's hash matches, and nothing from the file runs."""
+    import hashlib
+    import os
+
+    import skops.io as sio
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    path, test, _ = saved
+    meta = json.loads((path / META_FILE).read_text())
+    assert meta["model_file"] == MODEL_FILE == "model.skops" and "skops" in meta["package_versions"]
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    sio.dump(Pipeline([("f", FunctionTransformer(os.system))]), evil / MODEL_FILE)
+    meta["model_sha256"] = hashlib.sha256((evil / MODEL_FILE).read_bytes()).hexdigest()
+    (evil / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ClassifierBundleError, match=r"types radnode does not trust: \['posix.system'\]"):
+        load_classifier_bundle(evil)
+
+
+def test_a_pin_refuses_a_model_replaced_together_with_its_hash(saved, tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    from radnode.config import Settings
+    from radnode.models.mutation import predict_endpoints
+    from radnode.models.verify import ModelBundleError, verify_configured_bundles
+
+    path, test, _ = saved
+    pin = hashlib.sha256((path / MODEL_FILE).read_bytes()).hexdigest()
+    site = tmp_path / "site-egfr"
+    shutil.copytree(path, site)
+    assert load_classifier_bundle(site, pin).endpoint.name == "EGFR"
+    # Replace model and JSON with another self-consistent bundle (another training run).
+    table, y = _table(seed=5)
+    other = train_classifier(table, y, get_endpoint("EGFR"), "B", options=FAST_B)
+    shutil.rmtree(site)
+    save_classifier_bundle(other, site)
+    load_classifier_bundle(site)  # consistent on its own...
+    with pytest.raises(ClassifierBundleError, match="not the pinned.*models.classifier_sha256"):
+        load_classifier_bundle(site, pin)
+    features = dict(zip(test.names, test.values[0]))
+    refused = predict_endpoints({"EGFR": site}, features, {"EGFR": pin})
+    assert refused.predictions == [] and "not the pinned" in refused.errors["EGFR"]
+    settings = Settings(models={"segmentation_bundle": "none", "classifier_bundles": {"EGFR": str(site)},
+                                "classifier_sha256": {"EGFR": pin}})
+    with pytest.raises(ModelBundleError, match=f"classifier bundle {site} for EGFR .*not the pinned"):
+        verify_configured_bundles(settings.models)
+    verify_configured_bundles(Settings(models={"segmentation_bundle": "none", "classifier_bundles": {"EGFR": str(site)}}).models)

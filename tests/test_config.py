@@ -135,6 +135,18 @@ def test_cli_check_accepts_good_and_rejects_bad(tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "cannot read" in missing.output
 
 
+def test_cli_check_warns_about_an_open_or_shut_node(tmp_path: Path) -> None:
+    runner = CliRunner()
+    default = runner.invoke(app, ["config", "check", str(write_yaml(tmp_path / "default.yaml", {}))])
+    assert default.exit_code == 0 and "valid" in default.stdout
+    assert "open node: listening on every interface (0.0.0.0) and accepting ANY calling AE title" in default.output
+    strict = {"node": {"host": "10.0.0.5", "strict": True, "allowed_calling_aes": ["CT1"]}}
+    closed = runner.invoke(app, ["config", "check", str(write_yaml(tmp_path / "strict.yaml", strict))])
+    assert closed.exit_code == 0 and "warning" not in closed.output
+    shut = runner.invoke(app, ["config", "check", str(write_yaml(tmp_path / "shut.yaml", {"node": {"strict": True}}))])
+    assert shut.exit_code == 0 and "EVERY association is refused" in shut.output and "open node" not in shut.output
+
+
 def test_global_config_option_is_used(tmp_path: Path) -> None:
     cfg = write_yaml(tmp_path / "c.yaml", {"node": {"ae_title": "OPTNODE"}})
     result = CliRunner().invoke(app, ["--config", str(cfg), "config", "show", "--plain"])

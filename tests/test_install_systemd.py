@@ -233,3 +233,34 @@ def test_cli_commands(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "--memory-max" in result.output
     result = cli.invoke(app, ["uninstall-systemd", "--root", str(tmp_path), "--purge", "--dry-run"])
     assert result.exit_code == 0 and "would remove tree /var/lib/radnode" in result.output
+
+
+def test_installed_configuration_starts_strict_and_says_why_it_refuses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The configuration install-systemd writes refuses every calling AE until the operator
+    lists them, and says so at start (``make run``'s defaults stay open, with their warning)."""
+    from node_support import echoscu, free_port
+
+    from radnode.node.scp import StorageNode
+
+    root = tmp_path / "root"
+    root.mkdir()
+    execute(plan_install(options(root)), root, runner=RecordingRunner(root))
+    settings = load_settings(root / "etc/radnode/radnode.yaml")
+    assert settings.node.strict and settings.node.allowed_calling_aes == []
+    settings.node.host = "127.0.0.1"
+    settings.node.port = free_port()
+    settings.storage.data_dir = tmp_path / "data"
+    settings.storage.min_free_gb = 0.01
+    settings.metrics.enabled = False
+    node = StorageNode(settings)
+    with caplog.at_level("WARNING", logger="radnode.node.scp"):
+        node.start()
+    try:
+        assert echoscu(node.port, aet="CT_SCANNER_1").returncode != 0
+        assert echoscu(node.port, aet="ANYONE").returncode != 0
+    finally:
+        node.stop(grace_seconds=5)
+    assert any("EVERY association is refused" in r.getMessage() for r in caplog.records)
+    assert not any("open node" in r.getMessage() for r in caplog.records)

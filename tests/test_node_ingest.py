@@ -375,11 +375,9 @@ def test_tls_with_client_certificates(ibsi: list[Path], tmp_path: Path) -> None:
     assert accepted["tls"] is True
 
 
-def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: Path) -> None:
     """Fast path with small PDUs (the header spans PDVs), a peer whose maximum PDU is too
     small for our one-PDU response (it must be fragmented), and pynetdicom's own path."""
-    from radnode.node import scp
-
     files = ibsi[10:14]
     expected = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(f) for f in files}
 
@@ -392,12 +390,14 @@ def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: P
         assert {r.sop_instance_uid for r in index.series_instances(next(iter(_series_of(files))))} == set(expected)
         index.close()
 
-    with running_node(node_settings(tmp_path / "small-pdu")) as node:
+    fast = {"fast_receive": True}  # whatever RADNODE_NODE__FAST_RECEIVE says for the rest of the module
+    with running_node(node_settings(tmp_path / "small-pdu", node=fast)) as node:
+        assert node.fast_receive is True
         sent = storescu(node.port, *files, extra=("--max-send-pdu", "4096"))
         assert (sent.stdout + sent.stderr).count(SUCCESS_LINE) == len(files), sent.stdout + sent.stderr
     check(tmp_path / "small-pdu")
 
-    with running_node(node_settings(tmp_path / "tiny-peer")) as node:
+    with running_node(node_settings(tmp_path / "tiny-peer", node=fast)) as node:
         ae = AE(ae_title="TINYSCU")
         ae.add_requested_context(CTImageStorage, pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
         lengths: list[int] = []
@@ -416,8 +416,8 @@ def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: P
         assert len(lengths) > len(files) and max(lengths) <= 64  # each response in several PDUs
     check(tmp_path / "tiny-peer")
 
-    monkeypatch.setattr(scp, "FAST_RECEIVE_PATH", False)
-    with running_node(node_settings(tmp_path / "pynetdicom")) as node:
+    with running_node(node_settings(tmp_path / "pynetdicom", node={"fast_receive": False})) as node:
+        assert node.fast_receive is False
         sent = storescu(node.port, *files)
         assert (sent.stdout + sent.stderr).count(SUCCESS_LINE) == len(files), sent.stdout + sent.stderr
     check(tmp_path / "pynetdicom")
@@ -455,3 +455,46 @@ def test_sender_killed_mid_transfer_leaves_nothing_behind(ibsi: list[Path], tmp_
         sent = storescu(node.port, ibsi[1])
         assert SUCCESS_LINE in sent.stdout + sent.stderr
     assert len(_incoming_files(data)) == 1
+
+
+@pytest.mark.parametrize("break_it", ["dul-class", "make_target", "version"])
+def test_fast_path_self_test_falls_back_to_pynetdicom_with_a_warning(
+    break_it: str, ibsi: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """When the pynetdicom internals the fast path relies on are not as expected, the node
+    says so at start and receives through pynetdicom's ordinary path, storing the same bytes."""
+    import pynetdicom
+    import pynetdicom.association
+    from pynetdicom.dul import DULServiceProvider
+
+    from radnode.node import fastpath
+
+    if break_it == "dul-class":  # pynetdicom restructured its DUL: the class is not the one subclassed
+        class RestructuredDUL(DULServiceProvider):
+            pass
+
+        monkeypatch.setattr(pynetdicom.association, "DULServiceProvider", RestructuredDUL)
+    elif break_it == "make_target":  # an internal helper the fast path imports is gone
+        monkeypatch.setattr(fastpath, "make_target", None)
+    else:  # a release outside the tested series
+        monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    assert fastpath.self_test() is not None
+    files = ibsi[20:23]
+    with caplog.at_level("WARNING", logger="radnode.node.scp"):
+        with running_node(node_settings(tmp_path / "data", node={"fast_receive": True})) as node:
+            assert node.fast_receive is False
+            sent = storescu(node.port, *files)
+            assert (sent.stdout + sent.stderr).count(SUCCESS_LINE) == len(files), sent.stdout + sent.stderr
+    assert any("self-test failed" in r.getMessage() and "falling back" in r.getMessage() for r in caplog.records)
+    stored = {p.name.removesuffix(".dcm"): dataset_bytes(p) for p in _incoming_files(tmp_path / "data")}
+    assert stored == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(f) for f in files}
+
+
+def test_fast_path_self_test_passes_on_the_pinned_pynetdicom(tmp_path: Path) -> None:
+    from radnode.node import fastpath
+
+    assert fastpath.self_test() is None
+    with running_node(node_settings(tmp_path / "data", node={"fast_receive": True})) as node:
+        assert node.fast_receive is True
+    with running_node(node_settings(tmp_path / "plain", node={"fast_receive": False})) as node:
+        assert node.fast_receive is False

@@ -221,3 +221,53 @@ def test_serve_refuses_an_invalid_port_override(tmp_path: Path) -> None:
     config = _write_config(tmp_path / "radnode.yaml", tmp_path / "data", free_port())
     result = CliRunner().invoke(_cli_app(), ["--config", str(config), "serve", "--port", "70000"])
     assert result.exit_code == 2 and "node.port" in result.output
+
+
+#: Modules of the models that only the job process may import (the listener stays small
+#: and a model's import-time failure cannot take it down).
+MODEL_MODULES = ("torch", "monai", "radiomics", "sklearn", "joblib", "radnode.models.tumour", "radnode.pipeline.chain")
+
+
+def test_the_node_process_never_imports_torch_or_the_models(shared_data: Path, tmp_path: Path) -> None:
+    """Everything ``radnode serve`` imports -- the CLI, the node, the pipeline service -- in a
+    fresh interpreter that then receives a real series, completes, routes, runs a job in its
+    child process and stages the results: none of the model libraries is ever in its
+    ``sys.modules`` (the job process imports them)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline_support import SERVE_ENTRY, chain_ref
+
+    from radnode.pipeline.jobs import JobState
+    from radnode.pipeline.queue import SQLiteJobQueue
+
+    port = free_port()
+    config = _write_config(tmp_path / "radnode.yaml", tmp_path / "data", port)
+    modules_out = tmp_path / "modules.json"
+    with open(tmp_path / "serve.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(SERVE_ENTRY), "--config", str(config), "--chain", chain_ref("results_chain"),
+             "--modules-out", str(modules_out)],
+            stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env(),
+        )
+    try:
+        _wait_listening(port, proc)
+        _study, _series, files = copy_series(next((shared_data / IBSI_SLICES).glob("*.dcm")), tmp_path / "ct", 30)
+        from node_support import storescu
+
+        assert storescu(port, *files).returncode == 0
+        queue = SQLiteJobQueue.in_data_dir((tmp_path / "data").resolve())
+        assert wait_until(lambda: any(j.state is JobState.DONE for j in queue.list()), timeout=90, interval=0.3), (
+            (tmp_path / "serve.log").read_text()[-3000:]
+        )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    import json
+
+    loaded = set(json.loads(modules_out.read_text()))
+    assert "radnode.cli.main" in loaded and "radnode.pipeline.service" in loaded and "radnode.node.scp" in loaded
+    assert "radnode.pipeline.messages" in loaded  # the job's messages really were received
+    leaked = sorted(m for m in loaded if any(m == name or m.startswith(name + ".") for name in MODEL_MODULES))
+    assert leaked == []

@@ -3,9 +3,10 @@ results come back into Orthanc's study exactly once -- also when the node is kil
 ``kill -9`` while a job runs or while a delivery is pending, and when Orthanc is down
 while results are ready. Bad series end as failed jobs with their QC reason.
 
-The node process is the real ``radnode serve``; the chain is the real one, with pauses a
-test can set (``pipeline_support.slow_real_chain``), so the SEG, RTSTRUCT and SR are
-radnode's own.
+The node process runs what ``radnode serve`` runs (:func:`radnode.cli.serve_cmd.run_node`,
+started by the test-only entry point ``tests/serve_entry.py``); the chain is the real one,
+with pauses a test can set (``pipeline_support.slow_real_chain``), so the SEG, RTSTRUCT and
+SR are radnode's own.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from radnode.config import load_settings
 from radnode.pipeline.jobs import JobState
 from radnode.pipeline.outbox import ItemState, Outbox
 from radnode.pipeline.queue import SQLiteJobQueue
-from radnode.pipeline.worker import CHAIN_ENV_VAR
 from radnode.testing.orthanc import OrthancServer, free_port
 
-from pipeline_support import ENV_PHASE_GAP, ENV_START_DELAY, chain_ref, copy_ct_series, upload_folder, wait_for
+from pipeline_support import ENV_PHASE_GAP, ENV_START_DELAY, SERVE_ENTRY, chain_ref, copy_ct_series, upload_folder, wait_for
 
-#: The node under test, the real ``radnode serve`` (``{config}`` is replaced by the YAML path).
-NODE_COMMAND = [sys.executable, "-m", "radnode", "--config", "{config}", "serve"]
+#: The node under test: ``radnode serve``'s node with the slowed real chain (``{config}`` is
+#: replaced by the YAML path).
+NODE_COMMAND = [sys.executable, str(SERVE_ENTRY), "--config", "{config}", "--chain", chain_ref("slow_real_chain")]
 
 
 class NodeProcess:
@@ -62,7 +63,6 @@ class NodeProcess:
 
     def start(self, phase_gap: float = 0.0, start_delay: float = 0.0) -> None:
         env = dict(os.environ, TCP_NODELAY="1")
-        env[CHAIN_ENV_VAR] = chain_ref("slow_real_chain")
         env[ENV_PHASE_GAP] = str(phase_gap)
         env[ENV_START_DELAY] = str(start_delay)
         command = [part.replace("{config}", str(self.config)) for part in NODE_COMMAND]

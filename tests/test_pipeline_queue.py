@@ -23,8 +23,6 @@ from radnode.pipeline.jobs import (
     Phase,
     PhaseState,
     Priority,
-    parse_phase_marker,
-    phase_marker,
     phase_of,
 )
 from radnode.pipeline.queue import InvalidTransition, JobNotFound, LeaseLost, SQLiteJobQueue
@@ -217,8 +215,6 @@ def test_phase_one_stays_delivered_when_phase_two_fails(tmp_path: Path, queue: S
 def test_phase_vocabulary() -> None:
     assert phase_of("SEG") is Phase.CONTOURS and phase_of("RTSTRUCT") is Phase.CONTOURS
     assert phase_of("SR") is Phase.REPORT
-    assert parse_phase_marker(phase_marker(Phase.REPORT)) is Phase.REPORT
-    assert parse_phase_marker("segmentation") is None and parse_phase_marker("phase:nonsense") is None
 
 
 def test_concurrent_claims_never_hand_out_a_job_twice(tmp_path: Path, queue: SQLiteJobQueue) -> None:

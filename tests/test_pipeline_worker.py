@@ -17,7 +17,8 @@ import pytest
 from radnode.config import Settings
 from radnode.pipeline.jobs import Backoff, FailureReason, Job, JobSpec, JobState, Phase, PhaseState
 from radnode.pipeline.queue import SQLiteJobQueue
-from radnode.pipeline.worker import OOM_SCORE_ADJ, WorkerPool, resolve_chain
+from radnode.pipeline.messages import ChainStatus, Progress, StageState, finished_message, phase_message, progress_message
+from radnode.pipeline.worker import DEFAULT_CHAIN, OOM_SCORE_ADJ, WorkerPool, resolve_chain
 
 from pipeline_support import ENV_FAIL_REPORT, ENV_PHASE_GAP, chain_ref, wait_for
 
@@ -152,9 +153,10 @@ def test_phases_are_delivered_as_they_finish_and_phase_one_survives_a_phase_two_
     queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
     delivered: list[tuple[int, Phase, float, list[str]]] = []
 
-    def on_phase(job: Job, phase: Phase, out_dir: Path, files: list[Path] | None) -> int:
-        assert files is None  # this chain announces phases by progress markers, without a file list
-        names = sorted(p.name for p in out_dir.glob("*.dcm"))
+    def on_phase(job: Job, phase: Phase, out_dir: Path, files: list[Path]) -> int:
+        # Exactly the files the chain handed over, all on disk at that moment.
+        assert all(path.is_file() for path in files)
+        names = sorted(p.name for p in files)
         delivered.append((job.id, phase, time.time(), names))
         return len(names)
 
@@ -174,7 +176,7 @@ def test_phases_are_delivered_as_they_finish_and_phase_one_survives_a_phase_two_
     good_phases = [(phase, names) for job_id, phase, _, names in delivered if job_id == good.id]
     # Contours were staged while the chain was still working on the report: only SEG+RTSTRUCT existed.
     assert good_phases[0] == (Phase.CONTOURS, ["RTSTRUCT.dcm", "SEG.dcm"])
-    assert good_phases[1] == (Phase.REPORT, ["RTSTRUCT.dcm", "SEG.dcm", "SR.dcm"])
+    assert good_phases[1] == (Phase.REPORT, ["SR.dcm"])
     times = {phase: t for job_id, phase, t, _ in delivered if job_id == good.id}
     assert times[Phase.REPORT] - times[Phase.CONTOURS] >= 1.4
     done = queue.get(good.id)
@@ -211,6 +213,57 @@ def test_real_chain_rejects_a_bad_series_without_retrying(tmp_path: Path, shared
     assert (tmp_path / "results" / str(job.id) / "result.json").is_file()
 
 
+def test_a_chain_that_hands_over_no_phase_or_an_unknown_one_fails_its_job(tmp_path: Path) -> None:
+    """Results reach the outbox one way only (the chain's on_phase): "done" without
+    handing a phase over, or a misspelt phase, is a failed attempt with the reason."""
+    settings = make_settings(tmp_path, workers=1)
+    queue = SQLiteJobQueue(tmp_path / "jobs.sqlite")
+    staged: list[Phase] = []
+    nophase = enqueue(queue, folder(tmp_path, "nophase"))
+    badphase = enqueue(queue, folder(tmp_path, "badphase"))
+    ok = enqueue(queue, folder(tmp_path, "ok"))
+    pool = WorkerPool(
+        queue, settings, tmp_path / "results", chain=chain_ref("scripted_chain"),
+        on_phase=lambda job, phase, out_dir, files: staged.append(phase) or len(files),
+        poll_seconds=0.1, heartbeat_seconds=0.5, lease_seconds=10,
+    )
+    pool.start()
+    try:
+        wait_idle(queue, 60)
+    finally:
+        pool.stop()
+    missing = queue.get(nophase.id)
+    assert missing.state is JobState.FAILED and missing.reason == FailureReason.STAGING_FAILED.value
+    assert "without handing over phase(s) contours, report" in (missing.error or "")
+    assert missing.phase_state(Phase.CONTOURS) is PhaseState.FAILED
+    unknown = queue.get(badphase.id)
+    assert unknown.state is JobState.FAILED and unknown.reason == FailureReason.EXCEPTION.value
+    assert "unknown delivery phase 'segmentation'" in (unknown.error or "")
+    assert queue.get(ok.id).state is JobState.DONE
+    assert staged == [Phase.CONTOURS, Phase.REPORT]  # only the good job's phases
+
+
+def test_the_environment_cannot_choose_the_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The variable that once let the environment pick the workers' code has no effect."""
+    monkeypatch.setenv("RADNODE_PIPELINE_CHAIN", chain_ref("scripted_chain"))
+    pool = WorkerPool(SQLiteJobQueue(tmp_path / "jobs.sqlite"), make_settings(tmp_path), tmp_path / "results")
+    assert pool.chain == DEFAULT_CHAIN
+    assert WorkerPool(pool.queue, pool.settings, tmp_path / "r2", chain=chain_ref("results_chain")).chain.endswith(":results_chain")
+
+
+def test_child_messages_are_typed() -> None:
+    assert progress_message("tumour", "done") == Progress("tumour", StageState.DONE)
+    with pytest.raises(ValueError):
+        progress_message("tumour", "finished")
+    ready = phase_message("contours", {"SEG": "/r/SEG.dcm"})
+    assert ready.phase is Phase.CONTOURS and ready.files == (Path("/r/SEG.dcm"),)
+    with pytest.raises(ValueError, match="unknown delivery phase"):
+        phase_message("phase:contours", {})
+    assert finished_message({"status": "rejected", "error": "gantry_tilt"}).status is ChainStatus.REJECTED
+    odd = finished_message({"status": "ok"})
+    assert odd.status is ChainStatus.FAILED and "unknown status 'ok'" in (odd.error or "")
+
+
 def test_chain_references_are_checked() -> None:
     assert callable(resolve_chain(chain_ref("scripted_chain")))
     with pytest.raises(ValueError, match="must look like"):
@@ -232,3 +285,63 @@ def test_graceful_stop_lets_a_running_job_finish(tmp_path: Path, monkeypatch: py
     pool.stop(timeout=30, drain_seconds=20)
     assert queue.get(job.id).state is JobState.DONE
     assert queue.get(later.id).state is JobState.QUEUED  # not started during the drain
+
+
+def test_a_corrupted_model_or_classifier_bundle_fails_the_job_naming_it(tmp_path: Path, shared_data: Path) -> None:
+    """A damaged bundle stops the job before it delivers anything, with a reason that names
+    the bundle; the worker pool goes on (the next job runs once the bundle is repaired)."""
+    from radnode.config.model import DEMO_CLASSIFIER_BUNDLE
+    from radnode.models.tumour import DEMO_BUNDLE_PATH
+
+    seg = tmp_path / "raseg-site"
+    shutil.copytree(DEMO_BUNDLE_PATH, seg)
+    classifier = tmp_path / "egfr-site"
+    shutil.copytree(DEMO_CLASSIFIER_BUNDLE, classifier)
+
+    def flip_last_byte(path: Path) -> bytes:
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 0x01]))
+        return original
+
+    seg_weights = next(seg.glob("weights.*"))
+    seg_original = flip_last_byte(seg_weights)
+    model_file = classifier / "model.skops"
+    classifier_original = flip_last_byte(model_file)
+    ct = shared_data / "ibsi_ct_phantom" / "dicom" / "image"
+    few = folder(tmp_path, "few")
+    for path in sorted(ct.glob("*.dcm"))[:5]:
+        shutil.copy(path, few / path.name)
+
+    def run(settings: Settings, input_path: Path) -> Job:
+        queue = SQLiteJobQueue(tmp_path / f"jobs-{len(list(tmp_path.glob('jobs-*')))}.sqlite")
+        job = queue.enqueue(JobSpec(series_uid="9.9", input_path=input_path, pipeline_version="1", max_attempts=1))
+        pool = WorkerPool(queue, settings, tmp_path / "results", poll_seconds=0.1, heartbeat_seconds=0.5, lease_seconds=10)
+        pool.start()
+        try:
+            wait_idle(queue, 120)
+        finally:
+            pool.stop()
+        return queue.get(job.id)
+
+    def settings_with(segmentation: Path | str) -> Settings:
+        return Settings(
+            storage={"data_dir": str(tmp_path / "data")},
+            pipeline={"workers": 1, "job_timeout_seconds": 120, "max_attempts": 1},
+            models={"segmentation_bundle": str(segmentation), "classifier_bundles": {"EGFR": str(classifier)}},
+        )
+
+    broken_seg = run(settings_with(seg), ct)
+    assert broken_seg.state is JobState.FAILED and broken_seg.reason == FailureReason.CHAIN_ERROR.value
+    assert f"segmentation bundle {seg} (models.segmentation_bundle) is unusable" in (broken_seg.error or "")
+    assert "SHA-256" in (broken_seg.error or "")
+    assert broken_seg.phase_state(Phase.CONTOURS) is PhaseState.FAILED  # nothing was delivered
+
+    seg_weights.write_bytes(seg_original)
+    broken_classifier = run(settings_with(seg), ct)
+    assert broken_classifier.state is JobState.FAILED
+    assert f"classifier bundle {classifier} for EGFR (models.classifier_bundles) is unusable" in (broken_classifier.error or "")
+    assert broken_classifier.phase_state(Phase.CONTOURS) is PhaseState.FAILED
+
+    model_file.write_bytes(classifier_original)
+    repaired = run(settings_with(seg), few)  # both bundles pass their checks: QC judges the series
+    assert repaired.reason == FailureReason.QC_REJECTED.value and "too_few_slices" in (repaired.error or "")

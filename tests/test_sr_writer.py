@@ -95,7 +95,9 @@ def test_report_references_segments_and_reads_back(
     groups = {
         g.tracking_identifier: g for g in doc.content.get_volumetric_roi_measurement_groups()
     }
-    assert set(groups) == {"Tumour", "Lungs", "EGFR prediction"}
+    # The detection finding sits on the tumour segment too (IHE AIR: a finding references
+    # what it is about).
+    assert set(groups) == {"Tumour", "Lungs", "EGFR prediction", "Tumour detection"}
     labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
     for name in ("Tumour", "Lungs"):
         ref = groups[name].referenced_segment

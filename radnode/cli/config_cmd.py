@@ -7,9 +7,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 
-from radnode.cli.context import fail, get_settings
+from radnode.cli.context import err_console, fail, get_settings
 from radnode.config import ConfigError, load_settings, settings_to_yaml
 
 
@@ -33,11 +34,20 @@ def register(app: typer.Typer) -> None:
     def check(
         file: Annotated[Path, typer.Argument(help="YAML file to validate.", dir_okay=False)],
     ) -> None:
-        """Validate FILE (with the current environment overrides); exit 2 if invalid."""
+        """Validate FILE (with the current environment overrides); exit 2 if invalid.
+
+        A valid file that leaves the node open (every interface, any calling AE) or shut
+        to everyone (strict with an empty allow-list) is still valid, with a warning.
+        """
+        from radnode.node.access import exposure_warnings
+
         try:
-            load_settings(file)
+            settings = load_settings(file)
         except ConfigError as exc:
             fail(str(exc), code=2)
+            raise  # unreachable: fail() exits
+        for warning in exposure_warnings(settings.node):
+            err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", markup=True, highlight=False, soft_wrap=True)
         typer.echo(f"{file}: configuration is valid")
 
     app.add_typer(group, name="config")

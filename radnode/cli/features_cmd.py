@@ -165,15 +165,26 @@ def harmonise_cmd(
     covariate: Annotated[list[str] | None, typer.Option(
         "--covariate", help="Column whose (biological) effect is preserved (repeat).")] = None,
     no_eb: Annotated[bool, typer.Option("--no-eb", help="Plain location/scale, no empirical-Bayes shrinkage.")] = False,
+    save_fit: Annotated[Path | None, typer.Option("--save-fit", help="Write the fitted estimates (JSON) to apply "
+                                                                     "to new cases later.", dir_okay=False)] = None,
+    apply_fit: Annotated[Path | None, typer.Option("--apply-fit", help="Harmonise with a saved fit instead of "
+                                                                       "fitting (new cases, e.g. a test cohort).",
+                                                   exists=True, dir_okay=False)] = None,
+    pca_png: Annotated[Path | None, typer.Option("--pca-png", help="PCA scatter before/after, coloured by batch.",
+                                                 dir_okay=False)] = None,
 ) -> None:
-    """ComBat harmonisation of a feature table by scanner/kernel group."""
+    """ComBat harmonisation of a feature table by scanner/kernel group (fit, or apply a saved fit)."""
     import numpy as np
 
     from radnode.models.classifiers.harmonise import (
         HarmonisationError,
+        apply_combat,
         combat,
+        covariates_for_fit,
+        load_fit,
         read_batch_csv,
     )
+    from radnode.models.classifiers.harmonise import save_fit as write_fit
     from radnode.models.classifiers.table import (
         FeatureTable,
         FeatureTableError,
@@ -183,16 +194,36 @@ def harmonise_cmd(
 
     try:
         table = read_feature_csv(features)
-        groups, covariates, cov_names = read_batch_csv(batches, table.case_ids, batch_column, covariate or [])
-        adjusted, fit = combat(table.values, groups, covariates, eb=not no_eb)
+        if apply_fit is not None:
+            fit, names = load_fit(apply_fit)
+            if names["features"] != list(table.names):
+                absent = [n for n in names["features"] if n not in table.names]
+                raise HarmonisationError(f"{features}: the features differ from the fit's ({apply_fit}); "
+                                         f"missing: {absent[:5]}" if absent else
+                                         f"{features}: expected the fit's feature columns in its order")
+            groups, covariates = covariates_for_fit(batches, table.case_ids, batch_column, names["covariates"])
+            cov_names = names["covariates"]
+            adjusted = apply_combat(table.values, groups, covariates, fit)
+        else:
+            groups, covariates, cov_names = read_batch_csv(batches, table.case_ids, batch_column, covariate or [])
+            adjusted, fit = combat(table.values, groups, covariates, eb=not no_eb)
     except (FeatureTableError, HarmonisationError, OSError) as exc:
         fail(str(exc), code=EXIT_USAGE)
         raise
     write_feature_csv(FeatureTable(table.case_ids, table.names, adjusted), out)
-    shift = np.abs(fit.gamma).mean(axis=1)
-    typer.echo(json.dumps({"out": str(out), "cases": len(table.case_ids), "features": len(table.names),
-                           "batches": {b: int(groups.count(b)) for b in fit.batches}, "covariates": cov_names,
-                           "mean_abs_additive_effect": {b: float(s) for b, s in zip(fit.batches, shift)}}))
+    if save_fit is not None and apply_fit is None:
+        write_fit(fit, save_fit, table.names, cov_names, batch_column)
+    summary = {"out": str(out), "cases": len(table.case_ids), "features": len(table.names),
+               "batches": {b: int(groups.count(b)) for b in sorted(set(groups))}, "covariates": cov_names,
+               "mode": "applied saved fit" if apply_fit is not None else "fitted",
+               "mean_abs_additive_effect": {b: float(s) for b, s in zip(fit.batches, np.abs(fit.gamma).mean(axis=1))}}
+    if pca_png is not None:
+        from radnode.models.research.plots import batch_pca
+
+        summary["batch_silhouette"] = batch_pca(table.values, adjusted, groups, pca_png,
+                                                title="ComBat harmonisation: PCA of z-scored features by batch")
+        summary["pca_png"] = str(pca_png)
+    typer.echo(json.dumps(summary))
 
 
 def register(app: typer.Typer) -> None:

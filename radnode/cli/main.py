@@ -65,6 +65,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.evaluate_cmd",
     "radnode.cli.classifier_cmd",  # extends the train and evaluate groups
     "radnode.cli.features_cmd",
+    "radnode.cli.research_cmd",
 )
 
 for _name in COMMAND_MODULES:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Optional
@@ -41,6 +42,70 @@ def _apply_overrides(
             fail(f"invalid option: {section_name}.{key} = {value!r}: {reasons}", code=2)
 
 
+def run_node(settings: Settings, reload: Callable[[], Settings], *, chain: str | None = None) -> None:
+    """Run listener and pipeline until SIGTERM/SIGINT; SIGHUP re-reads settings via ``reload``.
+
+    ``chain`` is the pipeline's chain reference (:class:`~radnode.pipeline.worker.WorkerPool`);
+    ``radnode serve`` never sets it (the real chain runs). It exists so that end-to-end
+    tests can start this very function with a test chain through Python, not through the
+    environment: nothing a process inherits can make the node execute other code.
+    Exits through :func:`~radnode.cli.context.fail` when the node cannot start.
+    """
+    from radnode.node.scp import StorageNode
+    from radnode.node.tls import TLSConfigError
+    from radnode.pipeline.service import PipelineBusy, PipelineService
+    from radnode.service import SystemdNotifier, liveness_from_health, reload_settings
+
+    stop = threading.Event()
+    # A no-op outside systemd; unsets NOTIFY_SOCKET so worker processes never notify.
+    notifier = SystemdNotifier.from_environment()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        LOGGER.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    node = StorageNode(settings)
+    # The node keeps its own completion timer; the pipeline subscribes to its events.
+    pipeline = PipelineService(settings, completion=node.completion, schedule_completion_checks=False, chain=chain)
+    pipeline.register_metrics(node.metrics.registry)
+    node.add_health_check("pipeline", pipeline.health)
+    try:
+        node.start()
+    except TLSConfigError as exc:
+        node.stop()
+        fail(str(exc), code=2)
+    except OSError as exc:
+        node.stop()
+        fail(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}", code=1)
+    try:
+        pipeline.start()
+    except PipelineBusy as exc:
+        node.stop()
+        fail(str(exc), code=1)
+    notifier.ready(
+        f"{settings.node.ae_title} listening on {settings.node.host}:{node.port}",
+        liveness=liveness_from_health(node.health),
+    )
+    while not stop.wait(1.0):
+        if reload_requested.is_set():
+            # SIGHUP: new routing rules and destinations, associations untouched.
+            reload_requested.clear()
+            notifier.reloading()
+            outcome = reload_settings(settings, reload)
+            LOGGER.info("reload: %s", outcome.summary())
+            notifier.ready(outcome.summary())
+    notifier.stopping()
+    # The pipeline first: it finishes or re-queues jobs while the node's index is open.
+    pipeline.stop()
+    node.stop(grace_seconds=SHUTDOWN_GRACE_SECONDS)
+    notifier.close()
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``serve`` command."""
 
@@ -60,59 +125,8 @@ def register(app: typer.Typer) -> None:
         job back to the queue, then exits 0.
         """
         from radnode.config import load_settings
-        from radnode.node.scp import StorageNode
-        from radnode.node.tls import TLSConfigError
-        from radnode.pipeline.service import PipelineBusy, PipelineService
-        from radnode.service import SystemdNotifier, liveness_from_health, reload_settings
 
         settings = get_settings(ctx)
         _apply_overrides(settings, port, host, ae_title, data_dir)
-        stop = threading.Event()
-        # A no-op outside systemd; unsets NOTIFY_SOCKET so worker processes never notify.
-        notifier = SystemdNotifier.from_environment()
-        reload_requested = threading.Event()
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload_requested.set())
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            LOGGER.info("received %s: stopping", signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-
-        node = StorageNode(settings)
-        # The node keeps its own completion timer; the pipeline subscribes to its events.
-        pipeline = PipelineService(settings, completion=node.completion, schedule_completion_checks=False)
-        pipeline.register_metrics(node.metrics.registry)
-        node.add_health_check("pipeline", pipeline.health)
-        try:
-            node.start()
-        except TLSConfigError as exc:
-            node.stop()
-            fail(str(exc), code=2)
-        except OSError as exc:
-            node.stop()
-            fail(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}", code=1)
-        try:
-            pipeline.start()
-        except PipelineBusy as exc:
-            node.stop()
-            fail(str(exc), code=1)
-        notifier.ready(
-            f"{settings.node.ae_title} listening on {settings.node.host}:{node.port}",
-            liveness=liveness_from_health(node.health),
-        )
-        while not stop.wait(1.0):
-            if reload_requested.is_set():
-                # SIGHUP: new routing rules and destinations, associations untouched.
-                reload_requested.clear()
-                notifier.reloading()
-                outcome = reload_settings(settings, lambda: load_settings(ctx.find_root().obj.config_path))
-                LOGGER.info("reload: %s", outcome.summary())
-                notifier.ready(outcome.summary())
-        notifier.stopping()
-        # The pipeline first: it finishes or re-queues jobs while the node's index is open.
-        pipeline.stop()
-        node.stop(grace_seconds=SHUTDOWN_GRACE_SECONDS)
-        notifier.close()
+        run_node(settings, lambda: load_settings(ctx.find_root().obj.config_path))
         raise typer.Exit(0)

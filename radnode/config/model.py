@@ -108,6 +108,13 @@ class NodeSettings(_Section):
     dimse_timeout: float = Field(default=60.0, gt=0)
     network_timeout: float = Field(default=120.0, gt=0)
     tls: TLSSettings = Field(default_factory=TLSSettings)
+    fast_receive: bool = Field(
+        default=True,
+        description="Receive through radnode's tuned pynetdicom path (node/fastpath.py: select-based "
+        "DUL, zero-copy P-DATA, C-STORE answered on the DUL thread; about 2x the throughput). "
+        "false = pynetdicom's ordinary path. A start-up self-test falls back to it, with a "
+        "warning, when the pynetdicom internals the fast path needs are not as expected.",
+    )
 
     @field_validator("max_pdu")
     @classmethod
@@ -159,6 +166,11 @@ class StorageSettings(_Section):
         ge=0,
         description="Rejected items quarantined per minute per calling AE and host; beyond it they are "
         "refused and audited but not kept (0: never keep rejected data).",
+    )
+    feature_db_url: str = Field(
+        default="",
+        description="SQLAlchemy URL of the research feature database every processed series adds "
+        "its radiomic features to ('' = sqlite file features.sqlite in data_dir); see docs/research.md.",
     )
 
 
@@ -284,6 +296,17 @@ class SweepSettings(_Section):
         return value
 
 
+def _sha256_hex(value: str) -> str:
+    value = value.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError("must be a SHA-256 digest: 64 hex digits")
+    return value
+
+
+#: A SHA-256 digest as 64 lower-case hex digits (upper case is accepted and lowered).
+Sha256 = Annotated[str, AfterValidator(_sha256_hex)]
+
+
 class ModelSettings(_Section):
     """Which model bundles run, and where."""
 
@@ -300,6 +323,25 @@ class ModelSettings(_Section):
         "set {} to run no classifier.",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    segmentation_sha256: Sha256 | None = Field(
+        default=None,
+        description="Pin: expected SHA-256 of the segmentation bundle's weights file. A bundle whose "
+        "weights differ is refused, even when its bundle.json was changed to match.",
+    )
+    classifier_sha256: dict[str, Sha256] = Field(
+        default_factory=dict,
+        description="Pins: endpoint -> expected SHA-256 of that classifier bundle's model file "
+        "(as segmentation_sha256).",
+    )
+
+    @model_validator(mode="after")
+    def _pins_name_configured_bundles(self) -> ModelSettings:
+        unknown = sorted(set(self.classifier_sha256) - set(self.classifier_bundles))
+        if unknown:
+            raise ValueError(f"classifier_sha256 pins endpoints with no classifier bundle: {', '.join(unknown)}")
+        if self.segmentation_sha256 is not None and self.segmentation_bundle in (None, "none"):
+            raise ValueError("segmentation_sha256 is set but segmentation_bundle is none")
+        return self
 
 
 def _default_sr_features() -> list[str]:

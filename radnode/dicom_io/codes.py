@@ -20,6 +20,8 @@ code value                meaning
                           first 10 of SHA-1 over the pyradiomics feature name, which is
                           the code meaning (e.g. ``original_firstorder_Mean``).
 ``P`` + endpoint          probability that a mutation/endpoint is present (e.g. ``PEGFR``).
+``S`` + endpoint          the endpoint's status as the classifier calls it at its threshold
+                          (e.g. ``SEGFR`` "EGFR status"; value SCT Positive / Negative).
 ``DEMO``                  "Demo model output, not for clinical use".
 ========================  ==============================================================
 """
@@ -56,6 +58,9 @@ RIGHT = Code("24028007", "SCT", "Right")
 CHEST = Code("816094009", "SCT", "Chest")
 ABSENT = Code("2667000", "SCT", "Absent")
 PRESENT = Code("52101004", "SCT", "Present")
+#: Values of a classifier's qualitative finding (its class at the threshold).
+POSITIVE = Code("10828004", "SCT", "Positive")
+NEGATIVE = Code("260385009", "SCT", "Negative")
 
 # CID 7150 Segmentation Property Categories
 CATEGORY_ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
@@ -274,9 +279,18 @@ def feature_concept(name: str) -> FeatureConcept:
     return FeatureConcept(private_feature_code(name), UNIT_NONE)
 
 
-def probability_code(endpoint: str) -> Code:
-    """Private concept "probability of <endpoint>" (e.g. EGFR mutation present)."""
+def _endpoint_key(endpoint: str) -> str:
     clean = "".join(ch for ch in endpoint.upper() if ch.isalnum())[:15]
     if not clean:
         raise ValueError(f"endpoint {endpoint!r} has no letters or digits to build a code from")
-    return Code(f"P{clean}", RADNODE_SCHEME, f"Probability of {endpoint} positive"[:_MAX_MEANING])
+    return clean
+
+
+def probability_code(endpoint: str) -> Code:
+    """Private concept "probability of <endpoint>" (e.g. EGFR mutation present)."""
+    return Code(f"P{_endpoint_key(endpoint)}", RADNODE_SCHEME, f"Probability of {endpoint} positive"[:_MAX_MEANING])
+
+
+def status_code(endpoint: str) -> Code:
+    """Private concept "<endpoint> status": the classifier's call at its threshold."""
+    return Code(f"S{_endpoint_key(endpoint)}", RADNODE_SCHEME, f"{endpoint} status"[:_MAX_MEANING])

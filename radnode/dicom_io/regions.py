@@ -20,6 +20,7 @@ from pydicom.sr.coding import Code
 from radnode import __version__
 from radnode.config.model import OutputSettings
 from radnode.dicom_io import codes
+from radnode.dicom_io.provenance import ContributingAlgorithm
 
 
 class RegionKind(StrEnum):
@@ -160,8 +161,27 @@ class Prediction:
     classifier_version: str
     training_cohort: str
     demo: bool = False
+    #: SHA-256 of the classifier bundle (its Device UID in Contributing Equipment).
+    checksum: str = ""
+    #: Probability at or above which the positive class is reported (qualitative finding).
+    threshold: float = 0.5
+    #: Class names: below the threshold, at or above it.
+    negative_class: str = "negative"
+    positive_class: str = "positive"
+
+    @property
+    def predicted_class(self) -> str:
+        """The model's class at its threshold."""
+        return self.positive_class if self.is_positive else self.negative_class
+
+    @property
+    def is_positive(self) -> bool:
+        """Whether the probability reaches the threshold."""
+        return self.probability >= self.threshold
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"prediction {self.endpoint!r}: threshold {self.threshold} is not in (0, 1)")
         if not math.isfinite(self.probability) or not 0.0 <= self.probability <= 1.0:
             raise ValueError(
                 f"prediction {self.endpoint!r}: probability {self.probability} is not in [0, 1]"
@@ -205,6 +225,8 @@ class AlgorithmInfo:
     family: Code = codes.ALGORITHM_FAMILY_AI
     model_versions: Mapping[str, str] = field(default_factory=dict)
     demo: bool = False
+    #: Each algorithm behind the object (IHE AIR Contributing Equipment, Device UIDs).
+    contributors: tuple[ContributingAlgorithm, ...] = ()
 
     @property
     def software_versions(self) -> tuple[str, ...]:
@@ -215,7 +237,9 @@ class AlgorithmInfo:
     def identity(self) -> tuple[str, ...]:
         """Strings that identify this algorithm for derived UIDs."""
         models = sorted(self.model_versions.items())
-        return (self.name, self.version, *(f"{k}={v}" for k, v in models))
+        # A changed bundle (new Device UID) gives new objects, even under the same version.
+        devices = sorted(c.device_uid for c in self.contributors)
+        return (self.name, self.version, *(f"{k}={v}" for k, v in models), *devices)
 
 
 @dataclass(frozen=True)

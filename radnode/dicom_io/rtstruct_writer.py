@@ -48,6 +48,7 @@ from radnode.dicom_io.derived import (
     source_geometry,
     split_regions,
 )
+from radnode.dicom_io.provenance import add_algorithms
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
     Region,
@@ -243,6 +244,8 @@ def build_rtstruct(
     # General Equipment (C.7.5.1)
     set_equipment(ds, opts.manufacturer, algorithm.name, algorithm.software_versions,
                   opts.institution_name)
+    # SOP Common Contributing Equipment: each algorithm (IHE AIR), with its Device UID
+    add_algorithms(ds, algorithm.contributors, opts.institution_name)
     # Frame of Reference (C.7.4.1)
     ds.FrameOfReferenceUID = first.FrameOfReferenceUID
     ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "") or ""

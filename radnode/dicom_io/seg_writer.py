@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from os import PathLike
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept
@@ -38,6 +39,7 @@ from radnode.dicom_io.derived import (
     source_geometry,
     split_regions,
 )
+from radnode.dicom_io.provenance import contributing_equipment, declare_coding_schemes, ihe_coding_scheme
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
     Region,
@@ -114,6 +116,17 @@ def _content_description(written: Sequence[Region], missing: Sequence[Region]) -
     if others:
         text += "; empty: " + ", ".join(others)
     return text[:64]
+
+
+def _private_schemes(written: Sequence[Region], algorithm: AlgorithmInfo) -> list[CodingSchemeIdentificationItem]:
+    """Declarations of the private coding schemes this SEG uses (PS3.3 C.12.1.1.4)."""
+    schemes = []
+    used = {c.scheme_designator for r in written for c in (r.category, r.property_type, r.type_modifier) if c}
+    if codes.RADNODE_SCHEME in used:
+        schemes.append(codes.radnode_coding_scheme())
+    if algorithm.contributors:
+        schemes.append(ihe_coding_scheme())
+    return schemes
 
 
 def _make_deterministic(seg: Dataset, root: str, sop_uid: str) -> None:
@@ -209,8 +222,10 @@ def build_seg(
             omit_empty_frames=True,
             series_description=opts.description("SEG"),
             institution_name=opts.institution_name,
+            contributing_equipment=contributing_equipment(algorithm.contributors, opts.institution_name),
         )
     _make_deterministic(seg, opts.uid_root, uids.sop_instance_uid)
+    declare_coding_schemes(seg, _private_schemes(written, algorithm))
     logger.info(
         "SEG %s for series %s: %d segments, %d frames%s",
         uids.sop_instance_uid,

@@ -23,11 +23,19 @@ Content tree (PS3.16):
 * Qualitative Evaluations (TID 1500 row 12, UMLS C0034375): the same tumour finding and
   the demo notice as text, so a viewer that shows only the top level still shows them.
 
+IHE AI Results (AIR) points (docs/conformance.md lists them all): every finding group
+references the SEG segment it describes together with the CT images that segment was
+derived from (``ReferencedSegment.from_segmentation``), or, without a segment, the CT
+images themselves; each classifier's output is a measurement (probability) and a
+qualitative finding (its class at the model's threshold); each algorithm is an item of
+the Contributing Equipment Sequence with its Device UID (:mod:`radnode.dicom_io.provenance`).
+
 The SR is PRELIMINARY/UNVERIFIED and PARTIAL: nobody has reviewed an automatic result.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -48,7 +56,8 @@ from highdicom.sr import (
     QualitativeEvaluation,
     ReferencedSegment,
     RelationshipTypeValues,
-    SourceSeriesForSegmentation,
+    SourceImageForMeasurementGroup,
+    SourceImageForSegmentation,
     TextContentItem,
     TrackingIdentifier,
     VolumetricROIMeasurementsAndQualitativeEvaluations,
@@ -60,6 +69,7 @@ from pydicom.sr.coding import Code
 from radnode import __version__
 from radnode.config.model import OutputSettings
 from radnode.dicom_io import codes
+from radnode.dicom_io.provenance import ContributingAlgorithm, contributing_equipment, ihe_coding_scheme
 from radnode.dicom_io.derived import (
     SourceLike,
     fill_type2,
@@ -176,11 +186,81 @@ def _add_text(group: Sequence[Dataset], text: str) -> None:
     )
 
 
+def segment_reference(seg: Dataset, number: int) -> ReferencedSegment:
+    """TID 1411 "Referenced Segment" with the CT images that segment was derived from.
+
+    IHE AIR wants a finding to reference both the segment and its source images. The
+    images come from the Derivation Image Sequence of the segment's frames (highdicom
+    writes one per frame). ``ReferencedSegment.from_segmentation`` does the same but
+    fails on a one-segment SEG, whose Segment Identification is in the shared
+    functional groups.
+    """
+    shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else Dataset()
+    sources: dict[str, SourceImageForSegmentation] = {}
+    for frame in seg.get("PerFrameFunctionalGroupsSequence", []):
+        identification = frame.get("SegmentIdentificationSequence") or shared.get("SegmentIdentificationSequence")
+        if not identification or int(identification[0].ReferencedSegmentNumber) != number:
+            continue
+        for derivation in frame.get("DerivationImageSequence", []):
+            for image in derivation.get("SourceImageSequence", []):
+                uid = str(image.ReferencedSOPInstanceUID)
+                sources.setdefault(uid, SourceImageForSegmentation(str(image.ReferencedSOPClassUID), uid))
+    if not sources:
+        raise ValueError(
+            f"SEG {seg.SOPInstanceUID}: segment {number} has no frame with a derivation image; "
+            "the SR cannot reference its source images"
+        )
+    return ReferencedSegment(
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        segment_number=number,
+        source_images=list(sources.values()),
+    )
+
+
+def _image_sources(datasets: Sequence[Dataset]) -> list[SourceImageForMeasurementGroup]:
+    """Every source CT slice, for a finding that has no segment to point at (AIR)."""
+    return [
+        SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in datasets
+    ]
+
+
+def _prediction_finding(prediction: Prediction) -> QualitativeEvaluation:
+    """The classifier's call at its threshold as an AIR qualitative finding."""
+    return QualitativeEvaluation(
+        codes.status_code(prediction.endpoint),
+        codes.POSITIVE if prediction.is_positive else codes.NEGATIVE,
+    )
+
+
+def _prediction_text(prediction: Prediction) -> str:
+    relation = ">=" if prediction.is_positive else "<"
+    return (
+        f"{prediction.endpoint}: {prediction.predicted_class} (probability "
+        f"{prediction.probability:.3f} {relation} threshold {prediction.threshold:g})"
+    )
+
+
+def classifier_algorithm(prediction: Prediction) -> ContributingAlgorithm:
+    """The classifier bundle behind a prediction, as an AIR contributing algorithm."""
+    checksum = prediction.checksum or hashlib.sha256(
+        f"{prediction.classifier_name}\0{prediction.classifier_version}".encode()
+    ).hexdigest()
+    return ContributingAlgorithm(
+        name=prediction.classifier_name,
+        version=prediction.classifier_version,
+        checksum=checksum,
+        role=f"{prediction.endpoint} classifier",
+        demo=prediction.demo,
+    )
+
+
 def _prediction_group(
     prediction: Prediction,
     tumour_reference: ReferencedSegment | None,
     root: str,
     sop_uid: str,
+    images: Sequence[SourceImageForMeasurementGroup] = (),
 ) -> _Group:
     algorithm = AlgorithmIdentification(
         name=prediction.classifier_name[:64],
@@ -197,6 +277,7 @@ def _prediction_group(
         unit=codes.UNIT_NONE,
     )
     tracking = _tracking(root, sop_uid, f"{prediction.endpoint} prediction")
+    finding = [_prediction_finding(prediction)]
     group: _Group
     if tumour_reference is not None:
         group = VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -205,6 +286,7 @@ def _prediction_group(
             finding_type=codes.NSCLC,
             algorithm_id=algorithm,
             measurements=[measurement],
+            qualitative_evaluations=finding,
         )
     else:
         group = MeasurementsAndQualitativeEvaluations(
@@ -212,9 +294,40 @@ def _prediction_group(
             finding_type=codes.NSCLC,
             algorithm_id=algorithm,
             measurements=[measurement],
+            qualitative_evaluations=finding,
+            source_images=list(images) or None,
         )
+    _add_text(group, _prediction_text(prediction))
     if prediction.demo:
         _add_text(group, codes.DEMO_TEXT)
+    return group
+
+
+def _detection_group(
+    tumour_reference: ReferencedSegment | None,
+    algorithm: AlgorithmInfo,
+    root: str,
+    sop_uid: str,
+    images: Sequence[SourceImageForMeasurementGroup],
+) -> _Group:
+    """Neoplasm Present (on the tumour segment) or Absent (on the CT images searched)."""
+    tracking = _tracking(root, sop_uid, codes.TRACKING_TUMOUR_DETECTION)
+    if tumour_reference is not None:
+        return VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_segment=tumour_reference,
+            finding_type=codes.NEOPLASM,
+            algorithm_id=_algorithm(algorithm),
+            qualitative_evaluations=[QualitativeEvaluation(codes.NEOPLASM, codes.PRESENT)],
+        )
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=codes.NEOPLASM,
+        algorithm_id=_algorithm(algorithm),
+        qualitative_evaluations=[QualitativeEvaluation(codes.NEOPLASM, codes.ABSENT)],
+        source_images=list(images) or None,
+    )
+    _add_text(group, codes.NO_TUMOUR_TEXT)
     return group
 
 
@@ -278,19 +391,18 @@ def build_sr(
     series_uid = str(first.SeriesInstanceUID)
     segments = _segments(seg)
     demo = algorithm.demo or any(p.demo for p in measurements.predictions)
+    classifiers = [classifier_algorithm(p) for p in measurements.predictions]
     uids = object_uids(
-        opts, datasets, DerivedObject.SR, algorithm, str(seg.SOPInstanceUID) if seg is not None else "no-seg"
+        opts, datasets, DerivedObject.SR, algorithm, str(seg.SOPInstanceUID) if seg is not None else "no-seg",
+        *sorted(c.device_uid for c in classifiers),
     )
     sop_uid = uids.sop_instance_uid
 
     def reference(label: str) -> ReferencedSegment:
         assert seg is not None
-        return ReferencedSegment(
-            sop_class_uid=str(seg.SOPClassUID),
-            sop_instance_uid=str(seg.SOPInstanceUID),
-            segment_number=int(segments[label].SegmentNumber),
-            source_series=SourceSeriesForSegmentation(series_uid),
-        )
+        return segment_reference(seg, int(segments[label].SegmentNumber))
+
+    images = _image_sources(datasets)
 
     groups: list[_Group] = []
     for region in measurements.regions:
@@ -316,19 +428,11 @@ def build_sr(
     tumour_found = bool(tumour_labels)
     tumour_reference = reference(tumour_labels[0]) if tumour_found else None
     for prediction in measurements.predictions:
-        groups.append(_prediction_group(prediction, tumour_reference, opts.uid_root, sop_uid))
-    detection = MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=_tracking(opts.uid_root, sop_uid, codes.TRACKING_TUMOUR_DETECTION),
-        finding_type=codes.NEOPLASM,
-        qualitative_evaluations=[
-            QualitativeEvaluation(codes.NEOPLASM, codes.PRESENT if tumour_found else codes.ABSENT)
-        ],
-    )
-    if not tumour_found:
-        _add_text(detection, codes.NO_TUMOUR_TEXT)
-    groups.append(detection)
+        groups.append(_prediction_group(prediction, tumour_reference, opts.uid_root, sop_uid, images))
+    groups.append(_detection_group(tumour_reference, algorithm, opts.uid_root, sop_uid, images))
 
     observer = ObserverContext(
+
         observer_type=dcm_codes.cid270.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=derive_uid(opts.uid_root, "device", opts.manufacturer, __version__),
@@ -343,6 +447,7 @@ def build_sr(
         imaging_measurements=groups,
     )
     report[0].ContentSequence.append(_qualitative_container(tumour_found, demo))
+    equipment = contributing_equipment([*algorithm.contributors, *classifiers], opts.institution_name)
     evidence = [fill_type2(ds) for ds in datasets]
     if seg is not None:
         evidence.append(seg)
@@ -363,8 +468,9 @@ def build_sr(
             manufacturer_model_name=algorithm.name[:64],
             software_versions=list(algorithm.software_versions),
             device_serial_number="0",
-            coding_schemes=[codes.radnode_coding_scheme()],
+            coding_schemes=[codes.radnode_coding_scheme(), *([ihe_coding_scheme()] if equipment else [])],
             specific_character_set=UTF8_CHARACTER_SET,
+            contributing_equipment=equipment,
         )
     logger.info(
         "SR %s for series %s: %d measurement groups, tumour %s%s",

@@ -21,7 +21,9 @@ code) or a torch ``.pt``/``.pth`` file (loaded with ``weights_only=True``).
 Loading verifies, in order, and stops at the first problem with a :class:`BundleError`
 that names the bundle, the file or the ``bundle.json`` field and what was expected: the
 JSON and its required fields and types; the architecture parameters; the weights file's
-presence and SHA-256; the weights' keys and shapes against the architecture. A bundle
+presence and SHA-256 (against ``bundle.json`` and, when the settings pin one,
+``models.segmentation_sha256``: a weights file replaced together with the hash beside it
+is refused); the weights' keys and shapes against the architecture. A bundle
 that loads is therefore exactly the network that was saved. Unknown top-level fields are
 kept (``BundleMeta.extra``) so that later writers may add information without breaking
 older readers.
@@ -113,6 +115,16 @@ class BundleMeta:
             "weights": {"file": self.weights_file, "sha256": self.weights_sha256},
             **self.extra,
         }
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 over the whole ``bundle.json`` content (which holds the weights' SHA-256).
+
+        Retrained weights, other preprocessing or inference defaults: another checksum,
+        hence another Device UID in every object the bundle contributes to.
+        """
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), default=str)
+        return sha256_hex(text.encode("utf-8"))
 
 
 @dataclass
@@ -296,22 +308,9 @@ def _check_state(model: RASeg, state: Mapping[str, torch.Tensor], where: str, co
     )
 
 
-def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Bundle:
-    """Load and verify a bundle (see the module docstring for the checks).
-
-    Parameters
-    ----------
-    path
-        Bundle directory or zip.
-    device
-        Where to put the model.
-
-    Raises
-    ------
-    BundleError
-        Naming the file or field at fault and what is allowed.
-    """
-    path = Path(path)
+def _read_verified(path: Path, expected_sha256: str | None) -> tuple[BundleMeta, bytes, str]:
+    """``bundle.json``, the weights and where they are, once the weights match both the
+    JSON's ``weights.sha256`` and the pin (``models.segmentation_sha256``)."""
     source = _Source(path)
     try:
         meta = _parse_meta(source)
@@ -325,6 +324,40 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
             f"{where}: SHA-256 {actual} does not match bundle.json field 'weights.sha256' "
             f"({meta.weights_sha256}); the weights were changed or corrupted"
         )
+    if expected_sha256 is not None and actual != expected_sha256.lower():
+        raise BundleError(
+            f"{where}: SHA-256 {actual} is not the pinned {expected_sha256.lower()} "
+            "(models.segmentation_sha256); the bundle was replaced"
+        )
+    return meta, blob, where
+
+
+def verify_bundle(path: str | os.PathLike[str], expected_sha256: str | None = None) -> BundleMeta:
+    """Check ``bundle.json`` and the weights' SHA-256 (and the pin) without building the network."""
+    return _read_verified(Path(path), expected_sha256)[0]
+
+
+def load_bundle(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu", expected_sha256: str | None = None
+) -> Bundle:
+    """Load and verify a bundle (see the module docstring for the checks).
+
+    Parameters
+    ----------
+    path
+        Bundle directory or zip.
+    device
+        Where to put the model.
+    expected_sha256
+        Pinned SHA-256 of the weights file (``models.segmentation_sha256``), if any.
+
+    Raises
+    ------
+    BundleError
+        Naming the file or field at fault and what is allowed.
+    """
+    path = Path(path)
+    meta, blob, where = _read_verified(path, expected_sha256)
     state = _decode_weights(blob, meta.weights_file, where)
     model = RASeg(meta.architecture)
     _check_state(model, state, where, meta.architecture)

@@ -14,7 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from radnode.models.classifiers.bundle import ClassifierBundleError, load_classifier_bundle
+from radnode.models.classifiers.bundle import (
+    ClassifierBundleError,
+    bundle_checksum,
+    decision_threshold,
+    load_classifier_bundle,
+)
+
+#: Threshold of the positive class when a bundle names none (as in its evaluation report).
+DEFAULT_THRESHOLD = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +37,10 @@ class EndpointPrediction:
     classifier_version: str
     training_cohort: str
     demo: bool
+    checksum: str = ""
+    threshold: float = DEFAULT_THRESHOLD
+    negative_class: str = "negative"
+    positive_class: str = "positive"
 
 
 @dataclass
@@ -55,13 +67,17 @@ def deep_feature_columns(vector: list[float]) -> dict[str, float]:
     return {f"deep_{i:03d}": float(v) for i, v in enumerate(vector)}
 
 
-def predict_endpoints(bundles: Mapping[str, Path], features: Mapping[str, float]) -> MutationResult:
-    """Run every configured bundle on one case's features."""
+def predict_endpoints(
+    bundles: Mapping[str, Path], features: Mapping[str, float], pins: Mapping[str, str] | None = None
+) -> MutationResult:
+    """Run every configured bundle on one case's features (``pins``: endpoint -> pinned SHA-256)."""
     result = MutationResult()
     for endpoint, path in bundles.items():
         try:
-            bundle = load_classifier_bundle(path)
+            bundle = load_classifier_bundle(path, (pins or {}).get(endpoint))
             probabilities = bundle.predict_one(dict(features))
+            threshold = decision_threshold(bundle.meta, DEFAULT_THRESHOLD)
+            checksum = bundle_checksum(bundle)
         except (ClassifierBundleError, OSError, ValueError) as exc:
             result.errors[endpoint] = f"{type(exc).__name__}: {exc}"
             log.warning("classifier for %s not applied: %s", endpoint, exc)
@@ -80,6 +96,10 @@ def predict_endpoints(bundles: Mapping[str, Path], features: Mapping[str, float]
                 classifier_version=meta.model_sha256[:12] or "unversioned",
                 training_cohort=json.dumps(meta.training_cohort, sort_keys=True)[:1024],
                 demo=meta.demo,
+                checksum=checksum,
+                threshold=threshold,
+                negative_class=meta.endpoint.classes[0],
+                positive_class=positive,
             )
         )
     return result

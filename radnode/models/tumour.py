@@ -57,6 +57,10 @@ class TumourSegmentation:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     deep_features: list[float] | None = None
+    #: SHA-256 of the bundle (``BundleMeta.checksum``); empty when no model ran.
+    checksum: str = ""
+    #: Who made the bundle (``manufacturer`` in bundle.json, else radnode).
+    manufacturer: str = "radnode"
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description for result.json."""
@@ -64,18 +68,21 @@ class TumourSegmentation:
             "method": self.method,
             "version": self.version,
             "demo": self.demo,
+            "checksum": self.checksum,
             "voxels": int(np.count_nonzero(self.mask)),
             "notes": list(self.notes),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
 
-def network_tumour(ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: str) -> TumourSegmentation:
-    """Segment with the RA-Seg network of a bundle (checksum and architecture verified)."""
+def network_tumour(
+    ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: str, expected_sha256: str | None = None
+) -> TumourSegmentation:
+    """Segment with the RA-Seg network of a bundle (checksum, pin and architecture verified)."""
     from radnode.models.bundle import load_bundle
     from radnode.models.inference import resolve_device, segment_ct
 
-    bundle = load_bundle(bundle_path, device=resolve_device(device))
+    bundle = load_bundle(bundle_path, device=resolve_device(device), expected_sha256=expected_sha256)
     seg = segment_ct(bundle.model, ct, lung.astype(np.uint8), settings=bundle.inference_settings(device=device))
     meta = bundle.meta
     notes = [f"RA-Seg bundle {meta.name} {meta.version}"]
@@ -91,16 +98,18 @@ def network_tumour(ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: 
         notes=notes,
         timings=dict(seg.grid.timings),
         deep_features=None if features is None else [float(v) for v in features],
+        checksum=meta.checksum,
+        manufacturer=str(meta.extra.get("manufacturer") or "radnode"),
     )
 
 
 def segment_tumour(
-    ct: sitk.Image, lung: np.ndarray, setting: str | Path | None, device: str = "auto"
+    ct: sitk.Image, lung: np.ndarray, setting: str | Path | None, device: str = "auto", expected_sha256: str | None = None
 ) -> TumourSegmentation:
     """The chain's tumour stage: the configured bundle, else an empty, explained result."""
     bundle_path = resolve_bundle(setting)
     if bundle_path is not None:
-        return network_tumour(ct, lung, bundle_path, device)
+        return network_tumour(ct, lung, bundle_path, device, expected_sha256)
     log.warning("no segmentation bundle configured (models.segmentation_bundle = none): tumour not segmented")
     return TumourSegmentation(
         mask=np.zeros(lung.shape, dtype=bool),

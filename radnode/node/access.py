@@ -17,6 +17,38 @@ from radnode.config.model import NodeSettings
 from radnode.node.status import RejectReason, RejectResult, RejectSource
 
 
+#: ``node.host`` values that listen on every interface of the machine.
+ALL_INTERFACES = frozenset({"0.0.0.0", "::", ""})
+
+
+def exposure_warnings(node: NodeSettings) -> list[str]:
+    """What an operator must know about who can reach the node, in plain words.
+
+    Said at start-up (the listener logs each as a warning) and by ``radnode config check``,
+    so a configuration that is open -- or shut to everyone -- is noticed before it matters.
+    """
+    warnings = []
+    everywhere = node.host.strip() in ALL_INTERFACES
+    hosts = "any host" if not node.allowed_hosts else "the hosts in node.allowed_hosts"
+    if not node.strict and everywhere:
+        warnings.append(
+            f"open node: listening on every interface ({node.host or 'all'}) and accepting ANY calling AE title "
+            f"from {hosts} (node.strict is off); for production set node.strict: true and list "
+            "node.allowed_calling_aes (and node.allowed_hosts)"
+        )
+    elif not node.strict:
+        warnings.append(
+            f"node.strict is off: ANY calling AE title from {hosts} that reaches {node.host} is accepted"
+        )
+    elif not node.allowed_calling_aes:
+        warnings.append(
+            "node.strict is on and node.allowed_calling_aes is empty: EVERY association is refused. "
+            "List the calling AE titles that may send (e.g. node.allowed_calling_aes: [CT_SCANNER_1, PACS_MAIN]) "
+            "and restart the node"
+        )
+    return warnings
+
+
 @dataclass(frozen=True)
 class AccessDecision:
     """Accept, or reject with the A-ASSOCIATE-RJ fields and a reason for the audit log."""

@@ -35,9 +35,11 @@ slices on one association, three of its habits cost more than the durable write 
   it is (letting it block instead saved idle CPU but measured slower under load).
 
 Both are applied only to the exact pynetdicom classes they were written against, and
-only under pynetdicom 3 (:data:`SUPPORTED_PYNETDICOM`, pinned ``>=3.0.1,<4`` in
-pyproject.toml); anything else is left untouched and runs at pynetdicom's own pace.
-``tests/test_node_*`` run every association through them.
+only under the pynetdicom minor series they were tested with (:data:`SUPPORTED_PYNETDICOM`,
+pinned ``>=3.0.4,<3.1`` in pyproject.toml). The node uses them when ``node.fast_receive``
+is on and :func:`self_test` -- run once at start-up -- finds every pynetdicom internal they
+rely on (:data:`REQUIRED_INTERNALS`) where it expects it; otherwise it logs why and runs
+pynetdicom's ordinary path. ``make test`` runs ``tests/test_node_*`` both ways.
 """
 
 from __future__ import annotations
@@ -63,12 +65,16 @@ from pynetdicom.pdu_items import PresentationDataValueItem
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
-from pynetdicom.utils import make_target
+
+try:  # an internal helper: its absence must mean "no fast path", not "no node"
+    from pynetdicom.utils import make_target
+except ImportError:  # pragma: no cover - only under an unsupported pynetdicom
+    make_target = None  # type: ignore[assignment]
 
 LOGGER = logging.getLogger(__name__)
 
-#: pynetdicom releases this module was written against: [3.0, 4.0).
-SUPPORTED_PYNETDICOM = ((3, 0), (4, 0))
+#: pynetdicom releases this module was tested against: [3.0, 3.1) (pinned in pyproject.toml).
+SUPPORTED_PYNETDICOM = ((3, 0), (3, 1))
 #: Longest wait in ``select()`` between checks of the kill flag and the ARTIM/idle timers.
 IDLE_WAIT_SECONDS = 0.01
 #: PDU type of P-DATA-TF (PS3.8 §9.3.5).
@@ -88,6 +94,74 @@ NO_DATA_SET = 0x0101
 HANDLER_FAILURE_STATUS = 0xC211
 #: Events whose handlers need pynetdicom's own decoded PDU objects.
 _PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV)
+
+
+#: pynetdicom internals the fast path uses: (class, attribute) that must exist on the class
+#: (methods it calls or overrides) ...
+REQUIRED_INTERNALS: tuple[tuple[type, str], ...] = (
+    (DULServiceProvider, "run_reactor"),
+    (DULServiceProvider, "_process_recv_primitive"),
+    (DULServiceProvider, "_is_transport_event"),
+    (DULServiceProvider, "_read_pdu_data"),
+    (DULServiceProvider, "_decode_pdu"),
+    (DULServiceProvider, "send_pdu"),
+    (DIMSEServiceProvider, "receive_primitive"),
+    (DIMSEServiceProvider, "send_msg"),
+    (AssociationSocket, "recv"),
+)
+#: ... and instance attributes a fresh acceptor association must have: (object, attribute).
+REQUIRED_STATE: tuple[tuple[str, str], ...] = (
+    ("dul", "to_provider_queue"),
+    ("dul", "event_queue"),
+    ("dul", "_recv_pdu"),
+    ("dul", "_idle_timer"),
+    ("dul", "artim_timer"),
+    ("dul", "_kill_thread"),
+    ("dul", "state_machine"),
+    ("dul", "socket"),
+    ("dul", "assoc"),
+    ("assoc", "_dul_ready"),
+    ("assoc", "_kill"),
+    ("assoc", "is_aborted"),
+    ("assoc", "is_established"),
+    ("dimse", "message"),
+    ("dimse", "maximum_pdu_size"),
+    ("dimse", "dul"),
+)
+
+
+def self_test() -> str | None:
+    """Check, on a throw-away association, that the fast path fits this pynetdicom.
+
+    Returns ``None`` when it does, else what is missing (for the start-up warning). Runs
+    no network: the association gets an unconnected socket and no thread is started.
+    """
+    if not pynetdicom_supported(pynetdicom.__version__):
+        return f"pynetdicom {pynetdicom.__version__} is not in the tested series {SUPPORTED_PYNETDICOM}"
+    if make_target is None:
+        return "pynetdicom.utils.make_target is missing"
+    missing = [f"{cls.__name__}.{name}" for cls, name in REQUIRED_INTERNALS if not callable(getattr(cls, name, None))]
+    if missing:
+        return f"pynetdicom lacks {', '.join(missing)}"
+    import socket
+
+    from pynetdicom import AE
+
+    with socket.socket() as raw:
+        try:
+            assoc = Association(AE(), "acceptor")
+            assoc.set_socket(AssociationSocket(assoc, client_socket=raw))
+            parts = {"assoc": assoc, "dul": assoc.dul, "dimse": assoc.dimse}
+            absent = [f"{owner}.{name}" for owner, name in REQUIRED_STATE if not hasattr(parts[owner], name)]
+            if absent:
+                return f"a pynetdicom association lacks {', '.join(absent)}"
+            if not tune_association(assoc, lambda *args: (0, None)):
+                return "pynetdicom's association classes are not the ones the fast path subclasses"
+            if type(assoc.dimse) is not StoreDIMSE or type(assoc.dul.socket) is not RecvIntoSocket:
+                return "the fast path's classes did not take hold of a test association"
+        except Exception as exc:  # any surprise in pynetdicom's internals means: do not use it
+            return f"setting up a test association failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 def pynetdicom_supported(version: str = pynetdicom.__version__) -> bool:

@@ -57,7 +57,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from radnode.config.model import Settings
 from radnode.node import status
-from radnode.node.access import AccessPolicy
+from radnode.node.access import AccessPolicy, exposure_warnings
 from radnode.node.audit import AuditLog
 from radnode.node.completion import (
     CompletionSubscriber,
@@ -71,6 +71,7 @@ from radnode.node.fastpath import (
     StoreDIMSE,
     tune_association,
 )
+from radnode.node.fastpath import self_test as fastpath_self_test
 from radnode.node.index import NodeIndex
 from radnode.node.ingest import Ingestor, StoreOutcome, StoreRequest
 from radnode.node.metrics import MetricsServer, NodeMetrics
@@ -91,9 +92,6 @@ LOGGER = logging.getLogger(__name__)
 #: A health check reports ``(healthy, details)`` for ``/healthz``.
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 
-#: Use :mod:`radnode.node.fastpath` for each association (select-based DUL, zero-copy
-#: P-DATA, C-STORE answered on the DUL thread).
-FAST_RECEIVE_PATH = True
 #: pynetdicom's logging handlers that run once per PDU or DIMSE message.
 _CHATTY_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
 
@@ -148,6 +146,8 @@ class StorageNode:
         self._closing = False
         self._stopped = threading.Event()
         self._health_checks: dict[str, HealthCheck] = {}
+        #: Whether associations use :mod:`radnode.node.fastpath` (decided in :meth:`start`).
+        self.fast_receive = False
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -159,6 +159,7 @@ class StorageNode:
                 "the listener needs pynetdicom's _config.STORE_RECV_CHUNKED_DATASET = False "
                 "(it writes the received bytes itself)"
             )
+        self.fast_receive = self._choose_receive_path()
         self.store.clean_temporary()
         recovered = self.ingestor.recover_orphans()
         if recovered:
@@ -204,14 +205,8 @@ class StorageNode:
             LOGGER.info(
                 "metrics on http://%s:%d/metrics", self.settings.metrics.host, self._metrics_server.port
             )
-        if self.access.accepts_any_calling_ae:
-            LOGGER.warning(
-                "node.strict is off: associations from ANY calling AE title are accepted%s; "
-                "set node.strict and node.allowed_calling_aes for production",
-                "" if not node.allowed_calling_aes else " (unlisted ones are logged)",
-            )
-        elif not node.allowed_calling_aes:
-            LOGGER.warning("node.strict is on but node.allowed_calling_aes is empty: every association will be rejected")
+        for warning in exposure_warnings(node):
+            LOGGER.warning("%s", warning)
         LOGGER.info(
             "%s listening on %s:%d%s, data in %s",
             node.ae_title,
@@ -299,8 +294,23 @@ class StorageNode:
             for handler, _args in list(assoc.get_handlers(chatty)):
                 if getattr(handler, "__self__", None) is not self:
                     assoc.unbind(chatty, handler)
-        if FAST_RECEIVE_PATH:
+        if self.fast_receive:
             tune_association(assoc, self._store_on_dul_thread, self._stage)
+
+    def _choose_receive_path(self) -> bool:
+        """``node.fast_receive``, if the fast path's self-test passes on this pynetdicom."""
+        if not self.settings.node.fast_receive:
+            LOGGER.info("receive path: pynetdicom's ordinary path (node.fast_receive is off)")
+            return False
+        problem = fastpath_self_test()
+        if problem is not None:
+            LOGGER.warning(
+                "receive path: the fast path's self-test failed (%s); falling back to pynetdicom's "
+                "ordinary path (slower, equally correct)", problem,
+            )
+            return False
+        LOGGER.info("receive path: fast (node.fast_receive, self-test passed)")
+        return True
 
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc

@@ -22,6 +22,7 @@ from radnode import __version__, durable
 from pydicom import Dataset
 
 from radnode.config import Settings
+from radnode.dicom_io.provenance import ContributingAlgorithm, checksum_of, engine_algorithm
 from radnode.dicom_io.qc import QCLimits
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
@@ -42,6 +43,7 @@ from radnode.models.radiomics import RadiomicsResult, extract_regions
 from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
 from radnode.pipeline.version import PIPELINE_VERSION
 from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
+from radnode.models.verify import verify_configured_bundles
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +181,8 @@ def find_lungs(series: CTSeries) -> LungMaskResult:
 
 def find_tumour(series: CTSeries, lungs: LungMaskResult, settings: Settings) -> TumourSegmentation:
     """Stage 3: tumour mask inside the lungs (RA-Seg bundle, or the classical outline)."""
-    return segment_tumour(series.image, lungs.lungs, settings.models.segmentation_bundle, settings.models.device)
+    models = settings.models
+    return segment_tumour(series.image, lungs.lungs, models.segmentation_bundle, models.device, models.segmentation_sha256)
 
 
 def zyx_spacing(series: CTSeries) -> tuple[float, float, float]:
@@ -247,7 +250,7 @@ def predict_mutations(
         {name: r.features for name, r in radiomics.regions.items() if r.status == "done"}
     )
     features.update(deep_feature_columns(deep_features or []))
-    return predict_endpoints(bundles, features)
+    return predict_endpoints(bundles, features, settings.models.classifier_sha256)
 
 
 def measure_regions(series: CTSeries, written: list[Region]) -> list[RegionStats]:
@@ -257,12 +260,38 @@ def measure_regions(series: CTSeries, written: list[Region]) -> list[RegionStats
     return [region_statistics(r.mask, image, spacing, name=r.name) for r in written]
 
 
+def segmentation_algorithms(tumour: TumourSegmentation) -> tuple[ContributingAlgorithm, ...]:
+    """The lung mask and (when one ran) the tumour bundle, as IHE AIR contributing algorithms.
+
+    The weight-free lung mask ships with radnode, so its checksum covers radnode's
+    version; a bundle's is its content checksum (a bundle without one, e.g. a test's
+    stand-in, falls back to name and version).
+    """
+    lung = ContributingAlgorithm(
+        name=LUNG_MASK_METHOD,
+        version=LUNG_MASK_VERSION,
+        checksum=checksum_of("lung-mask", LUNG_MASK_METHOD, LUNG_MASK_VERSION, __version__),
+        role="lung segmentation",
+    )
+    if tumour.method == NO_MODEL:
+        return (lung,)
+    bundle = ContributingAlgorithm(
+        name=tumour.method,
+        version=tumour.version,
+        checksum=tumour.checksum or checksum_of("tumour-model", tumour.method, tumour.version),
+        role="tumour segmentation",
+        manufacturer=tumour.manufacturer,
+        demo=tumour.demo,
+    )
+    return (lung, bundle)
+
+
 def algorithm_info(tumour: TumourSegmentation) -> AlgorithmInfo:
     """Provenance written into every object: package, pipeline and model versions."""
     versions = {"pipeline": PIPELINE_VERSION, LUNG_MASK_METHOD: LUNG_MASK_VERSION}
     if tumour.method != NO_MODEL:
         versions[tumour.method] = tumour.version
-    return AlgorithmInfo(model_versions=versions, demo=tumour.demo)
+    return AlgorithmInfo(model_versions=versions, demo=tumour.demo, contributors=segmentation_algorithms(tumour))
 
 
 def report_algorithm(algorithm: AlgorithmInfo, radiomics: RadiomicsResult | None) -> AlgorithmInfo:
@@ -271,7 +300,8 @@ def report_algorithm(algorithm: AlgorithmInfo, radiomics: RadiomicsResult | None
         return algorithm
     engine = radiomics.engine
     versions = {**algorithm.model_versions, f"radiomics-{engine['name']}": str(engine["version"])}
-    return AlgorithmInfo(model_versions=versions, demo=algorithm.demo)
+    contributors = (*algorithm.contributors, engine_algorithm(engine, radiomics.profiles))
+    return AlgorithmInfo(model_versions=versions, demo=algorithm.demo, contributors=contributors)
 
 
 def save_dataset(dataset: Dataset, path: Path) -> Path:
@@ -352,6 +382,8 @@ def run_chain(
     stages = _Stages(result, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
+        with stages.stage("models"):  # every configured bundle intact (and as pinned) before any work
+            verify_configured_bundles(settings.models)
         with stages.stage("load_and_qc"):
             try:
                 series = load_and_check(input_path, settings)

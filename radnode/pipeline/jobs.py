@@ -112,12 +112,6 @@ PHASE_OBJECTS: dict[Phase, tuple[ResultObject, ...]] = {
     Phase.REPORT: (ResultObject.SR,),
 }
 
-#: Prefix of the progress-stage name with which the chain announces that a phase's objects
-#: are complete on disk: ``progress("phase:contours", "done")``.
-PHASE_MARKER_PREFIX = "phase:"
-#: Progress state that marks the end of a stage (see ``chain.ProgressHook``).
-STAGE_DONE = "done"
-
 
 def phase_of(obj: ResultObject | str) -> Phase:
     """Return the phase that delivers result object ``obj``."""
@@ -126,21 +120,6 @@ def phase_of(obj: ResultObject | str) -> Phase:
         if obj in objects:
             return phase
     raise ValueError(f"result object {obj.value!r} belongs to no delivery phase")
-
-
-def phase_marker(phase: Phase | str) -> str:
-    """Stage name the chain reports to announce that ``phase``'s objects are written."""
-    return f"{PHASE_MARKER_PREFIX}{Phase(phase).value}"
-
-
-def parse_phase_marker(stage: str) -> Phase | None:
-    """Return the phase a progress stage name announces, or ``None`` for ordinary stages."""
-    if not stage.startswith(PHASE_MARKER_PREFIX):
-        return None
-    try:
-        return Phase(stage[len(PHASE_MARKER_PREFIX) :])
-    except ValueError:
-        return None
 
 
 def current_pipeline_version() -> str:

@@ -516,9 +516,8 @@ class PipelineService:
             return [known[n] for n in job.destinations if n in known]
         return list(self.settings.destinations)
 
-    def _stage_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path] | None = None) -> int:
-        if files is None:  # the chain did not list them: every finished object in its folder
-            files = sorted(p for p in out_dir.rglob("*.dcm") if not p.name.startswith("."))
+    def _stage_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path]) -> int:
+        """Stage exactly the files the chain handed over for ``phase`` (the one staging path)."""
         items = self.outbox.stage(
             files, self.job_destinations(job), job_id=job.id, source_series_uid=job.series_uid, only_phase=phase
         )
@@ -528,11 +527,26 @@ class PipelineService:
     def _job_finished(self, job: Job, outcome: ChildOutcome) -> None:
         if job.state is JobState.DONE and job.source is not JobSource.MANUAL:
             self._mark_processed(job.series_uid)
+        if job.state is JobState.DONE:
+            self._record_features(job)
         for listener in self._finished_listeners:
             try:
                 listener(job, outcome)
             except Exception:
                 log.exception("finished-listener failed for job %d", job.id)
+
+    def _record_features(self, job: Job) -> None:
+        """Add the job's radiomic features to the research feature database (never fails the job)."""
+        from radnode.models.research.featuredb import database_url, record_result
+
+        result_json = self.pool.out_dir(job) / "result.json"
+        try:
+            if result_json.is_file():
+                url = database_url(self.data_dir, self.settings.storage.feature_db_url)
+                rows = record_result(url, result_json, job.input_path, job.id)
+                log.info("job %d series %s: %d region row(s) added to the feature database", job.id, job.series_uid, rows)
+        except Exception:
+            log.exception("job %d series %s: features not added to the feature database", job.id, job.series_uid)
 
     # -- sweep --------------------------------------------------------------------------
 

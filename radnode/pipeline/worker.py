@@ -7,9 +7,10 @@ listener), in its own process group, and dies with its parent (``PR_SET_PDEATHSI
 ``kill -9`` of the node leaves no orphan writing into a result folder the next attempt
 reuses. The parent thread that owns the child
 
-* forwards the chain's progress, and stages a delivery phase the moment the chain reports
-  it (issue 10, "contours first"): through ``run_chain``'s ``on_phase(name, files)`` hook,
-  or, for chains without that parameter, a progress event ``("phase:<name>", "done")``;
+* receives the child's typed messages (:mod:`radnode.pipeline.messages`): forwards its
+  progress, and stages a delivery phase the moment the chain hands it over ("contours
+  first") through ``run_chain``'s ``on_phase(name, files)`` hook -- the only way results
+  reach the outbox;
 * renews the job's lease (:meth:`JobQueue.heartbeat`) and kills the child when the job is
   cancelled;
 * kills the whole process group when ``pipeline.job_timeout_seconds`` elapses;
@@ -20,9 +21,9 @@ Test hook
 The function the child runs is named by an import reference ``"package.module:function"``
 or ``"/path/to/file.py:function"`` with the signature of
 :func:`radnode.pipeline.chain.run_chain`. It defaults to :data:`DEFAULT_CHAIN`; pass
-``chain=`` to :class:`WorkerPool` / :class:`~radnode.pipeline.service.PipelineService`, or
-set the environment variable :data:`CHAIN_ENV_VAR` (used by end-to-end tests that start
-``radnode serve`` as a separate process).
+``chain=`` to :class:`WorkerPool` / :class:`~radnode.pipeline.service.PipelineService` (end-to-end
+tests start :func:`radnode.cli.serve_cmd.run_node` with it). Nothing in the environment can
+choose the chain: a process's environment must not decide which code the workers execute.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import importlib
 import importlib.util
-import inspect
 import logging
 import multiprocessing
 import os
@@ -48,13 +48,17 @@ from pathlib import Path
 from typing import Any
 
 from radnode.config import Settings
-from radnode.pipeline.jobs import (
-    STAGE_DONE,
-    FailureReason,
-    Job,
-    Phase,
-    PhaseState,
-    parse_phase_marker,
+from radnode.pipeline.jobs import FailureReason, Job, Phase, PhaseState
+from radnode.pipeline.messages import (
+    ChainStatus,
+    ChildMessage,
+    Finished,
+    PhaseReady,
+    Progress,
+    Raised,
+    finished_message,
+    phase_message,
+    progress_message,
 )
 from radnode.pipeline.queue import JobQueue, LeaseLost
 
@@ -62,8 +66,6 @@ log = logging.getLogger(__name__)
 
 #: The production chain.
 DEFAULT_CHAIN = "radnode.pipeline.chain:run_chain"
-#: Environment variable that overrides the chain reference (tests of a whole ``radnode serve``).
-CHAIN_ENV_VAR = "RADNODE_PIPELINE_CHAIN"
 #: Seconds a job's lease lasts without a heartbeat; a node that died longer ago than this
 #: has its running jobs recovered by :meth:`JobQueue.recover`.
 LEASE_SECONDS = 60.0
@@ -77,8 +79,6 @@ EXIT_CHAIN_RAISED = 70
 #: ``prctl`` option that delivers a signal to the child when its parent dies (linux/prctl.h).
 _PR_SET_PDEATHSIG = 1
 
-#: Messages from child to parent: ("progress", stage, state), ("result", dict), ("error", dict).
-Message = tuple[Any, ...]
 ChainFunction = Callable[..., Any]
 
 
@@ -100,15 +100,15 @@ class ChildOutcome:
     kind: OutcomeKind
     seconds: float
     exitcode: int | None = None
-    status: str | None = None  # chain status for RESULT: "done" | "rejected" | "failed"
+    status: ChainStatus | None = None  # how the chain ended, for RESULT
     error: str | None = None
     traceback: str | None = None
     result: dict[str, Any] = field(default_factory=dict)
 
 
 def chain_reference(explicit: str | None = None) -> str:
-    """The chain to run: ``explicit``, else ``$RADNODE_PIPELINE_CHAIN``, else the real chain."""
-    return explicit or os.environ.get(CHAIN_ENV_VAR) or DEFAULT_CHAIN
+    """The chain to run: ``explicit`` (a caller's Python argument), else the real chain."""
+    return explicit or DEFAULT_CHAIN
 
 
 def resolve_chain(reference: str) -> ChainFunction:
@@ -161,28 +161,6 @@ def _prefer_oom_kill() -> None:
         pass
 
 
-def _result_payload(result: Any) -> dict[str, Any]:
-    """What the parent needs from a ``ChainResult`` (or a dict of the same shape)."""
-    if isinstance(result, dict):
-        data = result
-    else:
-        data = {k: getattr(result, k, None) for k in ("status", "error", "outputs", "qc")}
-    return {
-        "status": str(data.get("status") or "failed"),
-        "error": data.get("error"),
-        "outputs": dict(data.get("outputs") or {}),
-        "qc": data.get("qc") or {},
-    }
-
-
-def _accepts_on_phase(chain: ChainFunction) -> bool:
-    """Whether the chain takes the ``on_phase`` hook of :func:`radnode.pipeline.chain.run_chain`."""
-    try:
-        return "on_phase" in inspect.signature(chain).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def _child_main(
     chain_ref: str,
     input_path: str,
@@ -204,47 +182,30 @@ def _child_main(
         ),
     )
 
+    def send(message: ChildMessage) -> None:
+        conn.send(message)
+
     def progress(stage: str, state: str) -> None:
-        conn.send(("progress", stage, state))
+        send(progress_message(stage, state))
 
     def on_phase(phase: str, files: dict[str, Any]) -> None:
-        conn.send(("phase", str(phase), [str(Path(f)) for f in dict(files or {}).values()]))
+        send(phase_message(phase, files))
 
     try:
         chain = resolve_chain(chain_ref)
-        if _accepts_on_phase(chain):
-            result = chain(Path(input_path), Path(out_dir), settings, progress, on_phase=on_phase)
-        else:
-            result = chain(Path(input_path), Path(out_dir), settings, progress)
-        conn.send(("result", _result_payload(result)))
+        result = chain(Path(input_path), Path(out_dir), settings, progress, on_phase=on_phase)
+        send(finished_message(result))
     except BaseException as exc:  # noqa: BLE001 - everything must reach the parent
         try:
-            conn.send(
-                (
-                    "error",
-                    {"error": f"{type(exc).__name__}: {exc}", "traceback": tb_module.format_exc()},
-                )
-            )
+            send(Raised(f"{type(exc).__name__}: {exc}", tb_module.format_exc()))
         finally:
             conn.close()
             os._exit(EXIT_CHAIN_RAISED)
     conn.close()
 
 
-#: Called when the chain hands over a phase: (phase, its files or ``None`` = look in the folder).
-PhaseReport = Callable[[Phase, list[Path] | None], None]
-
-
-def _relay_phase(message: Message, on_phase: PhaseReport) -> None:
-    """Pass the chain's ``on_phase(name, files)`` on to the parent's handler."""
-    name = str(message[1])
-    try:
-        phase = Phase(name)
-    except ValueError:
-        log.warning("chain reported unknown delivery phase %r; known: %s", name, ", ".join(p.value for p in Phase))
-        return
-    files = [Path(f) for f in message[2]] if len(message) > 2 and message[2] else None
-    on_phase(phase, files)
+#: Called when the chain hands over a phase: (phase, the phase's files).
+PhaseReport = Callable[[Phase, list[Path]], None]
 
 
 def describe_exit(exitcode: int | None) -> str:
@@ -314,26 +275,27 @@ class ChildRunner:
         deadline = start + self.timeout_seconds
         next_beat = start + self.heartbeat_seconds
         outcome: ChildOutcome | None = None
-        payload: dict[str, Any] | None = None
-        error: dict[str, Any] | None = None
+        ended: list[Finished | Raised] = []
+
+        def handle(message: ChildMessage) -> None:
+            match message:
+                case Progress(stage=stage, state=state):
+                    on_progress(stage, state.value)
+                case PhaseReady(phase=phase, files=files):
+                    on_phase(phase, list(files))
+                case Finished() | Raised():
+                    ended.append(message)
+                case _:
+                    log.error("job %d: unexpected message from the job process: %r", job.id, message)
+
         pipe_open = True
         try:
             while True:
                 if pipe_open and parent_conn.poll(0.2):
                     try:
-                        message = parent_conn.recv()
+                        handle(parent_conn.recv())
                     except (EOFError, OSError):
                         pipe_open = False
-                        continue
-                    kind = message[0]
-                    if kind == "progress":
-                        on_progress(str(message[1]), str(message[2]))
-                    elif kind == "phase":
-                        _relay_phase(message, on_phase)
-                    elif kind == "result":
-                        payload = message[1]
-                    elif kind == "error":
-                        error = message[1]
                     continue
                 if not pipe_open:
                     process.join(0.2)
@@ -365,17 +327,9 @@ class ChildRunner:
             # Drain what the child sent just before it exited.
             while pipe_open and parent_conn.poll(0):
                 try:
-                    message = parent_conn.recv()
+                    handle(parent_conn.recv())
                 except (EOFError, OSError):
                     break
-                if message[0] == "result":
-                    payload = message[1]
-                elif message[0] == "error":
-                    error = message[1]
-                elif message[0] == "progress":
-                    on_progress(str(message[1]), str(message[2]))
-                elif message[0] == "phase":
-                    _relay_phase(message, on_phase)
         finally:
             if process.is_alive():
                 self._kill(process)
@@ -386,14 +340,11 @@ class ChildRunner:
             outcome.exitcode = process.exitcode
             outcome.seconds = seconds
             return outcome
-        if payload is not None and process.exitcode == 0:
-            return ChildOutcome(
-                OutcomeKind.RESULT, seconds, 0, status=payload["status"], error=payload.get("error"), result=payload
-            )
-        if error is not None:
-            return ChildOutcome(
-                OutcomeKind.RAISED, seconds, process.exitcode, error=error.get("error"), traceback=error.get("traceback")
-            )
+        end = ended[-1] if ended else None
+        if isinstance(end, Finished) and process.exitcode == 0:
+            return ChildOutcome(OutcomeKind.RESULT, seconds, 0, status=end.status, error=end.error, result=end.as_result())
+        if isinstance(end, Raised):
+            return ChildOutcome(OutcomeKind.RAISED, seconds, process.exitcode, error=end.error, traceback=end.traceback)
         return ChildOutcome(
             OutcomeKind.CRASHED,
             seconds,
@@ -425,9 +376,9 @@ class ChildRunner:
                 return
 
 
-#: Called when a phase's objects are on disk: (job, phase, out_dir, the phase's files or
-#: ``None`` when the chain did not list them) -> number of objects staged.
-PhaseCallback = Callable[[Job, Phase, Path, "list[Path] | None"], int]
+#: Called when a phase's objects are on disk: (job, phase, out_dir, the phase's files, as
+#: the chain handed them over) -> number of objects staged.
+PhaseCallback = Callable[[Job, Phase, Path, list[Path]], int]
 #: Called after the queue recorded the end of an attempt: (job as stored, outcome).
 FinishedCallback = Callable[[Job, ChildOutcome], None]
 
@@ -560,9 +511,18 @@ class WorkerPool:
     def run_job(self, job: Job, worker_id: str) -> Job | None:
         """Run one claimed job to the end of this attempt and record the outcome."""
         out_dir = self.out_dir(job)
-        if out_dir.exists():  # leftovers of an earlier attempt must not be mistaken for results
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
+        try:
+            if out_dir.exists():  # leftovers of an earlier attempt must not be mistaken for results
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True)
+        except OSError as exc:  # a full or read-only results volume: this attempt fails, a later one may not
+            return self._record(
+                job,
+                worker_id,
+                ChildOutcome(OutcomeKind.RAISED, 0.0, error=f"cannot prepare the result folder {out_dir}: {exc}"),
+                reason=FailureReason.EXCEPTION,
+                retryable=True,
+            )
         if not job.input_path.exists():
             return self._record(
                 job,
@@ -574,8 +534,9 @@ class WorkerPool:
         staged: set[Phase] = set()
         staging_errors: list[str] = []
 
-        def deliver(phase: Phase, files: list[Path] | None = None) -> None:
+        def deliver(phase: Phase, files: list[Path]) -> None:
             if phase in staged:
+                staging_errors.append(f"the chain handed over phase {phase.value} twice")
                 return
             staged.add(phase)
             try:
@@ -584,9 +545,7 @@ class WorkerPool:
                 staging_errors.append(str(exc))
 
         def on_progress(stage: str, state: str) -> None:
-            phase = parse_phase_marker(stage)
-            if phase is not None and state == STAGE_DONE:
-                deliver(phase)
+            log.debug("job %d: stage %s %s", job.id, stage, state)
 
         def keep_going() -> bool:
             return self.queue.heartbeat(job.id, worker_id, self.lease_seconds)
@@ -605,14 +564,15 @@ class WorkerPool:
             return None
         if outcome.kind is OutcomeKind.CANCELLED:
             return None
-        if outcome.kind is OutcomeKind.RESULT and outcome.status == "done":
-            for phase in Phase:
-                deliver(phase)
+        if outcome.kind is OutcomeKind.RESULT and outcome.status is ChainStatus.DONE:
+            missing = [phase.value for phase in Phase if phase not in staged]
+            if missing:
+                staging_errors.append(f"the chain reported done without handing over phase(s) {', '.join(missing)}")
             if staging_errors:
                 outcome.error = "; ".join(staging_errors)
                 return self._record(job, worker_id, outcome, reason=FailureReason.STAGING_FAILED, retryable=True)
             return self._record(job, worker_id, outcome)
-        if outcome.kind is OutcomeKind.RESULT and outcome.status == "rejected":
+        if outcome.kind is OutcomeKind.RESULT and outcome.status is ChainStatus.REJECTED:
             return self._record(job, worker_id, outcome, reason=FailureReason.QC_REJECTED, retryable=False)
         reason = {
             OutcomeKind.RESULT: FailureReason.CHAIN_ERROR,
@@ -622,7 +582,7 @@ class WorkerPool:
         }[outcome.kind]
         return self._record(job, worker_id, outcome, reason=reason, retryable=True)
 
-    def _deliver_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path] | None = None) -> None:
+    def _deliver_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path]) -> None:
         """Stage one phase's objects for dispatch and mark the phase done."""
         objects = 0
         if self.on_phase is not None:

@@ -1,15 +1,26 @@
-"""Classifier bundles: a directory with a joblib model and ``classifier.json``.
+"""Classifier bundles: a directory with a skops model and ``classifier.json``.
 
 Layout::
 
     BUNDLE/
       classifier.json   # schema, endpoint, method, features (in order), training cohort,
-                        # CV metrics, calibration, package versions, demo flag, model sha256
-      model.joblib      # fitted scikit-learn estimator whose predict_proba is calibrated
+                        # CV metrics, calibration, package versions, demo flag, model file
+                        # and its sha256
+      model.skops       # fitted scikit-learn estimator whose predict_proba is calibrated
 
-Loading checks the schema, the model file's SHA-256 against the JSON and that the model
-takes as many inputs as the JSON lists features. A joblib file is a pickle: load bundles
-only from trusted places (the hash guards against corruption, not against tampering).
+The model is stored with ``skops.io``, which rebuilds an estimator from an allow-list of
+types instead of unpickling: loading runs no code from the file. Trusted are skops' defaults
+(scikit-learn estimators, numpy), scikit-learn's other classes, and radnode's
+:data:`TRUSTED_RADNODE_TYPES`; a file that needs any other type or any function is refused,
+naming it.
+
+Loading checks, in order: the schema; that the JSON carries the model file's SHA-256
+(required: a bundle without one is refused); the file's digest against it and, when the
+settings pin one (``models.classifier_sha256``), against the pin -- so a model file
+replaced together with the hash beside it is refused; the types in the file; that the
+model takes as many inputs as the JSON lists features. Older bundles hold
+``model.joblib`` (a pickle): they load only after both hash checks passed, with a warning
+to re-save them (``radnode train classifier`` writes skops).
 
 Prediction checks the input's feature names against the bundle's: a missing feature
 always fails and the message lists them; extra features fail too unless
@@ -22,11 +33,14 @@ tumour the extractor could not measure (a tumour of a few voxels, an empty ring)
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
 import platform
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +49,7 @@ from typing import Any
 
 import joblib
 import numpy as np
+import skops.io as sio
 
 from radnode.models.classifiers.endpoints import Endpoint, endpoint_from_mapping
 from radnode.models.classifiers.table import FeatureTable
@@ -44,11 +59,18 @@ logger = logging.getLogger(__name__)
 #: Schema identifier written to and required in ``classifier.json``.
 SCHEMA = "radnode.classifier-bundle/1"
 META_FILE = "classifier.json"
-MODEL_FILE = "model.joblib"
+MODEL_FILE = "model.skops"
+#: The pickled model file of bundles written before skops (loaded only when hash-verified).
+LEGACY_MODEL_FILE = "model.joblib"
+#: Model files a bundle may name, and how each is read.
+MODEL_FORMATS = {MODEL_FILE: "skops", LEGACY_MODEL_FILE: "joblib"}
+#: radnode's own estimator types a skops model file may contain (beyond skops' defaults).
+TRUSTED_RADNODE_TYPES: tuple[str, ...] = ("radnode.models.classifiers.method_b.RadScoreTransformer",)
+_SHA256_HEX = frozenset("0123456789abcdef")
 #: Methods a bundle may declare.
 METHODS = ("A", "B")
 #: Packages whose versions a bundle records.
-RECORDED_PACKAGES = ("radnode", "numpy", "scipy", "scikit-learn", "joblib")
+RECORDED_PACKAGES = ("radnode", "numpy", "scipy", "scikit-learn", "joblib", "skops")
 #: At most this many offending rows are named in a NaN error.
 _MAX_ROWS_NAMED = 10
 
@@ -117,6 +139,7 @@ class ClassifierMeta:
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     model_sha256: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    model_file: str = MODEL_FILE
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -130,7 +153,7 @@ class ClassifierMeta:
             "calibration": self.calibration,
             "package_versions": self.package_versions,
             "created": self.created,
-            "model_file": MODEL_FILE,
+            "model_file": self.model_file,
             "model_sha256": self.model_sha256,
             "details": self.details,
         }
@@ -196,6 +219,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def bundle_checksum(bundle: ClassifierBundle) -> str:
+    """SHA-256 over ``classifier.json``'s content with the model file's own SHA-256 in it.
+
+    Any change of the model file or of the metadata (features, endpoint, threshold ...)
+    gives another checksum; the SR derives the classifier's Device UID from it.
+    """
+    data = bundle.meta.to_dict()
+    if not data["model_sha256"] and bundle.path is not None:
+        data["model_sha256"] = _sha256(Path(bundle.path) / MODEL_FILE)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def decision_threshold(meta: ClassifierMeta, default: float) -> float:
+    """Probability threshold of the positive class: ``details.threshold`` when the bundle has one."""
+    value = meta.details.get("threshold", default)
+    try:
+        threshold = float(value)
+    except (TypeError, ValueError):
+        raise ClassifierBundleError(f"classifier.json details.threshold {value!r} is not a number") from None
+    if not 0.0 < threshold < 1.0:
+        raise ClassifierBundleError(f"classifier.json details.threshold {threshold} is not in (0, 1)")
+    return threshold
+
+
 def save_classifier_bundle(bundle: ClassifierBundle, out_dir: str | os.PathLike[str], *,
                            overwrite: bool = False) -> Path:
     """Write ``bundle`` to ``out_dir`` (created; must be empty unless ``overwrite``)."""
@@ -204,8 +252,13 @@ def save_classifier_bundle(bundle: ClassifierBundle, out_dir: str | os.PathLike[
         raise FileExistsError(f"classifier bundle folder {out} is not empty (use overwrite)")
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
-    joblib.dump(bundle.model, model_path, compress=3)
-    meta = ClassifierMeta(**{**bundle.meta.__dict__, "model_sha256": _sha256(model_path)})
+    sio.dump(bundle.model, model_path, compression=zipfile.ZIP_DEFLATED, compresslevel=9)
+    unknown = _untrusted_types(model_path)
+    if unknown:
+        model_path.unlink()
+        raise ClassifierBundleError(f"the model holds types a bundle may not load: {unknown}; add radnode's own "
+                                    "estimators to TRUSTED_RADNODE_TYPES")
+    meta = ClassifierMeta(**{**bundle.meta.__dict__, "model_sha256": _sha256(model_path), "model_file": MODEL_FILE})
     (out / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     bundle.meta, bundle.path = meta, out
     logger.info("classifier bundle written: %s (endpoint %s, method %s%s)", out, meta.endpoint.name,
@@ -235,6 +288,13 @@ def read_classifier_meta(path: str | os.PathLike[str]) -> ClassifierMeta:
         raise ClassifierBundleError(f"{meta_path}: 'features' must be a non-empty list of distinct names")
     if not isinstance(data["demo"], bool):
         raise ClassifierBundleError(f"{meta_path}: 'demo' must be true or false")
+    model_file = data.get("model_file", LEGACY_MODEL_FILE)
+    if model_file not in MODEL_FORMATS:
+        raise ClassifierBundleError(f"{meta_path}: 'model_file' {model_file!r} is not one of {sorted(MODEL_FORMATS)}")
+    digest = data.get("model_sha256")
+    if not _is_sha256(digest):
+        raise ClassifierBundleError(f"{meta_path}: 'model_sha256' is missing or not 64 lower-case hex digits; "
+                                    "a model that cannot be verified is never loaded")
     return ClassifierMeta(
         endpoint=endpoint_from_mapping(data["endpoint"]),
         method=data["method"],
@@ -245,13 +305,45 @@ def read_classifier_meta(path: str | os.PathLike[str]) -> ClassifierMeta:
         demo=data["demo"],
         package_versions=dict(data.get("package_versions") or {}),
         created=str(data.get("created", "")),
-        model_sha256=str(data.get("model_sha256", "")),
+        model_sha256=str(digest),
         details=dict(data.get("details") or {}),
+        model_file=model_file,
     )
 
 
-def load_classifier_bundle(path: str | os.PathLike[str]) -> ClassifierBundle:
-    """Load a bundle folder: JSON checks, model hash, model input count.
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _SHA256_HEX
+
+
+def _trusted_type(name: str) -> bool:
+    """radnode's own estimators, and scikit-learn *classes* (its internals such as
+    ``_SigmoidCalibration`` or ``StratifiedKFold`` that skops does not list by default).
+
+    A class is rebuilt from its stored attributes without running code from the file; a
+    function (``os.system``, or any scikit-learn function) is never trusted.
+    """
+    if name in TRUSTED_RADNODE_TYPES:
+        return True
+    module_name, _, attr = name.rpartition(".")
+    if not module_name.startswith("sklearn.") or not attr:
+        return False
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return False
+    return inspect.isclass(obj) and obj.__module__.startswith("sklearn.")
+
+
+def _untrusted_types(model_path: Path) -> list[str]:
+    """Types in a skops file that neither skops' defaults nor radnode trust."""
+    return sorted(t for t in sio.get_untrusted_types(file=model_path) if not _trusted_type(t))
+
+
+def verify_classifier_bundle(path: str | os.PathLike[str], expected_sha256: str | None = None) -> ClassifierMeta:
+    """The bundle's metadata once its model file matches ``classifier.json`` and the pin.
+
+    Reads only the JSON and hashes the model file (nothing is deserialised), so the chain
+    can check every configured bundle before it starts a job.
 
     Raises
     ------
@@ -260,14 +352,39 @@ def load_classifier_bundle(path: str | os.PathLike[str]) -> ClassifierBundle:
     """
     folder = Path(path)
     meta = read_classifier_meta(folder)
-    model_path = folder / MODEL_FILE
+    model_path = folder / meta.model_file
     if not model_path.is_file():
-        raise ClassifierBundleError(f"{folder}: {MODEL_FILE} is missing")
+        raise ClassifierBundleError(f"{folder}: {meta.model_file} is missing")
     digest = _sha256(model_path)
-    if meta.model_sha256 and digest != meta.model_sha256:
+    if digest != meta.model_sha256:
         raise ClassifierBundleError(f"{model_path}: SHA-256 {digest[:12]}… differs from classifier.json "
                                     f"({meta.model_sha256[:12]}…); the model file was changed or damaged")
-    model = joblib.load(model_path)
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise ClassifierBundleError(f"{model_path}: SHA-256 {digest[:12]}… is not the pinned {expected_sha256[:12]}… "
+                                    "(models.classifier_sha256); the bundle was replaced")
+    return meta
+
+
+def load_classifier_bundle(path: str | os.PathLike[str], expected_sha256: str | None = None) -> ClassifierBundle:
+    """Load a bundle folder: JSON checks, model hash (and pin), trusted types, input count.
+
+    Raises
+    ------
+    ClassifierBundleError
+        Naming the bundle folder and what is wrong.
+    """
+    folder = Path(path)
+    meta = verify_classifier_bundle(folder, expected_sha256)
+    model_path = folder / meta.model_file
+    if MODEL_FORMATS[meta.model_file] == "skops":
+        unknown = _untrusted_types(model_path)
+        if unknown:
+            raise ClassifierBundleError(f"{model_path}: the model needs types radnode does not trust: {unknown}")
+        model = sio.load(model_path, trusted=sorted(sio.get_untrusted_types(file=model_path)))
+    else:
+        logger.warning("classifier bundle %s holds a pickled model (%s), loaded because its SHA-256 matches; "
+                       "re-save it as skops", folder, meta.model_file)
+        model = joblib.load(model_path)
     if not hasattr(model, "predict_proba"):
         raise ClassifierBundleError(f"{model_path}: the model has no predict_proba")
     n_in = getattr(model, "n_features_in_", None)

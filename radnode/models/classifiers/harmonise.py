@@ -2,10 +2,12 @@
 
 Why our own implementation
 --------------------------
-The maintained Python ports (``neuroCombat``, ``inmoose.pycombat``) need pandas, which
-radnode does not otherwise use, so a compact, tested numpy version of the parametric
-empirical-Bayes ComBat of Johnson, Li & Rabinovic (Biostatistics 2007), as used for
-radiomics by Orlhac et al. (J Nucl Med 2018), lives here.
+A compact numpy version of the parametric empirical-Bayes ComBat of Johnson, Li &
+Rabinovic (Biostatistics 2007), as used for radiomics by Orlhac et al. (J Nucl Med 2018),
+that can also save a fit and apply it to new cases (the maintained ports only harmonise
+the table they are given). ``tests/test_harmonise_reference.py`` checks it against
+``neuroCombat`` (live and through a stored reference fixture) to 1e-6; the
+empirical-Bayes loop therefore stops by sva's own rule.
 
 Model
 -----
@@ -23,6 +25,9 @@ For feature ``g``, case ``j`` of batch ``i``:
    estimates: plain location/scale adjustment).
 4. ``y* = σ (z - γ*) / δ* + α + Xβ``.
 
+:func:`apply_combat` harmonises new cases with a saved fit (:func:`save_fit` /
+:func:`load_fit`): their batches must be among the fitted ones.
+
 Fitting uses every case given: harmonising a whole table before a cross-validated
 analysis lets the held-out cases inform the batch estimates (no labels are involved,
 but strictly it is transductive); harmonise the training cohort alone when that matters.
@@ -32,6 +37,7 @@ Each batch needs at least two cases; a feature with no variance is returned unch
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -102,8 +108,10 @@ def _shrink(z: np.ndarray, gamma_hat: np.ndarray, delta2_hat: np.ndarray) -> tup
             new_gamma = np.full_like(gamma_hat, gamma_bar)
         ss = ((z - new_gamma) ** 2).sum(axis=0)
         new_delta2 = (b + 0.5 * ss) / (n / 2.0 + a - 1.0)
-        change = max(float(np.max(np.abs(new_gamma - gamma) / np.maximum(np.abs(gamma), 1e-12))),
-                     float(np.max(np.abs(new_delta2 - delta2) / np.maximum(delta2, 1e-12))))
+        # sva's (and neuroCombat's) rule, signed denominator included, so results agree with them
+        with np.errstate(divide="ignore", invalid="ignore"):
+            change = max(float(np.nanmax(np.abs(new_gamma - gamma) / gamma)),
+                         float(np.nanmax(np.abs(new_delta2 - delta2) / delta2)))
         gamma, delta2 = new_gamma, new_delta2
         if change < EB_TOLERANCE:
             break
@@ -242,3 +250,108 @@ def read_batch_csv(path: str | os.PathLike[str], case_ids: Sequence[str], batch_
                 names.append(f"{col}={level}")
     covariates = np.column_stack(columns) if columns else None
     return batches, covariates, names
+
+
+def apply_combat(values: np.ndarray, batches: Sequence[str], covariates: np.ndarray | None, fit: ComBatFit) -> np.ndarray:
+    """Harmonise new cases with the estimates of an earlier :func:`combat` fit (no refitting).
+
+    This is what keeps a test cohort out of the batch estimates: fit on the training cases,
+    apply to the others.
+
+    Raises
+    ------
+    HarmonisationError
+        A batch the fit has not seen, or a feature/covariate count that differs from the fit's.
+    """
+    y = np.asarray(values, dtype=np.float64)
+    if y.ndim != 2 or y.shape[1] != fit.alpha.shape[0]:
+        raise HarmonisationError(f"the fit has {fit.alpha.shape[0]} features, the new values have shape {y.shape}")
+    labels = [str(b) for b in batches]
+    if len(labels) != y.shape[0]:
+        raise HarmonisationError(f"{len(labels)} batch labels for {y.shape[0]} cases")
+    unknown = sorted(set(labels) - set(fit.batches))
+    if unknown:
+        raise HarmonisationError(f"batch(es) {unknown} were not in the fit (fitted: {list(fit.batches)})")
+    if not np.isfinite(y).all():
+        raise HarmonisationError("ComBat needs finite values; the new cases have NaN/inf")
+    q = fit.beta.shape[0]
+    cov = np.zeros((y.shape[0], 0)) if covariates is None else np.asarray(covariates, dtype=np.float64).reshape(y.shape[0], -1)
+    if cov.shape[1] != q:
+        raise HarmonisationError(f"the fit has {q} covariate column(s), the new cases {cov.shape[1]}")
+    index = np.array([fit.batches.index(b) for b in labels])
+    varying = fit.sigma > 1e-12 * np.maximum(np.abs(fit.alpha), 1.0)
+    safe_sigma = np.where(varying, fit.sigma, 1.0)
+    stand_mean = fit.alpha + cov @ fit.beta
+    z = (y - stand_mean) / safe_sigma
+    adjusted = (z - fit.gamma[index]) / np.sqrt(fit.delta2[index]) * safe_sigma + stand_mean
+    adjusted[:, ~varying] = y[:, ~varying]
+    return adjusted
+
+
+def save_fit(fit: ComBatFit, path: str | os.PathLike[str], feature_names: Sequence[str],
+             covariate_names: Sequence[str], batch_columns: Sequence[str]) -> None:
+    """Write ``fit`` as JSON with the names it needs to be applied to another table."""
+    payload = {
+        "method": "ComBat (parametric empirical Bayes, Johnson et al. 2007)",
+        "batch_columns": list(batch_columns),
+        "features": list(feature_names),
+        "covariates": list(covariate_names),
+        "batches": list(fit.batches),
+        **{k: np.asarray(getattr(fit, k)).tolist()
+           for k in ("gamma", "delta2", "gamma_hat", "delta2_hat", "alpha", "sigma", "beta")},
+    }
+    Path(path).write_text(json.dumps(payload) + "\n", encoding="utf-8")
+
+
+def load_fit(path: str | os.PathLike[str]) -> tuple[ComBatFit, dict[str, list[str]]]:
+    """Read a fit written by :func:`save_fit`; also returns its ``features``, ``covariates``, ``batch_columns``."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        q = len(data["covariates"])
+        fit = ComBatFit(
+            tuple(data["batches"]),
+            *(np.asarray(data[k], dtype=np.float64) for k in ("gamma", "delta2", "gamma_hat", "delta2_hat", "alpha",
+                                                                "sigma")),
+            np.asarray(data["beta"], dtype=np.float64).reshape(q, len(data["alpha"])),
+        )
+        names = {k: [str(v) for v in data[k]] for k in ("features", "covariates", "batch_columns")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HarmonisationError(f"{p}: not a ComBat fit written by 'features harmonise --save-fit' ({exc})") from exc
+    return fit, names
+
+
+def covariates_for_fit(path: str | os.PathLike[str], case_ids: Sequence[str], batch_columns: Sequence[str],
+                       covariate_names: Sequence[str]) -> tuple[list[str], np.ndarray | None]:
+    """Batch labels and the covariate matrix of new cases in a saved fit's column order.
+
+    A ``col=level`` name is the indicator of that level (a level missing from the new cases
+    is all zeros, which :func:`read_batch_csv`'s own coding could not tell from the dropped
+    reference level); any other name is the numeric column.
+    """
+    columns = sorted({n.split("=", 1)[0] for n in covariate_names})
+    batches, _, _ = read_batch_csv(path, case_ids, batch_columns, [])
+    rows = _rows_by_case(Path(path), columns)
+    matrix: list[np.ndarray] = []
+    for name in covariate_names:
+        col, _, level = name.partition("=")
+        texts = [rows[cid][col] for cid in case_ids]
+        if level:
+            matrix.append(np.array([1.0 if t == level else 0.0 for t in texts]))
+            continue
+        try:
+            matrix.append(np.array([float(t) for t in texts]))
+        except ValueError as exc:
+            raise HarmonisationError(f"{path}: covariate {col!r} must be numeric, as in the fit ({exc})") from exc
+    return batches, (np.column_stack(matrix) if matrix else None)
+
+
+def _rows_by_case(p: Path, columns: Sequence[str]) -> dict[str, dict[str, str]]:
+    with p.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = [f.strip() for f in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in fields]
+        if missing:
+            raise HarmonisationError(f"{p}: column(s) {missing} of the fit not found; the table has {fields}")
+        return {(r.get("case_id") or "").strip(): {(k or "").strip(): (v or "").strip() for k, v in r.items()}
+                for r in reader}
