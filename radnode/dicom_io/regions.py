@@ -208,9 +208,10 @@ class AlgorithmInfo:
 
     @property
     def software_versions(self) -> tuple[str, ...]:
-        """Software Versions (0018,1020): package first, then each model."""
+        """Software Versions (0018,1020): package first, then each model (LO: 64 characters
+        each, so a long weights checksum is cut here; the full one is in the algorithm parameters)."""
         models = sorted(self.model_versions.items())
-        return (f"radnode {__version__}", *(f"{k} {v}" for k, v in models))
+        return (f"radnode {__version__}", *(f"{k} {v}"[:64] for k, v in models))
 
     def identity(self) -> tuple[str, ...]:
         """Strings that identify this algorithm for derived UIDs."""

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from radnode.config.model import ModelSettings
+
 log = logging.getLogger(__name__)
 
 #: Method name recorded when no segmentation bundle is configured.
@@ -57,6 +59,12 @@ class TumourSegmentation:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     deep_features: list[float] | None = None
+    #: SHA-256 of the weights that ran (every output names it); None when no model ran.
+    weights_sha256: str | None = None
+    #: Format-specific provenance of an external model (radnode.models.external), for result.json.
+    provenance: dict[str, object] = field(default_factory=dict)
+    #: Lung labels (1 right, 2 left) when an external model also contours the lungs.
+    lungs: np.ndarray | None = None
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description for result.json."""
@@ -64,6 +72,8 @@ class TumourSegmentation:
             "method": self.method,
             "version": self.version,
             "demo": self.demo,
+            **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {}),
+            **self.provenance,
             "voxels": int(np.count_nonzero(self.mask)),
             "notes": list(self.notes),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
@@ -91,15 +101,37 @@ def network_tumour(ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: 
         notes=notes,
         timings=dict(seg.grid.timings),
         deep_features=None if features is None else [float(v) for v in features],
+        weights_sha256=meta.weights_sha256,
     )
 
 
 def segment_tumour(
-    ct: sitk.Image, lung: np.ndarray, setting: str | Path | None, device: str = "auto"
+    ct: sitk.Image,
+    lung: np.ndarray,
+    setting: str | Path | None,
+    device: str = "auto",
+    models: ModelSettings | None = None,
 ) -> TumourSegmentation:
-    """The chain's tumour stage: the configured bundle, else an empty, explained result."""
+    """The chain's tumour stage: the configured bundle, else an empty, explained result.
+
+    With ``models`` (the ``models`` settings section), a folder that is an nnU-Net v2 model
+    or a MONAI bundle (``segmentation_format``, auto-detected by default) runs through
+    :mod:`radnode.models.external` with the configured label map.
+    """
     bundle_path = resolve_bundle(setting)
     if bundle_path is not None:
+        if models is not None:
+            from radnode.models.external import ExternalModelError, detect_format, external_tumour
+
+            fmt = models.segmentation_format
+            fmt = detect_format(bundle_path) if fmt == "auto" else fmt
+            if fmt != "radnode":
+                return external_tumour(ct, bundle_path, fmt, models)
+            if models.label_map:
+                raise ExternalModelError(
+                    f"{bundle_path}: a radnode bundle, but models.label_map is set (it applies to nnU-Net v2 and "
+                    "MONAI models only); remove it or point segmentation_bundle at the external model"
+                )
         return network_tumour(ct, lung, bundle_path, device)
     log.warning("no segmentation bundle configured (models.segmentation_bundle = none): tumour not segmented")
     return TumourSegmentation(

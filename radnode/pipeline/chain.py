@@ -45,6 +45,7 @@ from radnode.models.radiomics import RadiomicsResult, extract_regions
 from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
 from radnode.pipeline.version import PIPELINE_VERSION
 from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
+from radnode.models.external.lungs import replace_lungs
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,9 @@ def find_lungs(series: CTSeries) -> LungMaskResult:
 
 def find_tumour(series: CTSeries, lungs: LungMaskResult, settings: Settings) -> TumourSegmentation:
     """Stage 3: tumour mask inside the lungs (RA-Seg bundle, or the classical outline)."""
-    return segment_tumour(series.image, lungs.lungs, settings.models.segmentation_bundle, settings.models.device)
+    return segment_tumour(
+        series.image, lungs.lungs, settings.models.segmentation_bundle, settings.models.device, models=settings.models
+    )
 
 
 def zyx_spacing(series: CTSeries) -> tuple[float, float, float]:
@@ -265,6 +268,8 @@ def algorithm_info(tumour: TumourSegmentation) -> AlgorithmInfo:
     versions = {"pipeline": PIPELINE_VERSION, LUNG_MASK_METHOD: LUNG_MASK_VERSION}
     if tumour.method != NO_MODEL:
         versions[tumour.method] = tumour.version
+        if tumour.weights_sha256:
+            versions[f"{tumour.method} sha256"] = tumour.weights_sha256
     return AlgorithmInfo(model_versions=versions, demo=tumour.demo)
 
 
@@ -384,6 +389,9 @@ def run_chain(
         with stages.stage("tumour"):
             tumour = find_tumour(series, lungs, settings)
         result.models["tumour"] = tumour.summary()
+        if tumour.lungs is not None:  # an external model mapped lung labels (models.label_map)
+            lungs = replace_lungs(lungs, tumour.lungs, zyx_spacing(series))
+            result.models["lung_mask"] = {"method": tumour.method, "version": tumour.version, **lungs.summary()}
         with stages.stage("regions"):
             regions = make_regions(series, lungs, tumour, settings)
             written = writer_regions(lungs, regions)
