@@ -156,7 +156,8 @@ def test_nnunet_folder_runs_end_to_end_through_radnode_process(
 ) -> None:
     ct_dir, blob = phantom
     config = tmp_path / "radnode.yaml"
-    config.write_text(json.dumps({**models(nnunet_folder), "radiomics": {"enabled": False}}))
+    # RAS: the phantom is stored LPS, so the model sees it flipped in x and y and radnode must flip back.
+    config.write_text(json.dumps({**models(nnunet_folder, nnunet={"orientation": "RAS", "mirroring": False}), "radiomics": {"enabled": False}}))
     out = tmp_path / "out"
     start = time.perf_counter()
     result = CliRunner().invoke(app, ["--config", str(config), "process", str(ct_dir), "--out", str(out)])
@@ -174,6 +175,7 @@ def test_nnunet_folder_runs_end_to_end_through_radnode_process(
     assert tumour["version"] == "0.3-test"
     assert tumour["weights_sha256"] == expected_sha and tumour["weight_files"] == files
     assert tumour["folds"] == ["0", "1"] and tumour["format"] == "nnunetv2" and tumour["demo"] is False
+    assert tumour["orientation"] == "RAS"
     # Geometry, read back from the DICOM objects that would go to the archive.
     series = load_series(ct_dir)
     masks = seg_to_masks(out / "SEG.dcm", series)
@@ -183,7 +185,7 @@ def test_nnunet_folder_runs_end_to_end_through_radnode_process(
         ds = pydicom.dcmread(out / name)
         assert any("nnunetv2-Dataset990_RadnodeTiny-3d_fullres 0.3-test" in v for v in ds.SoftwareVersions), name
         assert expected_sha in json.dumps(ds.to_json_dict()), f"{name} lacks the weights checksum"
-    print(f"tiny nnU-Net (2 folds, mirroring) via radnode process: {seconds:.1f} s, "
+    print(f"tiny nnU-Net (2 folds) via radnode process: {seconds:.1f} s, "
           f"predict {tumour['timings']['predict']:.1f} s")
 
 
@@ -287,7 +289,11 @@ def test_a_failing_model_fails_the_job_with_the_reason(phantom: tuple[Path, np.n
 
 
 def test_label_map_on_a_radnode_bundle_is_refused(ct: sitk.Image) -> None:
-    settings = settings_from_mapping({"models": {"label_map": {"tumour": 1}}})
+    from radnode.models.tumour import DEMO_BUNDLE_PATH
+
+    with pytest.raises(ValueError, match="label_map applies to an nnU-Net / MONAI model folder"):
+        settings_from_mapping({"models": {"label_map": {"tumour": 1}}})  # segmentation_bundle: demo
+    settings = settings_from_mapping({"models": {"segmentation_bundle": str(DEMO_BUNDLE_PATH), "label_map": {"tumour": 1}}})
     lung = np.zeros(sitk.GetArrayViewFromImage(ct).shape, dtype=bool)
     with pytest.raises(ExternalModelError, match="a radnode bundle, but models.label_map is set"):
         segment_tumour(ct, lung, settings.models.segmentation_bundle, "cpu", models=settings.models)

@@ -358,6 +358,11 @@ class ModelSettings(_Section):
                 f"models.segmentation_format {self.segmentation_format!r} needs models.label_map "
                 "(radnode region -> the model's label value, e.g. {tumour: 1})"
             )
+        if self.label_map and not isinstance(self.segmentation_bundle, Path):
+            raise ValueError(
+                f"models.label_map applies to an nnU-Net / MONAI model folder, not to segmentation_bundle "
+                f"{self.segmentation_bundle!r}"
+            )
         if self.segmentation_format == "radnode" and self.label_map:
             raise ValueError("models.label_map applies to nnU-Net / MONAI models; a radnode bundle has its own output")
         return self

@@ -22,11 +22,13 @@ with a message that names the file instead of deep inside the unpickler.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +167,11 @@ class NnUNetModel:
         )
 
     def _predictor(self, settings: NnUNetSettings, device: str) -> Any:
-        require("nnunetv2", "nnunet")
+        with _quiet():  # nnU-Net prints notices (nnUNet_raw not set, device) on stdout
+            require("nnunetv2", "nnunet")
+            return self._initialised(settings, device)
+
+    def _initialised(self, settings: NnUNetSettings, device: str) -> Any:
         import torch
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -191,7 +197,8 @@ class NnUNetModel:
         """nnU-Net's label array for ``ct``, on the CT grid ``(z, y, x)``."""
         oriented = reorient(ct, self.orientation)
         image, properties = nnunet_input(oriented)
-        seg = np.asarray(self.predictor.predict_single_npy_array(image, properties))
+        with _quiet():
+            seg = np.asarray(self.predictor.predict_single_npy_array(image, properties))
         if seg.shape != image.shape[1:]:
             raise ExternalModelError(f"{self.folder}: nnU-Net returned shape {seg.shape} for input {image.shape[1:]}")
         return labels_to_ct(array_on(oriented, seg.astype(np.int32)), ct)
@@ -201,6 +208,18 @@ def nnunet_input(image: sitk.Image) -> tuple[np.ndarray, dict[str, list[float]]]
     """An image as nnU-Net's SimpleITKIO hands it over: ``(1, z, y, x)`` float32 and spacing ``(z, y, x)``."""
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)[None]
     return array, {"spacing": [float(s) for s in image.GetSpacing()[::-1]]}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """nnU-Net's print()s go to the debug log instead of radnode's stdout (the CLI's output)."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        if buffer.getvalue().strip():
+            log.debug("nnU-Net: %s", buffer.getvalue().strip())
 
 
 def _package_version(name: str) -> str:
