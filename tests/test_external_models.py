@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +184,9 @@ def test_nnunet_folder_runs_end_to_end_through_radnode_process(
     check_blob(rasterise_roi(out / "RTSTRUCT.dcm", series, "Tumour"), blob, ct)
     for name in ("SEG.dcm", "RTSTRUCT.dcm", "SR.dcm"):
         ds = pydicom.dcmread(out / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every value within its VR's length (LO: 64)
+            ds.SoftwareVersions
         assert any("nnunetv2-Dataset990_RadnodeTiny-3d_fullres 0.3-test" in v for v in ds.SoftwareVersions), name
         assert expected_sha in json.dumps(ds.to_json_dict()), f"{name} lacks the weights checksum"
     print(f"tiny nnU-Net (2 folds) via radnode process: {seconds:.1f} s, "

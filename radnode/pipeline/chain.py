@@ -27,6 +27,7 @@ from pydicom import Dataset
 from radnode.config import Settings
 from radnode.dicom_io.qc import QCLimits
 from radnode.dicom_io.regions import (
+    CHECKSUM_SUFFIX,
     AlgorithmInfo,
     MeasurementSet,
     Prediction,
@@ -269,7 +270,7 @@ def algorithm_info(tumour: TumourSegmentation) -> AlgorithmInfo:
     if tumour.method != NO_MODEL:
         versions[tumour.method] = tumour.version
         if tumour.weights_sha256:
-            versions[f"{tumour.method} sha256"] = tumour.weights_sha256
+            versions[f"{tumour.method}{CHECKSUM_SUFFIX}"] = tumour.weights_sha256
     return AlgorithmInfo(model_versions=versions, demo=tumour.demo)
 
 
