@@ -202,8 +202,9 @@ def monai_inference_config(invert: bool = True) -> dict[str, Any]:
     }
 
 
-def monai_threshold_network() -> torch.nn.Conv3d:
-    """A 1x1x1 conv: logit(label 1) = 20 * (x - threshold) with x = HU / 1000 after ScaleIntensityRanged."""
+def monai_threshold_network(lung_below_hu: float | None = None) -> torch.nn.Conv3d:
+    """A 1x1x1 conv: logit(label 1) = 20 * (x - threshold) with x = HU / 1000 after ScaleIntensityRanged;
+    with ``lung_below_hu``, label 2 is every voxel darker than that (air and lungs)."""
     net = torch.nn.Conv3d(1, 3, kernel_size=1)
     with torch.no_grad():
         net.weight.zero_()
@@ -211,10 +212,15 @@ def monai_threshold_network() -> torch.nn.Conv3d:
         net.weight[TUMOUR_LABEL, 0] = 20.0
         net.bias[TUMOUR_LABEL] = -20.0 * THRESHOLD_HU / 1000.0
         net.bias[LUNG_LABEL] = -1000.0
+        if lung_below_hu is not None:
+            net.weight[LUNG_LABEL, 0] = -20.0
+            net.bias[LUNG_LABEL] = 20.0 * lung_below_hu / 1000.0
     return net
 
 
-def build_monai_bundle(root: Path, torchscript: bool = False, invert: bool = True) -> Path:
+def build_monai_bundle(
+    root: Path, torchscript: bool = False, invert: bool = True, lung_below_hu: float | None = None
+) -> Path:
     """Write a MONAI bundle folder (configs/, models/) at ``root``; return it."""
     (root / "configs").mkdir(parents=True)
     (root / "models").mkdir()
@@ -231,7 +237,7 @@ def build_monai_bundle(root: Path, torchscript: bool = False, invert: bool = Tru
         },
     }
     (root / "configs" / "metadata.json").write_text(json.dumps(metadata, indent=2))
-    net = monai_threshold_network()
+    net = monai_threshold_network(lung_below_hu)
     if torchscript:
         torch.jit.script(net).save(str(root / "models" / "model.ts"))
     else:

@@ -214,6 +214,25 @@ def test_monai_bundle_runs_end_to_end_through_the_chain(
     assert sorted(p.name for p in monai_bundle.iterdir()) == ["configs", "models"]
 
 
+def test_mapped_lung_labels_replace_the_classical_lungs_in_the_objects(
+    phantom: tuple[Path, np.ndarray], ct: sitk.Image, tmp_path: Path
+) -> None:
+    from radnode.pipeline.chain import run_chain
+
+    bundle = build_monai_bundle(tmp_path / "lung_bundle", lung_below_hu=-500)
+    settings = settings_from_mapping(
+        {**models(bundle, label_map={"tumour": TUMOUR_LABEL, "lung_left": 2}), "radiomics": {"enabled": False}}
+    )
+    result = run_chain(phantom[0], tmp_path / "out", settings)
+    assert result.status == "done", result.error
+    assert result.models["lung_mask"]["method"] == "monai-radnode_tiny_threshold"
+    masks = seg_to_masks(tmp_path / "out" / "SEG.dcm", load_series(phantom[0]))
+    dark = sitk.GetArrayFromImage(ct) < -500
+    assert dice(masks["Lung left"], dark) > 0.95
+    assert "Lung right" not in masks or not masks["Lung right"].any()
+    check_blob(masks["Tumour"], phantom[1], ct)
+
+
 def test_torchscript_bundle_without_invertd_is_resampled_back_by_radnode(
     phantom: tuple[Path, np.ndarray], ct: sitk.Image, tmp_path: Path
 ) -> None:
