@@ -42,9 +42,6 @@ from radnode.models.external.monai_bundle import MonaiBundleModel  # noqa: E402
 from radnode.models.external.nnunet import nnunet_input  # noqa: E402
 from radnode.models.tumour import segment_tumour  # noqa: E402
 
-nnunetv2 = pytest.importorskip("nnunetv2", reason="the nnunet extra is part of the test extra")
-
-
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * float(np.logical_and(a, b).sum()) / float(a.sum() + b.sum())
 

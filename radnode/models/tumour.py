@@ -8,6 +8,7 @@ bundle shipped in ``radnode/models/bundles/raseg-demo`` (trained by
 ``scripts/train_demo_segmentation.py``; every output says "demo — not for clinical use"),
 a path is a user's bundle, and ``none`` turns the stage off: it then segments nothing and
 says so, the chain still delivers the lungs, and the SR states that no tumour model ran.
+A path may also be an nnU-Net v2 model folder or a MONAI bundle (:mod:`radnode.models.external`).
 
 A weight-free outline of the detector's best candidate was tried for the no-model case and
 rejected: on the synthetic phantom its best candidate was a hilar vessel bundle, and a
