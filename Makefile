@@ -34,6 +34,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP_INSTALL) torch==2.13.0 numpy versioneer
 	$(PIP_INSTALL) --no-build-isolation pyradiomics
 	$(PIP_INSTALL) -e '.[test]'
+	# nnunetv2 -> dynamic-network-architectures -> timm brings PyPI's torchvision, built for the
+	# CUDA torch: against the CPU torch it fails to import (operator torchvision::nms does not
+	# exist). nnU-Net's predictor uses neither, so both go when torchvision does not import.
+	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/python -m pip uninstall -y -q torchvision timm
 	touch $@
 
 debian-tools:

@@ -36,6 +36,8 @@ from radnode.node.index import NodeIndex
 from radnode.node.storage import encode_file_meta
 
 SUCCESS_LINE = "Received Store Response (Success)"
+#: The setting's environment override; `make test` runs these tests again with it "false".
+FAST_RECEIVE_ENV = "RADNODE_NODE__FAST_RECEIVE"
 
 
 @pytest.fixture(scope="module")
@@ -375,9 +377,12 @@ def test_tls_with_client_certificates(ibsi: list[Path], tmp_path: Path) -> None:
     assert accepted["tls"] is True
 
 
-def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: Path) -> None:
+def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Fast path with small PDUs (the header spans PDVs), a peer whose maximum PDU is too
     small for our one-PDU response (it must be fragmented), and pynetdicom's own path."""
+    # Both paths, whatever RADNODE_NODE__FAST_RECEIVE says for the rest of the module
+    # (the environment overrides settings, as for an operator).
+    monkeypatch.setenv(FAST_RECEIVE_ENV, "true")
     files = ibsi[10:14]
     expected = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(f) for f in files}
 
@@ -390,14 +395,13 @@ def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: P
         assert {r.sop_instance_uid for r in index.series_instances(next(iter(_series_of(files))))} == set(expected)
         index.close()
 
-    fast = {"fast_receive": True}  # whatever RADNODE_NODE__FAST_RECEIVE says for the rest of the module
-    with running_node(node_settings(tmp_path / "small-pdu", node=fast)) as node:
+    with running_node(node_settings(tmp_path / "small-pdu")) as node:
         assert node.fast_receive is True
         sent = storescu(node.port, *files, extra=("--max-send-pdu", "4096"))
         assert (sent.stdout + sent.stderr).count(SUCCESS_LINE) == len(files), sent.stdout + sent.stderr
     check(tmp_path / "small-pdu")
 
-    with running_node(node_settings(tmp_path / "tiny-peer", node=fast)) as node:
+    with running_node(node_settings(tmp_path / "tiny-peer")) as node:
         ae = AE(ae_title="TINYSCU")
         ae.add_requested_context(CTImageStorage, pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID)
         lengths: list[int] = []
@@ -416,7 +420,8 @@ def test_every_receive_path_stores_the_exact_bytes(ibsi: list[Path], tmp_path: P
         assert len(lengths) > len(files) and max(lengths) <= 64  # each response in several PDUs
     check(tmp_path / "tiny-peer")
 
-    with running_node(node_settings(tmp_path / "pynetdicom", node={"fast_receive": False})) as node:
+    monkeypatch.setenv(FAST_RECEIVE_ENV, "false")
+    with running_node(node_settings(tmp_path / "pynetdicom")) as node:
         assert node.fast_receive is False
         sent = storescu(node.port, *files)
         assert (sent.stdout + sent.stderr).count(SUCCESS_LINE) == len(files), sent.stdout + sent.stderr
@@ -427,9 +432,11 @@ def _series_of(files: list[Path]) -> set[str]:
     return {pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID for f in files}
 
 
-def test_sender_killed_mid_transfer_leaves_nothing_behind(ibsi: list[Path], tmp_path: Path) -> None:
-    """The data set is written to tmp/ while it arrives; a transfer cut short must not
+def test_sender_killed_mid_transfer_leaves_nothing_behind(ibsi: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data set is written to tmp/ while it arrives (the fast path streams it there;
+    pynetdicom's own path holds it in memory until complete); a transfer cut short must not
     leave that file (or anything in incoming/) behind, and the node keeps serving."""
+    monkeypatch.setenv(FAST_RECEIVE_ENV, "true")
     big = pydicom.dcmread(ibsi[0])
     big.Rows, big.Columns = 4096, 4096  # 32 MB: long enough to be caught mid-transfer
     big.PixelData = np.zeros((4096, 4096), np.uint16).tobytes()
@@ -463,6 +470,7 @@ def test_fast_path_self_test_falls_back_to_pynetdicom_with_a_warning(
 ) -> None:
     """When the pynetdicom internals the fast path relies on are not as expected, the node
     says so at start and receives through pynetdicom's ordinary path, storing the same bytes."""
+    monkeypatch.setenv(FAST_RECEIVE_ENV, "true")
     import pynetdicom
     import pynetdicom.association
     from pynetdicom.dul import DULServiceProvider
@@ -481,7 +489,7 @@ def test_fast_path_self_test_falls_back_to_pynetdicom_with_a_warning(
     assert fastpath.self_test() is not None
     files = ibsi[20:23]
     with caplog.at_level("WARNING", logger="radnode.node.scp"):
-        with running_node(node_settings(tmp_path / "data", node={"fast_receive": True})) as node:
+        with running_node(node_settings(tmp_path / "data")) as node:
             assert node.fast_receive is False
             sent = storescu(node.port, *files)
             assert (sent.stdout + sent.stderr).count(SUCCESS_LINE) == len(files), sent.stdout + sent.stderr
@@ -490,11 +498,15 @@ def test_fast_path_self_test_falls_back_to_pynetdicom_with_a_warning(
     assert stored == {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(f) for f in files}
 
 
-def test_fast_path_self_test_passes_on_the_pinned_pynetdicom(tmp_path: Path) -> None:
+def test_fast_path_self_test_passes_on_the_pinned_pynetdicom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from radnode.node import fastpath
 
     assert fastpath.self_test() is None
+    monkeypatch.delenv(FAST_RECEIVE_ENV, raising=False)
     with running_node(node_settings(tmp_path / "data", node={"fast_receive": True})) as node:
         assert node.fast_receive is True
     with running_node(node_settings(tmp_path / "plain", node={"fast_receive": False})) as node:
+        assert node.fast_receive is False
+    monkeypatch.setenv(FAST_RECEIVE_ENV, "false")  # as `make test` runs the node tests a second time
+    with running_node(node_settings(tmp_path / "env", node={"fast_receive": True})) as node:
         assert node.fast_receive is False

@@ -261,3 +261,29 @@ def test_restart_requeues_jobs_of_a_dead_process(tmp_path: Path) -> None:
     assert {j.id for j in restarted.list(states=[JobState.QUEUED])} == {job.id, waiting.id}
     again = restarted.claim("new", 60)
     assert again is not None and again.id == job.id and again.attempts == 2
+
+
+def test_forward_and_process_jobs_are_claimed_apart_and_old_queues_gain_the_kind(tmp_path: Path) -> None:
+    from radnode.pipeline.jobs import JobKind
+
+    path = tmp_path / "jobs.sqlite"
+    queue = SQLiteJobQueue(path)
+    old = queue.enqueue(JobSpec(series_uid="1.2.1", input_path=tmp_path, pipeline_version="1"))
+    # A queue file written before jobs had a kind: the column is added, old rows are processing jobs.
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE jobs DROP COLUMN kind")
+    queue = SQLiteJobQueue(path)
+    assert queue.get(old.id).kind is JobKind.PROCESS
+    forward = queue.enqueue(
+        JobSpec(series_uid="1.2.2", input_path=tmp_path, pipeline_version="1", priority=Priority.LIVE + 1, kind=JobKind.FORWARD)
+    )
+    # Processing workers never take a forward job (even one of higher priority), and the
+    # forwarder never takes a processing one.
+    claimed = queue.claim("w", 60)
+    assert claimed is not None and claimed.id == old.id
+    assert queue.claim("w", 60) is None
+    taken = queue.claim("forwarder", 60, kind=JobKind.FORWARD)
+    assert taken is not None and taken.id == forward.id and taken.kind is JobKind.FORWARD
+    # "Already processed" checks see processing jobs only, unless asked for forwards.
+    assert queue.latest_for_series("1.2.2") is None
+    assert queue.latest_for_series("1.2.2", kind=JobKind.FORWARD).id == forward.id  # type: ignore[union-attr]

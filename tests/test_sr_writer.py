@@ -193,6 +193,12 @@ def test_no_tumour_report_says_so(ibsi: tuple[CTSeries, np.ndarray, np.ndarray])
     [detection] = doc.content.get_image_measurement_groups()
     evaluation = detection.get_qualitative_evaluations()[0]
     assert evaluation.value.value == codes.ABSENT.value
+    # IHE AIR: a finding without a segment references the images it was made on.
+    images = {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in detection[0].ContentSequence if item.ValueType == "IMAGE"
+    }
+    assert images == {str(ds.SOPInstanceUID) for ds in series.datasets}
 
 
 def test_without_seg_and_with_feature_subset(ibsi: tuple[CTSeries, np.ndarray, np.ndarray]) -> None:
@@ -210,6 +216,28 @@ def test_without_seg_and_with_feature_subset(ibsi: tuple[CTSeries, np.ndarray, n
     written = {m.name.meaning for m in tumour.get_measurements()}
     assert "Contrast of GLCM" in written
     assert not written & {"original_firstorder_Mean", "wavelet-LLH_glrlm_RunEntropy"}
+
+
+def test_prediction_without_a_tumour_segment_is_made_on_the_images(
+    ibsi: tuple[CTSeries, np.ndarray, np.ndarray],
+) -> None:
+    series, _, _ = ibsi
+    prediction = Prediction("KRAS", 0.31, "kras-b", "2", "cohort", threshold=0.25,
+                            negative_class="wild-type", positive_class="mutant", checksum="ab" * 32)
+    doc = _read(build_sr(series, None, MeasurementSet(predictions=[prediction]), ALGORITHM))
+    groups = {g.tracking_identifier: g for g in doc.content.get_image_measurement_groups()}
+    kras = groups["KRAS prediction"]
+    [finding] = kras.get_qualitative_evaluations()
+    assert (finding.name.value, finding.value.value) == (codes.status_code("KRAS").value, codes.POSITIVE.value)
+    assert any("mutant" in t and "threshold 0.25" in t for t in _texts_by_name(kras[0])["Comment"])
+    images = {
+        str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for item in kras[0].ContentSequence if item.ValueType == "IMAGE"
+    }
+    assert images == {str(ds.SOPInstanceUID) for ds in series.datasets}
+    # The classifier is contributing equipment even without a SEG.
+    models = [str(i.ManufacturerModelName) for i in doc.ContributingEquipmentSequence]
+    assert "kras-b" in models
 
 
 def test_sr_uids_are_deterministic(ibsi: tuple[CTSeries, np.ndarray, np.ndarray]) -> None:

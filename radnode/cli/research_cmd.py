@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 
+from radnode import durable
 from radnode.cli.context import EXIT_USAGE, err_console, fail, get_settings
 
 research_app = typer.Typer(name="research", help="Research analyses: feature export, gene masking, survival.",
@@ -95,13 +96,11 @@ def export_cmd(
         incomplete = [c for c in table.columns[1:] if c not in METADATA_COLUMNS and table[c].isna().any()]
         table = table.drop(columns=incomplete)
         dropped = len(incomplete)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    if suffix == ".parquet":
-        table.to_parquet(tmp, index=False)
-    else:
-        table.to_csv(tmp, index=False)
-    tmp.replace(out)
+    with durable.replacing(out) as tmp:
+        if suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
     summary = {"out": str(out), "samples": len(table), "columns": table.shape[1], "dropped_incomplete": dropped}
     if clin is not None:
         clin_path = out.with_name(f"{out.stem}_clinical.csv")

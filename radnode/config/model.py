@@ -307,12 +307,38 @@ def _sha256_hex(value: str) -> str:
 Sha256 = Annotated[str, AfterValidator(_sha256_hex)]
 
 
+#: radnode regions an external model's labels may fill (``models.label_map`` keys).
+ExternalRegion = Literal["tumour", "lung_right", "lung_left"]
+
+
+def _label_values(value: object) -> object:
+    return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class NnUNetSettings(_Section):
+    """How an nnU-Net v2 trained-model folder is run (``models.segmentation_format: nnunetv2``)."""
+
+    folds: list[int | Literal["all"]] | None = Field(
+        default=None, description="Folds to ensemble; null = every fold_N folder holding the checkpoint."
+    )
+    checkpoint: str = Field(default="checkpoint_final.pth", pattern=r"^[A-Za-z0-9_.-]+\.pth$")
+    orientation: str | None = Field(
+        default=None,
+        pattern=r"^(?i:[LR][PA][SI]|[LR][SI][PA]|[PA][LR][SI]|[PA][SI][LR]|[SI][LR][PA]|[SI][PA][LR])$",
+        description="Voxel orientation the model was trained on (DICOM letters, e.g. LPS, RAS); "
+        "null = from plans.json (RAS for NibabelIOWithReorient, else LPS as SimpleITK reads DICOM).",
+    )
+    tile_step_size: float = Field(default=0.5, gt=0, le=1)
+    mirroring: bool = Field(default=True, description="Test-time mirroring (nnU-Net's default; 8x the work).")
+
+
 class ModelSettings(_Section):
     """Which model bundles run, and where."""
 
     segmentation_bundle: Literal["demo", "none"] | Path | None = Field(
         default="demo",
-        description="Segmentation bundle directory or zip; 'demo' = the bundled DEMO model "
+        description="Segmentation bundle directory or zip (or an nnU-Net v2 trained-model folder or MONAI "
+        "bundle, see segmentation_format); 'demo' = the bundled DEMO model "
         "(not for clinical use), 'none' (or null) = lungs only, no tumour model.",
     )
     classifier_bundles: dict[str, Path] = Field(
@@ -341,6 +367,59 @@ class ModelSettings(_Section):
             raise ValueError(f"classifier_sha256 pins endpoints with no classifier bundle: {', '.join(unknown)}")
         if self.segmentation_sha256 is not None and self.segmentation_bundle in (None, "none"):
             raise ValueError("segmentation_sha256 is set but segmentation_bundle is none")
+        return self
+
+    segmentation_format: Literal["auto", "radnode", "nnunetv2", "monai"] = Field(
+        default="auto",
+        description="Kind of segmentation_bundle: a radnode bundle, an nnU-Net v2 trained-model folder or a "
+        "MONAI bundle; auto = from the folder's content.",
+    )
+    label_map: dict[ExternalRegion, Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="For nnU-Net / MONAI models: radnode region -> the model's label value(s), e.g. "
+        "{tumour: 1, lung_right: 2, lung_left: 3}; tumour is required. Lung labels, when given, replace "
+        "radnode's classical lung mask.",
+    )
+    nnunet: NnUNetSettings = Field(default_factory=NnUNetSettings)
+
+    @field_validator("label_map", mode="before")
+    @classmethod
+    def _single_values(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {k: _label_values(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _external_model(self) -> ModelSettings:
+        if self.label_map:
+            if "tumour" not in self.label_map:
+                raise ValueError("models.label_map must map 'tumour' to the model's tumour label value(s)")
+            owners: dict[int, str] = {}
+            for region, values in self.label_map.items():
+                for value in values:
+                    if value in owners and owners[value] != region:
+                        raise ValueError(
+                            f"models.label_map: label {value} is given to both {owners[value]} and {region}"
+                        )
+                    owners[value] = region
+        external = self.segmentation_format in ("nnunetv2", "monai")
+        if external and not isinstance(self.segmentation_bundle, Path):
+            raise ValueError(
+                f"models.segmentation_format {self.segmentation_format!r} needs segmentation_bundle to be the "
+                f"model's folder, not {self.segmentation_bundle!r}"
+            )
+        if external and not self.label_map:
+            raise ValueError(
+                f"models.segmentation_format {self.segmentation_format!r} needs models.label_map "
+                "(radnode region -> the model's label value, e.g. {tumour: 1})"
+            )
+        if self.label_map and not isinstance(self.segmentation_bundle, Path):
+            raise ValueError(
+                f"models.label_map applies to an nnU-Net / MONAI model folder, not to segmentation_bundle "
+                f"{self.segmentation_bundle!r}"
+            )
+        if self.segmentation_format == "radnode" and self.label_map:
+            raise ValueError("models.label_map applies to nnU-Net / MONAI models; a radnode bundle has its own output")
         return self
 
 

@@ -216,6 +216,10 @@ class MeasurementSet:
     predictions: Sequence[Prediction] = ()
 
 
+#: ``AlgorithmInfo.model_versions`` key suffix of a model's weights checksum ("<model> sha256").
+CHECKSUM_SUFFIX = " sha256"
+
+
 @dataclass(frozen=True)
 class AlgorithmInfo:
     """Which algorithm produced the regions (Segment Algorithm Identification, TID 4019)."""
@@ -230,9 +234,13 @@ class AlgorithmInfo:
 
     @property
     def software_versions(self) -> tuple[str, ...]:
-        """Software Versions (0018,1020): package first, then each model."""
-        models = sorted(self.model_versions.items())
-        return (f"radnode {__version__}", *(f"{k} {v}" for k, v in models))
+        """Software Versions (0018,1020): package first, then each model (LO: 64 characters).
+
+        Weight checksums (keys ending in :data:`CHECKSUM_SUFFIX`) stay out: 64 hex digits
+        next to a name do not fit an LO value; they are in the algorithm parameters.
+        """
+        models = sorted((k, v) for k, v in self.model_versions.items() if not k.endswith(CHECKSUM_SUFFIX))
+        return (f"radnode {__version__}", *(f"{k} {v}"[:64] for k, v in models))
 
     def identity(self) -> tuple[str, ...]:
         """Strings that identify this algorithm for derived UIDs."""

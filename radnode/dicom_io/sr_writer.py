@@ -7,25 +7,28 @@ Content tree (PS3.16):
 * Imaging Measurements:
 
   - per region that has a segment in the SEG: a TID 1411 Volumetric ROI group that
-    references that segment (TID 1411 row "Referenced Segment", with the CT series as
-    source), finding category/type from the segment, algorithm TID 4019, and TID 300
+    references that segment (TID 1411 row "Referenced Segment", with the CT images the
+    segment lies on as its source), finding category/type from the segment, algorithm TID 4019, and TID 300
     measurements: volume (mL, sum-of-voxels method), mean/min/max attenuation (HU,
     derivation CID 7464), longest 3D diameter (mm, IBSI L0JK), sphericity (IBSI QCFX),
     and the selected radiomic features (IBSI codes where they exist, else private
     ``99RADNODE`` codes, see :mod:`radnode.dicom_io.codes`);
   - per classifier: a TID 1411 group on the tumour segment whose algorithm is the
     classifier (name, version, training cohort and endpoint as parameters) with the
-    probability as a measurement (UCUM "1") and, for demo models, the comment
-    "demo — not for clinical use";
-  - a TID 1501 "Tumour detection" group: qualitative evaluation Neoplasm = Present or
-    Absent (and the text "no tumour found").
+    probability as a measurement (UCUM "1"), the class at the model's threshold as a
+    qualitative evaluation ("<endpoint> status" = Positive / Negative) with a comment
+    naming class and threshold, and, for demo models, the comment "demo — not for
+    clinical use" (without a tumour segment: a TID 1501 group on the CT images);
+  - a "Tumour detection" group: qualitative evaluation Neoplasm = Present (TID 1411 on
+    the tumour segment) or Absent (TID 1501 on the CT images, with the text "no tumour
+    found").
 
 * Qualitative Evaluations (TID 1500 row 12, UMLS C0034375): the same tumour finding and
   the demo notice as text, so a viewer that shows only the top level still shows them.
 
 IHE AI Results (AIR) points (docs/conformance.md lists them all): every finding group
 references the SEG segment it describes together with the CT images that segment was
-derived from (``ReferencedSegment.from_segmentation``), or, without a segment, the CT
+derived from (:func:`segment_reference`), or, without a segment, the CT
 images themselves; each classifier's output is a measurement (probability) and a
 qualitative finding (its class at the model's threshold); each algorithm is an item of
 the Contributing Equipment Sequence with its Device UID (:mod:`radnode.dicom_io.provenance`).
@@ -35,7 +38,6 @@ The SR is PRELIMINARY/UNVERIFIED and PARTIAL: nobody has reviewed an automatic r
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -69,7 +71,6 @@ from pydicom.sr.coding import Code
 from radnode import __version__
 from radnode.config.model import OutputSettings
 from radnode.dicom_io import codes
-from radnode.dicom_io.provenance import ContributingAlgorithm, contributing_equipment, ihe_coding_scheme
 from radnode.dicom_io.derived import (
     SourceLike,
     fill_type2,
@@ -77,6 +78,12 @@ from radnode.dicom_io.derived import (
     quiet_name_warnings,
     source_datasets,
     source_geometry,
+)
+from radnode.dicom_io.provenance import (
+    ContributingAlgorithm,
+    checksum_of,
+    contributing_equipment,
+    ihe_coding_scheme,
 )
 from radnode.dicom_io.regions import (
     AlgorithmInfo,
@@ -243,9 +250,9 @@ def _prediction_text(prediction: Prediction) -> str:
 
 def classifier_algorithm(prediction: Prediction) -> ContributingAlgorithm:
     """The classifier bundle behind a prediction, as an AIR contributing algorithm."""
-    checksum = prediction.checksum or hashlib.sha256(
-        f"{prediction.classifier_name}\0{prediction.classifier_version}".encode()
-    ).hexdigest()
+    checksum = prediction.checksum or checksum_of(
+        "classifier", prediction.classifier_name, prediction.classifier_version
+    )
     return ContributingAlgorithm(
         name=prediction.classifier_name,
         version=prediction.classifier_version,
@@ -432,7 +439,6 @@ def build_sr(
     groups.append(_detection_group(tumour_reference, algorithm, opts.uid_root, sop_uid, images))
 
     observer = ObserverContext(
-
         observer_type=dcm_codes.cid270.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=derive_uid(opts.uid_root, "device", opts.manufacturer, __version__),

@@ -8,6 +8,7 @@ bundle shipped in ``radnode/models/bundles/raseg-demo`` (trained by
 ``scripts/train_demo_segmentation.py``; every output says "demo — not for clinical use"),
 a path is a user's bundle, and ``none`` turns the stage off: it then segments nothing and
 says so, the chain still delivers the lungs, and the SR states that no tumour model ran.
+A path may also be an nnU-Net v2 model folder or a MONAI bundle (:mod:`radnode.models.external`).
 
 A weight-free outline of the detector's best candidate was tried for the no-model case and
 rejected: on the synthetic phantom its best candidate was a hilar vessel bundle, and a
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from radnode.config.model import ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,12 @@ class TumourSegmentation:
     checksum: str = ""
     #: Who made the bundle (``manufacturer`` in bundle.json, else radnode).
     manufacturer: str = "radnode"
+    #: SHA-256 of the weights that ran (every output names it); None when no model ran.
+    weights_sha256: str | None = None
+    #: Format-specific provenance of an external model (radnode.models.external), for result.json.
+    provenance: dict[str, object] = field(default_factory=dict)
+    #: Lung labels (1 right, 2 left) when an external model also contours the lungs.
+    lungs: np.ndarray | None = None
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description for result.json."""
@@ -69,6 +78,8 @@ class TumourSegmentation:
             "version": self.version,
             "demo": self.demo,
             "checksum": self.checksum,
+            **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {}),
+            **self.provenance,
             "voxels": int(np.count_nonzero(self.mask)),
             "notes": list(self.notes),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
@@ -100,15 +111,38 @@ def network_tumour(
         deep_features=None if features is None else [float(v) for v in features],
         checksum=meta.checksum,
         manufacturer=str(meta.extra.get("manufacturer") or "radnode"),
+        weights_sha256=meta.weights_sha256,
     )
 
 
 def segment_tumour(
-    ct: sitk.Image, lung: np.ndarray, setting: str | Path | None, device: str = "auto", expected_sha256: str | None = None
+    ct: sitk.Image,
+    lung: np.ndarray,
+    setting: str | Path | None,
+    device: str = "auto",
+    expected_sha256: str | None = None,
+    models: ModelSettings | None = None,
 ) -> TumourSegmentation:
-    """The chain's tumour stage: the configured bundle, else an empty, explained result."""
+    """The chain's tumour stage: the configured bundle, else an empty, explained result.
+
+    With ``models`` (the ``models`` settings section), a folder that is an nnU-Net v2 model
+    or a MONAI bundle (``segmentation_format``, auto-detected by default) runs through
+    :mod:`radnode.models.external` with the configured label map.
+    """
     bundle_path = resolve_bundle(setting)
     if bundle_path is not None:
+        if models is not None:
+            from radnode.models.external import ExternalModelError, detect_format, external_tumour
+
+            fmt = models.segmentation_format
+            fmt = detect_format(bundle_path) if fmt == "auto" else fmt
+            if fmt != "radnode":
+                return external_tumour(ct, bundle_path, fmt, models, expected_sha256)
+            if models.label_map:
+                raise ExternalModelError(
+                    f"{bundle_path}: a radnode bundle, but models.label_map is set (it applies to nnU-Net v2 and "
+                    "MONAI models only); remove it or point segmentation_bundle at the external model"
+                )
         return network_tumour(ct, lung, bundle_path, device, expected_sha256)
     log.warning("no segmentation bundle configured (models.segmentation_bundle = none): tumour not segmented")
     return TumourSegmentation(

@@ -10,6 +10,8 @@ node runs).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from radnode.config.model import ModelSettings
 from radnode.models.bundle import BundleError, verify_bundle
 from radnode.models.classifiers.bundle import ClassifierBundleError, verify_classifier_bundle
@@ -20,10 +22,18 @@ class ModelBundleError(RuntimeError):
     """A configured bundle failed its integrity checks; the message names it."""
 
 
+def _is_radnode_bundle(path: Path, models: ModelSettings) -> bool:
+    """nnU-Net and MONAI folders are checked (and pinned) by their adapter when it loads them."""
+    from radnode.models.external import detect_format
+
+    fmt = models.segmentation_format
+    return (detect_format(path) if fmt == "auto" else fmt) == "radnode"
+
+
 def verify_configured_bundles(models: ModelSettings) -> None:
     """Raise :class:`ModelBundleError` naming the first configured bundle that fails its checks."""
     seg = resolve_bundle(models.segmentation_bundle)
-    if seg is not None:
+    if seg is not None and _is_radnode_bundle(seg, models):
         try:
             verify_bundle(seg, models.segmentation_sha256)
         except (BundleError, OSError) as exc:

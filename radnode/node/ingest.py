@@ -450,7 +450,7 @@ class Ingestor:
             except OSError:
                 LOGGER.exception("could not quarantine rejected data (%s)", rejection.reason)
         if rate_limited:
-            # Still answered and audited below; the log line is what a flood must not multiply.
+            # Answered and audited like any rejection, but not logged: a flood must not multiply log lines.
             LOGGER.debug("rejection from %s (%s) over the quarantine rate; not kept", request.calling_ae, request.peer_address)
             self._audit_rejection(request, rejection, None, "rate-limited")
             return StoreOutcome(rejection.code, "rejected", error_comment=rejection.comment, reason=rejection.reason)
@@ -470,7 +470,6 @@ class Ingestor:
             reason=rejection.reason,
             quarantine_file=quarantined,
         )
-
 
     def _audit_rejection(
         self, request: StoreRequest, rejection: _Rejection, quarantine_file: str | None, detail: str | None

@@ -25,6 +25,7 @@ from radnode.config import Settings
 from radnode.dicom_io.provenance import ContributingAlgorithm, checksum_of, engine_algorithm
 from radnode.dicom_io.qc import QCLimits
 from radnode.dicom_io.regions import (
+    CHECKSUM_SUFFIX,
     AlgorithmInfo,
     MeasurementSet,
     Prediction,
@@ -44,6 +45,7 @@ from radnode.models.regions import Regions, RegionStats, build_regions, region_s
 from radnode.pipeline.version import PIPELINE_VERSION
 from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
 from radnode.models.verify import verify_configured_bundles
+from radnode.models.external.lungs import replace_lungs
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +184,9 @@ def find_lungs(series: CTSeries) -> LungMaskResult:
 def find_tumour(series: CTSeries, lungs: LungMaskResult, settings: Settings) -> TumourSegmentation:
     """Stage 3: tumour mask inside the lungs (RA-Seg bundle, or the classical outline)."""
     models = settings.models
-    return segment_tumour(series.image, lungs.lungs, models.segmentation_bundle, models.device, models.segmentation_sha256)
+    return segment_tumour(
+        series.image, lungs.lungs, models.segmentation_bundle, models.device, models.segmentation_sha256, models=models
+    )
 
 
 def zyx_spacing(series: CTSeries) -> tuple[float, float, float]:
@@ -291,6 +295,8 @@ def algorithm_info(tumour: TumourSegmentation) -> AlgorithmInfo:
     versions = {"pipeline": PIPELINE_VERSION, LUNG_MASK_METHOD: LUNG_MASK_VERSION}
     if tumour.method != NO_MODEL:
         versions[tumour.method] = tumour.version
+        if tumour.weights_sha256:
+            versions[f"{tumour.method}{CHECKSUM_SUFFIX}"] = tumour.weights_sha256
     return AlgorithmInfo(model_versions=versions, demo=tumour.demo, contributors=segmentation_algorithms(tumour))
 
 
@@ -411,6 +417,9 @@ def run_chain(
         with stages.stage("tumour"):
             tumour = find_tumour(series, lungs, settings)
         result.models["tumour"] = tumour.summary()
+        if tumour.lungs is not None:  # an external model mapped lung labels (models.label_map)
+            lungs = replace_lungs(lungs, tumour.lungs, zyx_spacing(series))
+            result.models["lung_mask"] = {"method": tumour.method, "version": tumour.version, **lungs.summary()}
         with stages.stage("regions"):
             regions = make_regions(series, lungs, tumour, settings)
             written = writer_regions(lungs, regions)

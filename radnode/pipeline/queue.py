@@ -304,6 +304,14 @@ class SQLiteJobQueue(JobQueue):
         return job
 
     @staticmethod
+    def _unhold(conn: sqlite3.Connection, job_id: int, state: JobState, now: float, **columns: Any) -> None:
+        """Move a job out of a worker's hands: new ``state``, lease and worker cleared, and
+        the other ``columns`` set (names are this module's constants, never input)."""
+        values = {"state": state.value, "updated_at": now, "lease_until": None, "worker_id": None, **columns}
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id))
+
+    @staticmethod
     def _close_attempt(
         conn: sqlite3.Connection, job: Job, now: float, outcome: str, reason: str | None, error: str | None
     ) -> None:
@@ -387,10 +395,9 @@ class SQLiteJobQueue(JobQueue):
         now = self._clock()
         with self._db.write() as conn:
             job = self._held(conn, job_id, worker_id)
-            conn.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, lease_until = NULL, worker_id = NULL, "
-                "reason = NULL, error = NULL, traceback = NULL, result = ? WHERE id = ?",
-                (JobState.DONE.value, now, now, json.dumps(result, default=str), job_id),
+            self._unhold(
+                conn, job_id, JobState.DONE, now,
+                finished_at=now, reason=None, error=None, traceback=None, result=json.dumps(result, default=str),
             )
             self._close_attempt(conn, job, now, JobState.DONE.value, None, None)
             job = self._fetch(conn, job_id)
@@ -414,20 +421,10 @@ class SQLiteJobQueue(JobQueue):
             final = not retryable or job.attempts >= job.max_attempts
             state = JobState.FAILED if final else JobState.RETRYING
             not_before = None if final else now + self.backoff.delay(job.attempts)
-            conn.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, not_before = ?, lease_until = NULL, "
-                "worker_id = NULL, reason = ?, error = ?, traceback = ?, result = ? WHERE id = ?",
-                (
-                    state.value,
-                    now,
-                    now,
-                    not_before,
-                    reason,
-                    error,
-                    traceback,
-                    json.dumps(result if result is not None else job.result, default=str),
-                    job_id,
-                ),
+            self._unhold(
+                conn, job_id, state, now,
+                finished_at=now, not_before=not_before, reason=reason, error=error, traceback=traceback,
+                result=json.dumps(result if result is not None else job.result, default=str),
             )
             self._close_attempt(conn, job, now, state.value, reason, error)
             job = self._fetch(conn, job_id)
@@ -444,11 +441,7 @@ class SQLiteJobQueue(JobQueue):
         now = self._clock()
         with self._db.write() as conn:
             job = self._held(conn, job_id, worker_id)
-            conn.execute(
-                "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), updated_at = ?, lease_until = NULL, "
-                "worker_id = NULL, not_before = NULL WHERE id = ?",
-                (JobState.QUEUED.value, now, job_id),
-            )
+            self._unhold(conn, job_id, JobState.QUEUED, now, not_before=None, attempts=max(job.attempts - 1, 0))
             conn.execute("DELETE FROM job_attempts WHERE job_id = ? AND attempt = ?", (job_id, job.attempts))
             job = self._fetch(conn, job_id)
         log.info("job %d released back to the queue (shutdown)", job_id)
@@ -458,10 +451,9 @@ class SQLiteJobQueue(JobQueue):
         now = self._clock()
         with self._db.write() as conn:
             job = self._fetch_in(conn, job_id, CANCELLABLE_STATES, "cancelled")
-            conn.execute(
-                "UPDATE jobs SET state = ?, finished_at = ?, updated_at = ?, lease_until = NULL, worker_id = NULL, "
-                "not_before = NULL, reason = 'cancelled', error = 'cancelled by operator' WHERE id = ?",
-                (JobState.CANCELLED.value, now, now, job_id),
+            self._unhold(
+                conn, job_id, JobState.CANCELLED, now,
+                finished_at=now, not_before=None, reason="cancelled", error="cancelled by operator",
             )
             if job.state is JobState.RUNNING:
                 self._close_attempt(conn, job, now, JobState.CANCELLED.value, "cancelled", None)
@@ -500,10 +492,9 @@ class SQLiteJobQueue(JobQueue):
                     f"worker {job.worker_id!r} stopped while running attempt {job.attempts} "
                     "(node restarted or worker lost)"
                 )
-                conn.execute(
-                    "UPDATE jobs SET state = ?, updated_at = ?, lease_until = NULL, worker_id = NULL, "
-                    "not_before = NULL, finished_at = ?, reason = ?, error = ? WHERE id = ?",
-                    (state.value, now, now if final else None, FailureReason.LEASE_EXPIRED.value, error, job.id),
+                self._unhold(
+                    conn, job.id, state, now,
+                    not_before=None, finished_at=now if final else None, reason=FailureReason.LEASE_EXPIRED.value, error=error,
                 )
                 self._close_attempt(conn, job, now, state.value, FailureReason.LEASE_EXPIRED.value, error)
                 recovered.append(self._fetch(conn, job.id))

@@ -477,6 +477,11 @@ class PipelineService:
             if latest.state is JobState.DONE:
                 self._mark_processed(series_uid)
                 return latest
+            log.info(
+                "series %s: forward job %d ended %s; not re-queued automatically (radnode jobs retry %d)",
+                series_uid, latest.id, latest.state.value, latest.id,
+            )
+            return latest
         job = self.queue.enqueue(
             JobSpec(
                 series_uid=series_uid,

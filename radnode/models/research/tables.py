@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from radnode import durable
+
 SAMPLE_ID = "sample_id"
 #: Columns ``research export`` adds after the features (provenance, not features).
 METADATA_COLUMNS: tuple[str, ...] = (
@@ -224,11 +226,8 @@ def staged_output(out_dir: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not final.exists():
-        os.rename(tmp, final)
+        durable.replace_tree(tmp, final)
         return
     for item in sorted(tmp.iterdir()):
-        target = final / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
+        durable.replace_tree(item, final / item.name)
     tmp.rmdir()
