@@ -10,7 +10,7 @@ WHEELS := $(wildcard /opt/wheels)
 PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install $(if $(WHEELS),--find-links $(WHEELS))
 # Debian packages of the real peers the tests talk to: command -> package.
 DEBIAN_TOOLS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools plastimatch:plastimatch \
-  strace:strace systemd-analyze:systemd
+  strace:strace systemd-analyze:systemd chromium:chromium chromedriver:chromium-driver
 PYTEST_ARGS ?=
 
 .PHONY: run test install debian-tools clean-venv

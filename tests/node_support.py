@@ -45,6 +45,7 @@ def node_settings(data_dir: Path, **sections: dict[str, Any]) -> Settings:
         "storage": {"data_dir": str(data_dir), "min_free_gb": 0.01},
         "series": {"quiet_seconds": 60, "force_seconds": 600},
         "metrics": {"enabled": False, "host": "127.0.0.1", "port": free_port()},
+        "dashboard": {"enabled": False},
     }
     for name, values in sections.items():
         mapping.setdefault(name, {})

@@ -67,7 +67,7 @@ def test_result_json_names_stages_models_and_outputs(chain_run: tuple[Path, list
     assert payload["pipeline_version"] == PIPELINE_VERSION
     assert [s["name"] for s in payload["stages"]] == [
         "models", "load_and_qc", "lung_mask", "tumour", "regions", "measurements", "write_contours",
-        "radiomics", "mutations", "write_report",
+        "radiomics", "mutations", "write_report", "overlays",
     ]
     # Without a tumour, radiomics runs on the whole lung and says why the others were skipped.
     regions = payload["radiomics"]["regions"]
@@ -76,6 +76,9 @@ def test_result_json_names_stages_models_and_outputs(chain_run: tuple[Path, list
     assert payload["radiomics"]["engine"]["name"] == "pyradiomics"
     assert payload["phases"] == ["contours", "report"]
     assert {payload["outputs"][k] for k in ("SEG", "RTSTRUCT", "SR")} == {"SEG.dcm", "RTSTRUCT.dcm", "SR.dcm"}
+    for view in ("axial", "coronal", "sagittal", "grid"):  # overlay previews for the dashboard
+        png = out / payload["outputs"][f"overlay_{view}"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", view
     # Without a configured bundle no tumour is invented, and the result says why.
     assert payload["models"]["tumour"]["method"] == "none"
     assert payload["models"]["tumour"]["voxels"] == 0

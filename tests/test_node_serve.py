@@ -46,6 +46,7 @@ def _write_config(path: Path, data_dir: Path, port: int) -> Path:
         "storage": {"data_dir": str(data_dir), "min_free_gb": 0.01},
         "series": {"quiet_seconds": 1.0, "force_seconds": 120},
         "metrics": {"enabled": False},
+        "dashboard": {"enabled": False},
         "logging": {"level": "INFO"},
     }
     path.write_text(yaml.safe_dump(config))

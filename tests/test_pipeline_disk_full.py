@@ -43,6 +43,7 @@ def test_disk_full_during_processing_fails_the_job_for_a_retry_and_the_node_keep
         "series": {"quiet_seconds": 1.0, "force_seconds": 120},
         "pipeline": {"workers": 1, "job_timeout_seconds": 60, "max_attempts": 3},
         "metrics": {"enabled": False},
+        "dashboard": {"enabled": False},
     }))
     # The node's process gets its own mount of a one-page tmpfs over <data>/results.
     command = [

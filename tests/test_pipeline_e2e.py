@@ -34,6 +34,8 @@ from radnode.pipeline.outbox import ItemState, Outbox
 from radnode.pipeline.queue import SQLiteJobQueue
 from radnode.testing.orthanc import OrthancServer, free_port
 
+from radnode.web.users import UserStore
+from web_support import PASSWORD, http_login
 from pipeline_support import ENV_PHASE_GAP, ENV_START_DELAY, SERVE_ENTRY, chain_ref, copy_ct_series, upload_folder, wait_for
 
 #: The node under test: ``radnode serve``'s node with the slowed real chain (``{config}`` is
@@ -104,6 +106,7 @@ def node_setup(tmp_path: Path) -> Iterator[tuple[OrthancServer, NodeProcess, Pat
         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port}],
         "pipeline": {"workers": 1, "job_timeout_seconds": 120, "max_attempts": 3},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
+        "dashboard": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
     }
     config_path = tmp_path / "radnode.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -193,6 +196,15 @@ def test_results_reach_orthanc_once_even_after_kill_9_during_a_job(
     with urllib.request.urlopen(f"{metrics_url}/metrics", timeout=5) as response:
         exposition = response.read().decode()
     assert "radnode_job_duration_seconds" in exposition
+    # The dashboard in the same process shows the job, with the overlays the worker rendered.
+    UserStore(data_dir).add("op", "operator", PASSWORD)
+    dashboard = f"http://127.0.0.1:{settings.dashboard.port}/"
+    browser = http_login(dashboard, "op")
+    detail = json.loads(browser.open(f"{dashboard}api/jobs/{job.id}", timeout=10).read())
+    assert detail["result"]["status"] == "done" and detail["overlays"] == ["axial.png", "coronal.png", "sagittal.png", "grid.png"]
+    assert browser.open(f"{dashboard}jobs/{job.id}/overlays/axial.png", timeout=10).read()[:4] == b"\x89PNG"
+    page = browser.open(f"{dashboard}jobs/{job.id}", timeout=10).read().decode()
+    assert "Result: done" in page and "Lung right" in page and "radnode-lungmask-classical" in page
     assert node.terminate() == 0  # graceful SIGTERM
     print(f"\ncontours in Orthanc {contours_latency:.1f} s after Orthanc's C-STORE to radnode returned")
 

@@ -212,6 +212,7 @@ def _config(path: Path, data_dir: Path, port: int, destinations: list[dict[str, 
         "routing": routing,
         "destinations": destinations,
         "metrics": {"enabled": False},
+        "dashboard": {"enabled": False},
         "logging": {"level": level},
     }
     path.write_text(yaml.safe_dump(config))

@@ -46,7 +46,10 @@ def register(app: typer.Typer) -> None:
         except ConfigError as exc:
             fail(str(exc), code=2)
             raise  # unreachable: fail() exits
-        for warning in exposure_warnings(settings.node):
+        from radnode.web.server import exposure_warning
+
+        dashboard_warning = exposure_warning(settings) if settings.dashboard.enabled else None
+        for warning in [*exposure_warnings(settings.node), *([dashboard_warning] if dashboard_warning else [])]:
             err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", markup=True, highlight=False, soft_wrap=True)
         typer.echo(f"{file}: configuration is valid")
 

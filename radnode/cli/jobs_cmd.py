@@ -133,32 +133,26 @@ def register(app: typer.Typer) -> None:
     @jobs_app.command("retry")
     def retry(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
         """Re-queue a failed or cancelled job, and re-arm its failed deliveries."""
-        from radnode.pipeline.jobs import RETRYABLE_STATES
+        from radnode.pipeline.queue import JobNotFound
+        from radnode.pipeline.steering import NothingToRetry, retry_job
 
         queue, outbox = _stores(ctx)
-        job = _job_or_exit(queue, job_id)
-        rearmed = outbox.rearm(job_id=job.id)
-        if job.state in RETRYABLE_STATES:
-            job = queue.retry(job.id)
-            typer.echo(f"job {job.id} queued again (series {job.series_uid}); {rearmed} failed delivery(ies) re-armed")
-            return
-        if rearmed:
-            typer.echo(f"job {job.id} is {job.state.value}; {rearmed} failed delivery(ies) re-armed")
-            return
-        fail(
-            f"job {job.id} is {job.state.value} with no failed delivery; only "
-            f"{', '.join(sorted(s.value for s in RETRYABLE_STATES))} jobs can be retried",
-            code=1,
-        )
+        try:
+            typer.echo(retry_job(queue, outbox, job_id).message())
+        except JobNotFound as exc:
+            fail(str(exc), code=EXIT_NOT_FOUND)
+        except NothingToRetry as exc:
+            fail(str(exc), code=1)
 
     @jobs_app.command("cancel")
     def cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
         """Cancel a queued, retrying or running job (a running one is stopped within seconds)."""
         from radnode.pipeline.queue import InvalidTransition, JobNotFound
+        from radnode.pipeline.steering import cancel_job
 
         queue, _outbox = _stores(ctx)
         try:
-            job = queue.cancel(job_id)
+            job = cancel_job(queue, job_id)
         except JobNotFound as exc:
             fail(str(exc), code=EXIT_NOT_FOUND)
             return

@@ -66,6 +66,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.classifier_cmd",  # extends the train and evaluate groups
     "radnode.cli.features_cmd",
     "radnode.cli.research_cmd",
+    "radnode.cli.users_cmd",
 )
 
 for _name in COMMAND_MODULES:

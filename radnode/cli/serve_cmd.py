@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -87,6 +87,7 @@ def run_node(settings: Settings, reload: Callable[[], Settings], *, chain: str |
     except PipelineBusy as exc:
         node.stop()
         fail(str(exc), code=1)
+    dashboard = _start_dashboard(settings, node, pipeline)
     notifier.ready(
         f"{settings.node.ae_title} listening on {settings.node.host}:{node.port}",
         liveness=liveness_from_health(node.health),
@@ -100,10 +101,28 @@ def run_node(settings: Settings, reload: Callable[[], Settings], *, chain: str |
             LOGGER.info("reload: %s", outcome.summary())
             notifier.ready(outcome.summary())
     notifier.stopping()
+    if dashboard is not None:
+        dashboard.stop()
     # The pipeline first: it finishes or re-queues jobs while the node's index is open.
     pipeline.stop()
     node.stop(grace_seconds=SHUTDOWN_GRACE_SECONDS)
     notifier.close()
+
+
+def _start_dashboard(settings: Settings, node: Any, pipeline: Any) -> Any:
+    """Start the web dashboard (radnode.web) when enabled; a busy port stops the node with exit 1."""
+    if not settings.dashboard.enabled:
+        return None
+    from radnode.web.server import DashboardServer
+
+    dashboard = DashboardServer(settings, health=node.health)
+    try:
+        dashboard.start()
+    except OSError as exc:
+        pipeline.stop()
+        node.stop()
+        fail(f"cannot serve the dashboard on {settings.dashboard.host}:{settings.dashboard.port}: {exc.strerror or exc}", code=1)
+    return dashboard
 
 
 def register(app: typer.Typer) -> None:

@@ -485,6 +485,29 @@ class MetricsSettings(_Section):
     port: Port = 9110
 
 
+DashboardRole = Literal["viewer", "operator", "reviewer"]
+
+
+class DashboardSettings(_Section):
+    """The web dashboard (radnode/web), served by ``radnode serve``; loopback unless told otherwise."""
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="Bind address; elsewhere without TLS warns at start.")
+    port: Port = 8110
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    phi_roles: list[DashboardRole] = Field(
+        default_factory=lambda: ["operator", "reviewer"],
+        description="Roles shown patient-identifying fields; others see them redacted.",
+    )
+    session_hours: float = Field(default=12.0, gt=0, le=24 * 30)
+    proxy_user_header: str | None = Field(
+        default=None, description="Header naming the logged-in user, set by a trusted reverse proxy (e.g. X-Remote-User)."
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="Client addresses whose proxy_user_header is believed; nobody else's."
+    )
+
+
 class LoggingSettings(_Section):
     """Log verbosity and format."""
 
@@ -515,6 +538,7 @@ class Settings(BaseSettings):
     output: OutputSettings = Field(default_factory=OutputSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod

@@ -367,6 +367,17 @@ def write_report(
     return {"SR": save_dataset(sr, out_dir / "SR.dcm")}
 
 
+def write_overlays(series: CTSeries, written: list[Region], out_dir: Path) -> dict[str, str]:
+    """Overlay PNGs (radnode.dicom_io.overlays) under ``out_dir/overlays``; result.json names them."""
+    import SimpleITK as sitk
+
+    from radnode.dicom_io.overlays import OVERLAY_DIR, render_overlays
+
+    volume = sitk.GetArrayFromImage(series.image)
+    files = render_overlays(volume, zyx_spacing(series), written, out_dir / OVERLAY_DIR)
+    return {f"overlay_{view}": str(path.relative_to(out_dir)) for view, path in files.items()}
+
+
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON durably, so readers never see half a file (see :mod:`radnode.durable`)."""
     durable.write_json(path, payload)
@@ -437,6 +448,8 @@ def run_chain(
             content = measurement_set(stats, radiomics_for_sr(radiomics, written), mutations)
             files = write_report(series, seg, content, report_algorithm(algorithm, radiomics), options, out_dir)
         _record_phase(result, "report", files, out_dir, on_phase)
+        with stages.stage("overlays", required=False):  # previews for the dashboard; never fails a job
+            result.outputs.update(write_overlays(series, written, out_dir))
         result.status = "done"
         log.info("chain done for series %s", series.series_instance_uid)
     except SeriesRejected:
