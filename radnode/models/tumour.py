@@ -19,9 +19,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    from radnode.models.quality import ContourQuality
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +61,16 @@ class TumourSegmentation:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     deep_features: list[float] | None = None
+    quality: ContourQuality | None = None
+
+    @property
+    def uncertain(self) -> bool:
+        """The contour scored below its model's quality threshold: a person must review it."""
+        return self.quality is not None and self.quality.uncertain
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description for result.json."""
+        quality: dict[str, Any] | None = None if self.quality is None else self.quality.to_dict()
         return {
             "method": self.method,
             "version": self.version,
@@ -67,6 +78,7 @@ class TumourSegmentation:
             "voxels": int(np.count_nonzero(self.mask)),
             "notes": list(self.notes),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "quality": quality,
         }
 
 
@@ -74,10 +86,18 @@ def network_tumour(ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: 
     """Segment with the RA-Seg network of a bundle (checksum and architecture verified)."""
     from radnode.models.bundle import load_bundle
     from radnode.models.inference import resolve_device, segment_ct
+    from radnode.models.quality import UNCERTAIN_TEXT, assess_contour, calibration_for
 
     bundle = load_bundle(bundle_path, device=resolve_device(device))
-    seg = segment_ct(bundle.model, ct, lung.astype(np.uint8), settings=bundle.inference_settings(device=device))
+    settings = bundle.inference_settings(device=device)
+    seg = segment_ct(bundle.model, ct, lung.astype(np.uint8), settings=settings)
     meta = bundle.meta
+    assert seg.case is not None
+    quality = assess_contour(bundle.model, seg.case, seg.grid, settings, calibration_for(meta.name, meta.version, bundle_path))
+    seg.grid.timings["quality"] = quality.seconds
+    if quality.uncertain:
+        log.warning("%s: quality score %.2f below %.2f (%s)", UNCERTAIN_TEXT, quality.score,
+                    quality.calibration.threshold, ", ".join(quality.reasons) or "overall")
     notes = [f"RA-Seg bundle {meta.name} {meta.version}"]
     if meta.demo:
         notes.append("DEMO model trained on synthetic phantoms and a handful of public CTs: not for clinical use")
@@ -91,6 +111,7 @@ def network_tumour(ct: sitk.Image, lung: np.ndarray, bundle_path: Path, device: 
         notes=notes,
         timings=dict(seg.grid.timings),
         deep_features=None if features is None else [float(v) for v in features],
+        quality=quality,
     )
 
 

@@ -54,6 +54,7 @@ from radnode.pipeline.jobs import (
 )
 from radnode.pipeline.outbox import DEFAULT_BACKOFF, Outbox
 from radnode.pipeline.queue import JobQueue, SQLiteJobQueue
+from radnode.pipeline.review import contour_counts, result_files, stage_phase
 from radnode.pipeline.scheduler import (
     TASK_COMPLETION_CHECK,
     TASK_DISPATCH_RETRY,
@@ -163,7 +164,9 @@ class PipelineCollector:
     Exposes ``radnode_pipeline_jobs{state}``, ``radnode_pipeline_queue_age_seconds``,
     ``radnode_outbox_items{destination,state}`` and
     ``radnode_dispatch_attempts_total{destination,outcome}`` (failures are the outcomes
-    ``refused``, ``unreachable`` and ``local_error``).
+    ``refused``, ``unreachable`` and ``local_error``) and ``radnode_tumour_contours{quality}``
+    (``uncertain``: flagged "tumour contour uncertain — review required"; held deliveries
+    are ``radnode_outbox_items{state="held"}``).
     """
 
     def __init__(self, queue: JobQueue, outbox: Outbox) -> None:
@@ -194,6 +197,14 @@ class PipelineCollector:
         for (destination, outcome), count in self.outbox.attempt_counts().items():
             attempts.add_metric([destination, outcome.value], count)
         yield attempts
+        contours = GaugeMetricFamily(
+            "radnode_tumour_contours",
+            "Quality verdict on the tumour contours of the latest done jobs (uncertain = review required).",
+            labels=["quality"],
+        )
+        for quality, count in contour_counts(self.queue).items():
+            contours.add_metric([quality], count)
+        yield contours
 
 
 class PipelineService:
@@ -480,9 +491,10 @@ class PipelineService:
 
     def _stage_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path] | None = None) -> int:
         if files is None:  # the chain did not list them: every finished object in its folder
-            files = sorted(p for p in out_dir.rglob("*.dcm") if not p.name.startswith("."))
-        items = self.outbox.stage(
-            files, self.job_destinations(job), job_id=job.id, source_series_uid=job.series_uid, only_phase=phase
+            files = result_files(out_dir)
+        # each destination's uncertain_contour policy applies when the contour is flagged
+        items = stage_phase(
+            self.outbox, files, self.job_destinations(job), out_dir, phase, job_id=job.id, source_series_uid=job.series_uid
         )
         self.dispatch_loop.wake()
         return len({item.sop_instance_uid for item in items})

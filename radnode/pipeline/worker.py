@@ -166,12 +166,13 @@ def _result_payload(result: Any) -> dict[str, Any]:
     if isinstance(result, dict):
         data = result
     else:
-        data = {k: getattr(result, k, None) for k in ("status", "error", "outputs", "qc")}
+        data = {k: getattr(result, k, None) for k in ("status", "error", "outputs", "qc", "review")}
     return {
         "status": str(data.get("status") or "failed"),
         "error": data.get("error"),
         "outputs": dict(data.get("outputs") or {}),
         "qc": data.get("qc") or {},
+        "review": data.get("review") or {},
     }
 
 
