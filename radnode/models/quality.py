@@ -30,9 +30,10 @@ model's name and version to :data:`CALIBRATION_FILE` (or a bundle's own
 :data:`UNCERTAIN_TEXT`. A model without a calibration uses :data:`DEFAULT_THRESHOLD` and
 says that it is not calibrated.
 
-Cost: at most :attr:`TTAParams.max_windows` sliding windows per augmentation over the
-tumour's bounding box plus a margin, i.e. two or four extra network windows on a typical
-case (the main pass runs over three detector boxes).
+Cost: one network window (``roi_size``) per augmentation, over the largest component of
+the contour plus a margin: two extra windows per case (the main pass runs several windows
+over three detector boxes). A first version over the whole contour's box cost more than
+the segmentation itself on the real CTs.
 """
 
 from __future__ import annotations
@@ -102,16 +103,13 @@ class TTAParams:
         One extra pass with the window moved by these voxels (z, y, x); ``None``: no shift.
         Not multiples of 8, the network's total stride.
     margin_mm
-        Context around the contour's bounding box (must exceed the shift).
-    max_windows
-        Most ``roi_size`` windows one augmentation may cover; a larger contour is assessed
-        around its largest component only (bounds the cost on a large, scattered mask).
+        Context around the largest component's bounding box (must exceed the shift); the
+        region is capped at one ``roi_size`` window (see :func:`_assessed_region`).
     """
 
     flip_axes: tuple[int, ...] = (2,)
     shift_vox: tuple[int, int, int] | None = (3, 5, 5)
     margin_mm: float = 12.0
-    max_windows: int = 4
 
 
 @dataclass(frozen=True)
@@ -280,18 +278,24 @@ def contour_signals(
 
 def _assessed_region(mask: np.ndarray, spacing: Sequence[float], settings: InferenceSettings,
                      params: TTAParams) -> Box:
-    """The contour's box plus the margin; around its largest component when that is too big."""
-    margin = mm_to_voxels(params.margin_mm, spacing)
-    box = box_from_mask(mask, spacing)
+    """Where the augmentations run: the largest component's box plus the margin, at most one
+    ``roi_size`` window (centred on that component), so each augmentation is one network pass.
+
+    The largest component is the one that matters most to a planner; scattered islands
+    are already counted by the ``one_object`` part.
+    """
+    labels, _count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+    largest = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    box = box_from_mask(largest, spacing)
     assert box is not None
-    region = box.grow(margin, mask.shape)
-    if np.prod(region.shape) > params.max_windows * np.prod(settings.roi_size):
-        labels, _count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
-        largest = int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-        box = box_from_mask(labels == largest, spacing)
-        assert box is not None
-        region = box.grow(margin, mask.shape)
-    return region
+    region = box.grow(mm_to_voxels(params.margin_mm, spacing), mask.shape)
+    start, stop = list(region.start), list(region.stop)
+    for i, (size, limit) in enumerate(zip(region.shape, settings.roi_size)):
+        if size > limit:
+            centre = (box.start[i] + box.stop[i]) // 2
+            start[i] = int(np.clip(centre - limit // 2, 0, mask.shape[i] - limit))
+            stop[i] = start[i] + limit
+    return Box(tuple(start), tuple(stop))  # type: ignore[arg-type]
 
 
 def _offset_window(region: Box, contour: Box, shift: Sequence[int]) -> Box:
