@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python scripts/calibrate_contour_quality.py --data ../shared/data --crops 120 \\
+    .venv/bin/python scripts/calibrate_contour_quality.py --data ../shared/data --crops 600 \\
         --work build/quality --write radnode/models/quality_calibration.json
 
 What it does, seeded and in one command:
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--bundle", type=Path, default=None, help="bundle folder (default: the bundled demo)")
-    parser.add_argument("--crops", type=int, default=120, help="LIDC crops to draw (unseen patients)")
+    parser.add_argument("--crops", type=int, default=600, help="LIDC crops to draw (unseen patients)")
     parser.add_argument("--real", nargs="*", default=None, help="real CT case ids (default: all six)")
     parser.add_argument("--work", type=Path, default=Path("build/quality"))
     parser.add_argument("--threads", type=int, default=1)

@@ -5,8 +5,8 @@ the demo network is wrong often (issue 14). No reference exists at inference tim
 score combines signals that go with a wrong contour on the cases we could measure:
 
 * **test-time augmentation agreement** (weight 0.40): the network is run again on the
-  tumour's neighbourhood, mirrored left-right and moved by a few voxels (not a multiple of
-  the network's stride of 8, so the windows and pooling fall differently), each time
+  tumour's neighbourhood, mirrored left-right (optionally also moved by a few voxels, see
+  :class:`TTAParams`), each time
   through the *same* :func:`~radnode.models.inference.predict_probabilities` and
   :func:`~radnode.models.inference.postprocess_mask` as the main prediction; the Dice of
   each such contour with the one sent is the agreement. A network that has learned the
@@ -31,7 +31,7 @@ model's name and version to :data:`CALIBRATION_FILE` (or a bundle's own
 says that it is not calibrated.
 
 Cost: one network window (``roi_size``) per augmentation, over the largest component of
-the contour plus a margin: two extra windows per case (the main pass runs several windows
+the contour plus a margin: one extra window per case by default (the main pass runs several windows
 over three detector boxes). A first version over the whole contour's box cost more than
 the segmentation itself on the real CTs.
 """
@@ -100,15 +100,18 @@ class TTAParams:
     flip_axes
         Axes (z, y, x of the preprocessed grid) to mirror, one pass each; 2 = left-right.
     shift_vox
-        One extra pass with the window moved by these voxels (z, y, x); ``None``: no shift.
-        Not multiples of 8, the network's total stride.
+        One extra pass with the window moved by these voxels (z, y, x), e.g. ``(3, 5, 5)``
+        (not multiples of 8, the network's total stride); ``None`` (default): no shift.
+        On the calibration set the shifted pass separated good from bad contours less well
+        than the flip (AUC 0.939 against 0.957 as the only augmentation) and added nothing
+        to it (0.957 with both), at the cost of a second network pass.
     margin_mm
         Context around the largest component's bounding box (must exceed the shift); the
         region is capped at one ``roi_size`` window (see :func:`_assessed_region`).
     """
 
     flip_axes: tuple[int, ...] = (2,)
-    shift_vox: tuple[int, int, int] | None = (3, 5, 5)
+    shift_vox: tuple[int, int, int] | None = None
     margin_mm: float = 12.0
 
 
