@@ -260,6 +260,9 @@ def contour_signals(
     if not mask.any():
         raise QualityError("quality signals need a non-empty contour")
     inside = probability[mask]
+    box = box_from_mask(mask, spacing_zyx)
+    assert box is not None
+    mask, lung = mask[box.slices], lung[box.slices]  # labelling the contour's box, not the grid
     labels, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
     sizes = np.bincount(labels.ravel())[1:]
     largest = labels == (int(np.argmax(sizes)) + 1)
@@ -287,10 +290,14 @@ def _assessed_region(mask: np.ndarray, spacing: Sequence[float], settings: Infer
     The largest component is the one that matters most to a planner; scattered islands
     are already counted by the ``one_object`` part.
     """
-    labels, _count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+    whole = box_from_mask(mask, spacing)
+    assert whole is not None
+    labels, _count = ndimage.label(mask[whole.slices], structure=_FULL_CONNECTIVITY)
     largest = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-    box = box_from_mask(largest, spacing)
-    assert box is not None
+    local = box_from_mask(largest, spacing)
+    assert local is not None
+    box = Box(tuple(a + o for a, o in zip(local.start, whole.start)),  # type: ignore[arg-type]
+              tuple(b + o for b, o in zip(local.stop, whole.start)))  # type: ignore[arg-type]
     region = box.grow(mm_to_voxels(params.margin_mm, spacing), mask.shape)
     start, stop = list(region.start), list(region.stop)
     for i, (size, limit) in enumerate(zip(region.shape, settings.roi_size)):
