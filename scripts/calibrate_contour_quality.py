@@ -196,8 +196,7 @@ def _row(kind: str, case_id: str, dice_value: float, quality: Any, probability_t
     signals = None if quality.signals is None else {
         k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(quality.signals).items()
     }
-    if signals is None:  # no contour: nothing to score; a missed tumour is a detection failure, not a contour
-        signals = None
+    # signals None: no contour, nothing to score (a missed tumour is a detection failure, not a contour)
     return {
         "set": kind, "case": case_id, "dice": round(float(dice_value), 4), "signals": signals,
         "probability_threshold": probability_threshold, "network_s": round(network_s, 3),
@@ -281,8 +280,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "unscored_no_contour": sorted(r["case"] for r in rows if r["signals"] is None),
         "script": "scripts/calibrate_contour_quality.py",
         "rows": [{k: r[k] for k in ("set", "case", "dice", "signals", "probability_threshold")} for r in scored],
-        "seconds": {"quality_median": float(np.median([r["quality_s"] for r in scored])) if scored else None,
-                    "network_median": float(np.median([r["network_s"] for r in scored])) if scored else None},
     }
     log.info("calibration: %s", {k: v for k, v in entry.items() if k != "rows"})
     if args.write:
