@@ -17,7 +17,9 @@ child process, so its peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) i
 weights, only the box found by the classical detector decides how much the network has to
 cover, and that box is the same for both. Steps: load (DICOM -> HU image), lung mask, preprocess (clip,
 resample, crop), detect (candidate box), network (sliding window), post-process
-(components, holes, mapping back to the CT grid), deep features (one extra forward pass).
+(components, holes, mapping back to the CT grid), deep features (one extra forward pass),
+quality (the contour quality score of radnode.models.quality: two test-time augmentation
+passes over the contour's neighbourhood, as the chain runs it).
 
 Run::
 
@@ -48,7 +50,7 @@ CONFIGS: dict[str, dict[str, object]] = {
     # (channels 16-32-64-128, the detector's best 3 boxes examined).
     "demo": {"bundle": "demo"},
 }
-STEPS = ("load", "lung mask", "preprocess", "detect", "network", "post-process", "features")
+STEPS = ("load", "lung mask", "preprocess", "detect", "network", "post-process", "features", "quality")
 
 
 def make_phantom(folder: Path) -> Path:
@@ -96,6 +98,14 @@ def run_config(name: str, ct_dir: Path, device: str) -> dict[str, object]:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     segment_s = time.perf_counter() - start
+    from radnode.models.quality import assess_contour, calibration_for
+
+    assert result.case is not None
+    quality = assess_contour(model, result.case, result.grid, settings, calibration_for(name, "benchmark"))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    segment_s += quality.seconds
+    times["quality"] = quality.seconds
     grid = result.grid.timings
     times["preprocess"] = grid.get("preprocess", 0.0)
     times["detect"] = grid.get("detect", 0.0)
@@ -114,6 +124,7 @@ def run_config(name: str, ct_dir: Path, device: str) -> dict[str, object]:
         "network_region_zyx": list(region),
         "box_found": result.grid.box is not None,
         "ct_shape_zyx": list(result.mask.shape),
+        "quality_score": quality.score,
     }
 
 

@@ -1,4 +1,4 @@
-"""``radnode jobs list|show|retry|cancel``: look at and steer the job queue.
+"""``radnode jobs list|show|retry|cancel|release``: look at and steer the job queue.
 
 Works on the node's data folder, beside a running ``radnode serve``: a retried job is
 claimed by the running workers within seconds; a cancelled running job is stopped at its
@@ -47,9 +47,20 @@ def _job_or_exit(queue: JobQueue, job_id: int) -> Job:
         raise  # unreachable: fail() exits
 
 
+def _review_cell(job: Job, outbox: Outbox) -> str:
+    """``uncertain`` when the job's tumour contour needs review, with its held deliveries."""
+    from radnode.pipeline.outbox import ItemState
+    from radnode.pipeline.review import job_review
+
+    if not job_review(job).get("required"):
+        return ""
+    held = len(outbox.items(job_id=job.id, states=[ItemState.HELD]))
+    return f"uncertain, {held} held" if held else "uncertain"
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``jobs`` command group."""
-    jobs_app = typer.Typer(help="List, inspect, retry and cancel processing jobs.", no_args_is_help=True)
+    jobs_app = typer.Typer(help="List, inspect, retry, cancel and release processing jobs.", no_args_is_help=True)
     app.add_typer(jobs_app, name="jobs")
 
     @jobs_app.command("list")
@@ -80,14 +91,16 @@ def register(app: typer.Typer) -> None:
             return
         now = time.time()
         table = Table(title=f"{len(jobs)} job(s)", title_justify="left")
-        for column in ("ID", "State", "Priority", "Source", "Series UID", "Attempts", "Created", "Runtime", "Reason"):
+        for column in ("ID", "State", "Priority", "Source", "Series UID", "Attempts", "Created", "Runtime", "Review",
+                       "Reason"):
             table.add_column(column)
         for job in jobs:
             runtime = job.runtime_seconds()
             add_row(
                 table, str(job.id), job.state.value, str(job.priority), job.source.value, job.series_uid,
                 f"{job.attempts}/{job.max_attempts}", _ago(job.created_at, now),
-                f"{runtime:.1f} s" if runtime is not None else "-", _short(job.reason or job.error, 50),
+                f"{runtime:.1f} s" if runtime is not None else "-", _review_cell(job, _outbox),
+                _short(job.reason or job.error, 50),
             )
         stdout_console().print(table)
 
@@ -143,6 +156,16 @@ def register(app: typer.Typer) -> None:
             fail(str(exc), code=EXIT_NOT_FOUND)
         except NothingToRetry as exc:
             fail(str(exc), code=1)
+
+    @jobs_app.command("release")
+    def release(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
+        """Send a job's held deliveries (its tumour contour was flagged uncertain and a person reviewed it)."""
+        queue, outbox = _stores(ctx)
+        job = _job_or_exit(queue, job_id)
+        released = outbox.release(job.id)
+        if not released:
+            fail(f"job {job.id} has no held delivery", code=1)
+        typer.echo(f"job {job.id}: {released} held delivery(ies) released; the running node sends them within 30 s")
 
     @jobs_app.command("cancel")
     def cancel(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:

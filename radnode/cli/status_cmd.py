@@ -124,6 +124,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
                 else {}
             )
             jobs["recent"].append(entry)
+        jobs["review_required"] = review_required(queue, outbox, limit)
     status["jobs"] = jobs
 
     configured = {d.name: d for d in settings.destinations}
@@ -142,6 +143,8 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
                 "pending": h.pending if h else 0,
                 "sent": h.sent if h else 0,
                 "failed": h.failed if h else 0,
+                "held": h.held if h else 0,
+                "uncertain_contour": dest.uncertain_contour.value if dest else None,
                 "consecutive_failures": h.consecutive_failures if h else 0,
                 "last_success_at": h.last_success_at if h else None,
                 "last_failure_at": h.last_failure_at if h else None,
@@ -172,6 +175,29 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     runs = SweepStore(data_dir).runs(1) if (data_dir / SWEEP_DB).exists() else []
     status["last_sweep"] = runs[0] if runs else None
     return status
+
+
+def review_required(queue: Any, outbox: Any, limit: int) -> list[dict[str, Any]]:
+    """Done jobs whose tumour contour was flagged uncertain, newest first, with held deliveries."""
+    from radnode.pipeline.jobs import JobState
+    from radnode.pipeline.outbox import ItemState
+    from radnode.pipeline.review import REVIEW_WINDOW, job_review
+
+    rows = []
+    for job in queue.list(states=[JobState.DONE], limit=REVIEW_WINDOW):
+        review = job_review(job)
+        if not review.get("required"):
+            continue
+        held = outbox.items(job_id=job.id, states=[ItemState.HELD]) if outbox is not None else []
+        rows.append({
+            "job_id": job.id, "series_uid": job.series_uid, "finished_at": job.finished_at,
+            "flag": (review.get("flags") or [""])[0], "score": review.get("tumour_quality_score"),
+            "threshold": review.get("threshold"), "reasons": review.get("reasons") or [],
+            "held": sorted({i.destination for i in held}), "held_items": len(held),
+        })
+        if len(rows) >= limit:
+            break
+    return rows
 
 
 def render(status: dict[str, Any], console: Console) -> None:
@@ -236,18 +262,29 @@ def render(status: dict[str, Any], console: Console) -> None:
             )
         console.print(table)
 
+    if jobs.get("review_required"):
+        table = Table(title="Tumour contour uncertain — review required (radnode jobs release JOB_ID sends held deliveries)",
+                      title_justify="left")
+        for column in ("Job", "Series UID", "Score", "Threshold", "Why", "Held for", "Finished"):
+            table.add_column(column)
+        for row in jobs["review_required"]:
+            score = f"{row['score']:.2f}" if row["score"] is not None else "-"
+            add_row(table, str(row["job_id"]), row["series_uid"], Text(score, style="red"), str(row["threshold"]),
+                    ", ".join(row["reasons"]), ", ".join(row["held"]) or "-", _ago(row["finished_at"], now))
+        console.print(table)
+
     table = Table(title="Destinations", title_justify="left")
-    for column in ("Name", "Address", "Objects", "Health", "Pending", "Sent", "Failed", "Last success", "Last error"):
+    for column in ("Name", "Address", "Objects", "Health", "Pending", "Held", "Sent", "Failed", "Last success", "Last error"):
         table.add_column(column)
     for dest in status["destinations"]:
         colour = {"up": "green", "down": "red"}.get(dest["state"], "yellow")
         add_row(table, 
             dest["name"], dest["address"], ",".join(dest["objects"]), Text(dest["state"], style=colour),
-            str(dest["pending"]), str(dest["sent"]), str(dest["failed"]), _ago(dest["last_success_at"], now),
-            _short(dest["last_error"], 50),
+            str(dest["pending"]), str(dest.get("held", 0)), str(dest["sent"]), str(dest["failed"]),
+            _ago(dest["last_success_at"], now), _short(dest["last_error"], 50),
         )
     if not status["destinations"]:
-        add_row(table, "(none configured)", "", "", "", "", "", "", "", "")
+        add_row(table, "(none configured)", "", "", "", "", "", "", "", "", "")
     console.print(table)
     if status["failed_deliveries"]:
         table = Table(title="Failed deliveries (radnode jobs retry JOB_ID re-arms them)", title_justify="left")

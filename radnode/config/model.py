@@ -62,6 +62,14 @@ class ResultObject(str, Enum):
     SR = "SR"
 
 
+class UncertainContourPolicy(str, Enum):
+    """What a destination gets when the tumour contour is flagged uncertain (radnode.models.quality)."""
+
+    SEND = "send"  # the objects as they are, flagged (ROI name suffix, SR finding)
+    HOLD = "hold"  # the delivery waits in the outbox for a person (radnode jobs release ID)
+    SKIP_TUMOUR = "skip_tumour"  # lungs-only SEG/RTSTRUCT written for it; no SR
+
+
 class TLSSettings(_Section):
     """TLS for the listener (DICOM over TLS, PS3.15 Annex B)."""
 
@@ -264,6 +272,11 @@ class Destination(_Section):
         default_factory=lambda: [ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR]
     )
     tls: bool = False
+    uncertain_contour: UncertainContourPolicy = Field(
+        default=UncertainContourPolicy.SEND,
+        description="send (flagged), hold (wait for radnode jobs release) or skip_tumour (lungs only) "
+        "when the tumour contour's quality score is below its model's threshold",
+    )
 
 
 class PACSSettings(_Section):

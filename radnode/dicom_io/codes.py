@@ -23,6 +23,13 @@ code value                meaning
 ``S`` + endpoint          the endpoint's status as the classifier calls it at its threshold
                           (e.g. ``SEGFR`` "EGFR status"; value SCT Positive / Negative).
 ``DEMO``                  "Demo model output, not for clinical use".
+``CONTQUAL``              "Contour quality assessment": concept name of the qualitative
+                          finding on a segment (radnode.models.quality); value
+                          ``CQUNCERTAIN`` or ``CQACCEPTABLE``.
+``CQUNCERTAIN``           "Contour uncertain, review required": the reference-free quality
+                          score is below the model's calibrated threshold.
+``CQACCEPTABLE``          "Contour quality acceptable": at or above that threshold.
+``CQSCORE``               "Contour quality score" (0-1, UCUM "1"; no standard concept).
 ========================  ==============================================================
 """
 
@@ -92,6 +99,10 @@ PROBABILITY = Code("122157", "DCM", "Probability")
 DEMO_OUTPUT = Code("DEMO", RADNODE_SCHEME, "Demo model output, not for clinical use")
 DEMO_TEXT = "demo \u2014 not for clinical use"
 NO_TUMOUR_TEXT = "no tumour found"
+CONTOUR_QUALITY = Code("CONTQUAL", RADNODE_SCHEME, "Contour quality assessment")
+CONTOUR_UNCERTAIN = Code("CQUNCERTAIN", RADNODE_SCHEME, "Contour uncertain, review required")
+CONTOUR_ACCEPTABLE = Code("CQACCEPTABLE", RADNODE_SCHEME, "Contour quality acceptable")
+CONTOUR_QUALITY_SCORE = Code("CQSCORE", RADNODE_SCHEME, "Contour quality score")
 
 # --- units (UCUM, CID 7181) ---------------------------------------------------------------
 UNIT_ML = Code("ml", "UCUM", "milliliter")

@@ -91,6 +91,10 @@ class Region:
         (laterality, CID 244).
     rt_roi_type
         RT ROI Interpreted Type for the RTSTRUCT.
+    review_note
+        Set when a person must review the region before use (e.g. the tumour contour's
+        quality score is below its threshold): the RTSTRUCT writes it as the ROI
+        observation, and, for an empty region left out, says it instead of "not found".
     """
 
     name: str
@@ -101,6 +105,7 @@ class Region:
     property_type: Code | None = None
     type_modifier: Code | None = None
     rt_roi_type: RTROIInterpretedType | None = None
+    review_note: str | None = None
 
     def __post_init__(self) -> None:
         kind = RegionKind(self.kind)
@@ -140,10 +145,12 @@ class Region:
         )
 
     @classmethod
-    def of_kind(cls, kind: RegionKind | str, mask: np.ndarray, name: str | None = None) -> Region:
+    def of_kind(
+        cls, kind: RegionKind | str, mask: np.ndarray, name: str | None = None, review_note: str | None = None
+    ) -> Region:
         """A region with every attribute taken from the defaults of ``kind``."""
         kind = RegionKind(kind)
-        return cls(name=name or KIND_DEFAULTS[kind].label, kind=kind, mask=mask)
+        return cls(name=name or KIND_DEFAULTS[kind].label, kind=kind, mask=mask, review_note=review_note)
 
     @property
     def is_empty(self) -> bool:
@@ -206,6 +213,25 @@ class RegionMeasurements:
     longest_diameter_mm: float | None = None
     sphericity: float | None = None
     features: Mapping[str, float] = field(default_factory=dict)
+    contour_quality: ContourQualityFinding | None = None
+
+
+@dataclass(frozen=True)
+class ContourQualityFinding:
+    """The reference-free quality assessment of a contour, as the SR reports it.
+
+    ``uncertain`` means the score is below the model's calibrated threshold and a person
+    must review the contour (see :mod:`radnode.models.quality`).
+    """
+
+    score: float
+    threshold: float
+    uncertain: bool
+    text: str
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.score) or not math.isfinite(self.threshold):
+            raise ValueError(f"contour quality score {self.score} and threshold {self.threshold} must be finite")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,10 @@ habits planning systems (TPS) are strict about:
   automatic result must be reviewed before planning).
 
 Empty regions are left out (a TPS may refuse an ROI without contours) and named in
-Structure Set Description, e.g. "no tumour found".
+Structure Set Description, e.g. "no tumour found". A region with a review note (the
+tumour contour's quality score is below its threshold) keeps its interpreted type and
+gets ROI Observation Label "REVIEW REQUIRED" with the note as ROI Observation Description
+(PS3.3 C.8.8.8) and in its ROI Description; its name carries a suffix set by the chain.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ from radnode.dicom_io.regions import (
 from radnode.dicom_io.uids import DerivedObject
 
 logger = logging.getLogger(__name__)
+
+#: ROI Observation Label (SH, 16 characters) of a region that a person must review.
+REVIEW_LABEL = "REVIEW REQUIRED"
 
 #: RT Structure Set Storage (PS3.4 B.5).
 RTSTRUCT_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -164,10 +170,11 @@ def _contour_items(
 
 def _description(written: Sequence[Region], missing: Sequence[Region]) -> str:
     parts = []
-    if any(r.kind is RegionKind.TUMOUR for r in missing) and not any(
-        r.kind is RegionKind.TUMOUR for r in written
-    ):
-        parts.append("no tumour found")
+    missing_tumours = [r for r in missing if r.kind is RegionKind.TUMOUR]
+    if missing_tumours and not any(r.kind is RegionKind.TUMOUR for r in written):
+        notes = [r.review_note for r in missing_tumours if r.review_note]
+        parts.append(notes[0] if notes else "no tumour found")
+    parts += [f"{r.name}: {r.review_note}" for r in written if r.review_note]
     empty = [r.name for r in missing if r.kind is not RegionKind.TUMOUR]
     if empty:
         parts.append("empty, not written: " + ", ".join(empty))
@@ -279,6 +286,8 @@ def build_rtstruct(
         roi.ROIName = region.name
         if region.kind is RegionKind.TUMOUR:
             roi.ROIDescription = component_summary(region.mask, voxel_ml)
+        if region.review_note:
+            roi.ROIDescription = "; ".join(filter(None, [roi.get("ROIDescription"), region.review_note]))
         roi.ROIGenerationAlgorithm = GENERATION_AUTOMATIC
         roi.ROIDerivationAlgorithmIdentificationSequence = [_algorithm_item(algorithm)]
         roi_items.append(roi)
@@ -294,7 +303,11 @@ def build_rtstruct(
         obs = Dataset()
         obs.ObservationNumber = number
         obs.ReferencedROINumber = number
-        obs.ROIObservationLabel = region.name[:16]
+        obs.ROIObservationLabel = REVIEW_LABEL if region.review_note else region.name[:16]
+        if region.review_note:
+            # PS3.3 C.8.8.8: the interpretation stays GTV (a TPS keys on it); the doubt is
+            # the observation's label and description (ST), read by every planning system.
+            obs.ROIObservationDescription = region.review_note
         obs.RTROIInterpretedType = region.rt_roi_type.value  # type: ignore[union-attr]
         obs.ROIInterpreter = ""
         obs.RTROIIdentificationCodeSequence = [_code_item(region.property_type)]

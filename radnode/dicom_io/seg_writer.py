@@ -109,7 +109,8 @@ def _content_description(written: Sequence[Region], missing: Sequence[Region]) -
     kinds = {r.kind for r in written}
     tumour_missing = any(r.kind is RegionKind.TUMOUR for r in missing)
     if tumour_missing and RegionKind.TUMOUR not in kinds:
-        text = "no tumour found"
+        notes = [r.review_note for r in missing if r.kind is RegionKind.TUMOUR and r.review_note]
+        text = notes[0] if notes else "no tumour found"
     else:
         text = "radnode automatic segmentation"
     others = [r.name for r in missing if r.kind is not RegionKind.TUMOUR]

@@ -22,9 +22,13 @@ Content tree (PS3.16):
   - a "Tumour detection" group: qualitative evaluation Neoplasm = Present (TID 1411 on
     the tumour segment) or Absent (TID 1501 on the CT images, with the text "no tumour
     found").
+  - on a region whose contour was quality-assessed (the tumour): the score as a TID 300
+    measurement and the qualitative finding "Contour quality assessment" = uncertain,
+    review required / acceptable (private ``99RADNODE`` codes), with the text
+    "tumour contour uncertain — review required" when uncertain.
 
-* Qualitative Evaluations (TID 1500 row 12, UMLS C0034375): the same tumour finding and
-  the demo notice as text, so a viewer that shows only the top level still shows them.
+* Qualitative Evaluations (TID 1500 row 12, UMLS C0034375): the same tumour finding, an
+  uncertain contour's finding and text, and the demo notice as text, so a viewer that shows only the top level still shows them.
 
 IHE AI Results (AIR) points (docs/conformance.md lists them all): every finding group
 references the SEG segment it describes together with the CT images that segment was
@@ -155,6 +159,8 @@ def _region_measurements(
     add(codes.ATTENUATION_COEFFICIENT, region.max_hu, codes.UNIT_HU, derivation=codes.MAXIMUM)
     add(codes.MAX_3D_DIAMETER, region.longest_diameter_mm, codes.UNIT_MM)
     add(codes.SPHERICITY, region.sphericity, codes.UNIT_NONE)
+    if region.contour_quality is not None:
+        add(codes.CONTOUR_QUALITY_SCORE, region.contour_quality.score, codes.UNIT_NONE)
     names = list(region.features) if feature_names is None else [
         n for n in feature_names if n in region.features
     ]
@@ -338,7 +344,18 @@ def _detection_group(
     return group
 
 
-def _qualitative_container(tumour_found: bool, demo: bool) -> ContainerContentItem:
+def _quality_evaluation(region: RegionMeasurements) -> list[QualitativeEvaluation] | None:
+    """The TID 1411 qualitative finding "contour quality" of a region that was assessed."""
+    quality = region.contour_quality
+    if quality is None:
+        return None
+    value = codes.CONTOUR_UNCERTAIN if quality.uncertain else codes.CONTOUR_ACCEPTABLE
+    return [QualitativeEvaluation(codes.CONTOUR_QUALITY, value)]
+
+
+def _qualitative_container(
+    tumour_found: bool, demo: bool, uncertain: list[RegionMeasurements] | None = None
+) -> ContainerContentItem:
     container = ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
     )
@@ -353,6 +370,16 @@ def _qualitative_container(tumour_found: bool, demo: bool) -> ContainerContentIt
     if not tumour_found:
         container.ContentSequence.append(
             TextContentItem(name=COMMENT, value=codes.NO_TUMOUR_TEXT,
+                            relationship_type=RelationshipTypeValues.CONTAINS)
+        )
+    for region in uncertain or []:
+        assert region.contour_quality is not None
+        container.ContentSequence.append(
+            CodeContentItem(name=codes.CONTOUR_QUALITY, value=codes.CONTOUR_UNCERTAIN,
+                            relationship_type=RelationshipTypeValues.CONTAINS)
+        )
+        container.ContentSequence.append(
+            TextContentItem(name=COMMENT, value=f"{region.region_name}: {region.contour_quality.text}",
                             relationship_type=RelationshipTypeValues.CONTAINS)
         )
     if demo:
@@ -412,6 +439,7 @@ def build_sr(
     images = _image_sources(datasets)
 
     groups: list[_Group] = []
+    uncertain: list[RegionMeasurements] = []
     for region in measurements.regions:
         segment = segments.get(region.region_name)
         if segment is None:
@@ -420,17 +448,20 @@ def build_sr(
                 sop_uid, region.region_name, sorted(segments),
             )
             continue
-        groups.append(
-            VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=_tracking(opts.uid_root, sop_uid, region.region_name),
-                referenced_segment=reference(region.region_name),
-                finding_category=_coded(segment.SegmentedPropertyCategoryCodeSequence[0]),
-                finding_type=_coded(segment.SegmentedPropertyTypeCodeSequence[0]),
-                finding_sites=[FindingSite(codes.LUNG)],
-                algorithm_id=_algorithm(algorithm),
-                measurements=_region_measurements(region, opts.sr_features) or None,
-            )
+        group = VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(opts.uid_root, sop_uid, region.region_name),
+            referenced_segment=reference(region.region_name),
+            finding_category=_coded(segment.SegmentedPropertyCategoryCodeSequence[0]),
+            finding_type=_coded(segment.SegmentedPropertyTypeCodeSequence[0]),
+            finding_sites=[FindingSite(codes.LUNG)],
+            algorithm_id=_algorithm(algorithm),
+            measurements=_region_measurements(region, opts.sr_features) or None,
+            qualitative_evaluations=_quality_evaluation(region),
         )
+        if region.contour_quality is not None and region.contour_quality.uncertain:
+            _add_text(group, region.contour_quality.text)
+            uncertain.append(region)
+        groups.append(group)
     tumour_labels = [label for label, item in segments.items() if _is_tumour(item)]
     tumour_found = bool(tumour_labels)
     tumour_reference = reference(tumour_labels[0]) if tumour_found else None
@@ -452,7 +483,7 @@ def build_sr(
         procedure_reported=codes.PROCEDURE_CT_CHEST,
         imaging_measurements=groups,
     )
-    report[0].ContentSequence.append(_qualitative_container(tumour_found, demo))
+    report[0].ContentSequence.append(_qualitative_container(tumour_found, demo, uncertain))
     equipment = contributing_equipment([*algorithm.contributors, *classifiers], opts.institution_name)
     evidence = [fill_type2(ds) for ds in datasets]
     if seg is not None:

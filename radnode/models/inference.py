@@ -472,11 +472,14 @@ class SegmentationResult:
         The result on the preprocessed grid.
     record
         The preprocessing record (for result.json and re-mapping).
+    case
+        The network's input (kept for a second look: :mod:`radnode.models.quality`).
     """
 
     mask: np.ndarray
     grid: GridSegmentation
     record: PreprocessRecord
+    case: PreprocessedCase | None = field(default=None, repr=False)
 
     def mask_image(self) -> sitk.Image:
         """The CT-grid mask as a SimpleITK image with the CT's geometry."""
@@ -502,4 +505,4 @@ def segment_ct(
     start = time.perf_counter()
     mask = labels_to_ct(grid.mask.astype(np.uint8), case.record)
     grid.timings = {"preprocess": preprocess_s, **grid.timings, "inverse": time.perf_counter() - start}
-    return SegmentationResult(mask=mask, grid=grid, record=case.record)
+    return SegmentationResult(mask=mask, grid=grid, record=case.record, case=case)

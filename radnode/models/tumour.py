@@ -20,11 +20,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from radnode.config.model import ModelSettings
+
+if TYPE_CHECKING:
+    from radnode.models.quality import ContourQuality
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +74,16 @@ class TumourSegmentation:
     provenance: dict[str, object] = field(default_factory=dict)
     #: Lung labels (1 right, 2 left) when an external model also contours the lungs.
     lungs: np.ndarray | None = None
+    quality: ContourQuality | None = None
+
+    @property
+    def uncertain(self) -> bool:
+        """The contour scored below its model's quality threshold: a person must review it."""
+        return self.quality is not None and self.quality.uncertain
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly description for result.json."""
+        quality: dict[str, Any] | None = None if self.quality is None else self.quality.to_dict()
         return {
             "method": self.method,
             "version": self.version,
@@ -83,6 +94,7 @@ class TumourSegmentation:
             "voxels": int(np.count_nonzero(self.mask)),
             "notes": list(self.notes),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "quality": quality,
         }
 
 
@@ -92,10 +104,18 @@ def network_tumour(
     """Segment with the RA-Seg network of a bundle (checksum, pin and architecture verified)."""
     from radnode.models.bundle import load_bundle
     from radnode.models.inference import resolve_device, segment_ct
+    from radnode.models.quality import UNCERTAIN_TEXT, assess_contour, calibration_for
 
     bundle = load_bundle(bundle_path, device=resolve_device(device), expected_sha256=expected_sha256)
-    seg = segment_ct(bundle.model, ct, lung.astype(np.uint8), settings=bundle.inference_settings(device=device))
+    settings = bundle.inference_settings(device=device)
+    seg = segment_ct(bundle.model, ct, lung.astype(np.uint8), settings=settings)
     meta = bundle.meta
+    assert seg.case is not None
+    quality = assess_contour(bundle.model, seg.case, seg.grid, settings, calibration_for(meta.name, meta.version, bundle_path))
+    seg.grid.timings["quality"] = quality.seconds
+    if quality.uncertain:
+        log.warning("%s: quality score %.2f below %.2f (%s)", UNCERTAIN_TEXT, quality.score,
+                    quality.calibration.threshold, ", ".join(quality.reasons) or "overall")
     notes = [f"RA-Seg bundle {meta.name} {meta.version}"]
     if meta.demo:
         notes.append("DEMO model trained on synthetic phantoms and a handful of public CTs: not for clinical use")
@@ -112,6 +132,7 @@ def network_tumour(
         checksum=meta.checksum,
         manufacturer=str(meta.extra.get("manufacturer") or "radnode"),
         weights_sha256=meta.weights_sha256,
+        quality=quality,
     )
 
 

@@ -18,8 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from radnode import __version__, durable
+import numpy as np
 from pydicom import Dataset
+
+from radnode import __version__, durable
 
 from radnode.config import Settings
 from radnode.dicom_io.provenance import ContributingAlgorithm, checksum_of, engine_algorithm
@@ -27,6 +29,7 @@ from radnode.dicom_io.qc import QCLimits
 from radnode.dicom_io.regions import (
     CHECKSUM_SUFFIX,
     AlgorithmInfo,
+    ContourQualityFinding,
     MeasurementSet,
     Prediction,
     Region,
@@ -42,7 +45,9 @@ from radnode.models.lungmask import LungMaskResult, segment_lungs
 from radnode.models.mutation import MutationResult, deep_feature_columns, flat_features, predict_endpoints
 from radnode.models.radiomics import RadiomicsResult, extract_regions
 from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
+from radnode.pipeline.review import LUNGS_ONLY_DIR, QUALITY_FILE
 from radnode.pipeline.version import PIPELINE_VERSION
+from radnode.models.quality import UNCERTAIN_SUFFIX, UNCERTAIN_TEXT, UNCERTAIN_TEXT_ASCII
 from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
 from radnode.models.verify import verify_configured_bundles
 from radnode.models.external.lungs import replace_lungs
@@ -89,6 +94,7 @@ class ChainResult:
     mutations: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     phases: list[str] = field(default_factory=list)
+    review: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +111,7 @@ class ChainResult:
             "radiomics": self.radiomics,
             "mutations": self.mutations,
             "warnings": self.warnings,
+            "review": self.review,
             "stages": [vars(s) for s in self.stages],
             "phases": self.phases,
             "outputs": self.outputs,
@@ -202,16 +209,61 @@ def make_regions(series: CTSeries, lungs: LungMaskResult, tumour: TumourSegmenta
     )
 
 
-def writer_regions(lungs: LungMaskResult, regions: Regions) -> list[Region]:
-    """The regions as the writers take them: each lung, tumour, ring (empty ones included)."""
+def writer_regions(lungs: LungMaskResult, regions: Regions, tumour: TumourSegmentation | None = None) -> list[Region]:
+    """The regions as the writers take them: each lung, tumour, ring (empty ones included).
+
+    An uncertain tumour contour (see :mod:`radnode.models.quality`) keeps its place and
+    type but its name gets :data:`UNCERTAIN_SUFFIX` and it carries the review note, so
+    that a planner sees the doubt in the TPS's structure list.
+    """
+    tumour_name, note = None, None
+    if tumour is not None and tumour.uncertain:
+        tumour_name, note = "Tumour" + UNCERTAIN_SUFFIX, review_note(tumour, ascii_only=True)
     return [
         Region.of_kind(RegionKind.LUNG_RIGHT, lungs.right),
         Region.of_kind(RegionKind.LUNG_LEFT, lungs.left),
-        Region.of_kind(RegionKind.TUMOUR, regions.tumour),
+        Region.of_kind(RegionKind.TUMOUR, regions.tumour, name=tumour_name, review_note=note),
         Region.of_kind(
             RegionKind.PERITUMORAL_RING, regions.ring, name=f"Peritumoral {regions.ring_width_mm:g}mm"
         ),
     ]
+
+
+def review_note(tumour: TumourSegmentation, ascii_only: bool = False) -> str:
+    """The flag with the score and its threshold, e.g. for the RTSTRUCT ROI observation.
+
+    ``ascii_only`` for objects written in the source CT's character set (RTSTRUCT, SEG),
+    where the em dash may not be encodable.
+    """
+    quality = tumour.quality
+    assert quality is not None and quality.score is not None
+    text = UNCERTAIN_TEXT_ASCII if ascii_only else UNCERTAIN_TEXT
+    return f"{text} (quality score {quality.score:.2f} < {quality.calibration.threshold:.2f})"
+
+
+def review_summary(tumour: TumourSegmentation) -> dict[str, Any]:
+    """result.json's ``review`` block: whether a person must look at the tumour contour, and why."""
+    quality = tumour.quality
+    if quality is None:
+        return {"required": False, "flags": [], "tumour_quality_score": None}
+    return {
+        "required": quality.uncertain,
+        "flags": [UNCERTAIN_TEXT] if quality.uncertain else [],
+        "tumour_quality_score": None if quality.score is None else round(quality.score, 4),
+        "threshold": quality.calibration.threshold,
+        "calibrated": quality.calibration.calibrated,
+        "reasons": list(quality.reasons),
+        "model": f"{tumour.method} {tumour.version}",
+    }
+
+
+def contour_quality_finding(tumour: TumourSegmentation) -> ContourQualityFinding | None:
+    """The tumour's quality as the SR reports it (``None``: not assessed or no contour)."""
+    quality = tumour.quality
+    if quality is None or quality.score is None:
+        return None
+    text = review_note(tumour) if quality.uncertain else "tumour contour quality acceptable"
+    return ContourQualityFinding(round(quality.score, 4), quality.calibration.threshold, quality.uncertain, text)
 
 
 #: Radiomics region -> the writer region whose SR group carries its features. The whole
@@ -332,9 +384,16 @@ def write_contours(
 
 
 def measurement_set(
-    stats: list[RegionStats], features: dict[str, dict[str, float]], mutations: MutationResult
+    stats: list[RegionStats],
+    features: dict[str, dict[str, float]],
+    mutations: MutationResult,
+    quality: dict[str, ContourQualityFinding] | None = None,
 ) -> MeasurementSet:
-    """Region statistics, radiomic features and predictions as the SR's content (empty regions left out)."""
+    """Region statistics, radiomic features and predictions as the SR's content (empty regions left out).
+
+    ``quality`` maps a region name to its contour quality finding (the tumour's).
+    """
+    quality = quality or {}
     return MeasurementSet(
         regions=[
             RegionMeasurements(
@@ -346,12 +405,49 @@ def measurement_set(
                 longest_diameter_mm=s.max_diameter_mm,
                 sphericity=s.sphericity,
                 features=features.get(s.name, {}),
+                contour_quality=quality.get(s.name),
             )
             for s in stats
             if not s.empty
         ],
         predictions=[Prediction(**vars(p)) for p in mutations.predictions],
     )
+
+
+def lungs_only_needed(settings: Settings, tumour: TumourSegmentation) -> bool:
+    """Whether a ``skip_tumour`` destination will need the lungs-only objects of this job."""
+    from radnode.config.model import UncertainContourPolicy
+
+    return tumour.uncertain and any(
+        d.uncertain_contour is UncertainContourPolicy.SKIP_TUMOUR for d in settings.destinations
+    )
+
+
+def write_lungs_only(
+    series: CTSeries, lungs: LungMaskResult, tumour: TumourSegmentation, options: WriterOptions, out_dir: Path
+) -> dict[str, Path]:
+    """SEG and RTSTRUCT without tumour and ring, for destinations that must not get an uncertain GTV.
+
+    They name the lung mask as their algorithm plus the withheld tumour model (so their
+    UIDs differ from the full objects' and the reader sees what was left out), and say
+    why the tumour is missing where "no tumour found" would stand.
+    """
+    withheld = Region.of_kind(
+        RegionKind.TUMOUR, np.zeros_like(lungs.right, dtype=bool),
+        review_note=f"tumour withheld: {review_note(tumour, ascii_only=True)}",
+    )
+    regions = [Region.of_kind(RegionKind.LUNG_RIGHT, lungs.right), Region.of_kind(RegionKind.LUNG_LEFT, lungs.left), withheld]
+    algorithm = AlgorithmInfo(model_versions={
+        "pipeline": PIPELINE_VERSION, LUNG_MASK_METHOD: LUNG_MASK_VERSION,
+        "tumour-withheld": f"{tumour.method}-{tumour.version}",
+    })
+    folder = out_dir / LUNGS_ONLY_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "SEG": save_dataset(build_seg(series, regions, algorithm, options), folder / "SEG.dcm"),
+        "RTSTRUCT": save_dataset(build_rtstruct(series, regions, algorithm, options), folder / "RTSTRUCT.dcm"),
+    }
+    return files
 
 
 def write_report(
@@ -420,9 +516,15 @@ def run_chain(
         if tumour.lungs is not None:  # an external model mapped lung labels (models.label_map)
             lungs = replace_lungs(lungs, tumour.lungs, zyx_spacing(series))
             result.models["lung_mask"] = {"method": tumour.method, "version": tumour.version, **lungs.summary()}
+        result.review = review_summary(tumour)
+        if tumour.uncertain:
+            result.warnings.append(review_note(tumour))
+        # before the contours phase: the node reads it to apply each destination's policy
+        write_json_atomically(out_dir / QUALITY_FILE, result.review)
+        result.outputs["contour_quality"] = QUALITY_FILE
         with stages.stage("regions"):
             regions = make_regions(series, lungs, tumour, settings)
-            written = writer_regions(lungs, regions)
+            written = writer_regions(lungs, regions, tumour)
         with stages.stage("measurements"):
             stats = measure_regions(series, written)
         result.regions = [s.as_dict() for s in stats]
@@ -432,6 +534,9 @@ def run_chain(
         )
         with stages.stage("write_contours"):
             files, seg = write_contours(series, written, algorithm, options, out_dir)
+            if files and lungs_only_needed(settings, tumour):
+                lungs_only = write_lungs_only(series, lungs, tumour, options, out_dir)
+                result.outputs.update({f"{k}_lungs_only": str(p.relative_to(out_dir)) for k, p in lungs_only.items()})
         _record_phase(result, "contours", files, out_dir, on_phase)
         # Phase 2: a failure here is recorded and the SR still goes out; phase 1 stands.
         radiomics = None
@@ -445,7 +550,11 @@ def run_chain(
             mutations = MutationResult(errors={"*": outcome.error})
         result.mutations = mutations.to_dict()
         with stages.stage("write_report"):
-            content = measurement_set(stats, radiomics_for_sr(radiomics, written), mutations)
+            finding = contour_quality_finding(tumour)
+            tumour_name = next(r.name for r in written if r.kind is RegionKind.TUMOUR)
+            content = measurement_set(
+                stats, radiomics_for_sr(radiomics, written), mutations, {tumour_name: finding} if finding else None
+            )
             files = write_report(series, seg, content, report_algorithm(algorithm, radiomics), options, out_dir)
         _record_phase(result, "report", files, out_dir, on_phase)
         with stages.stage("overlays", required=False):  # previews for the dashboard; never fails a job

@@ -60,10 +60,18 @@ class Finished:
     error: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)
     qc: dict[str, Any] = field(default_factory=dict)
+    #: The tumour contour's quality verdict (result.json's ``review`` block), for status and metrics.
+    review: dict[str, Any] = field(default_factory=dict)
 
     def as_result(self) -> dict[str, Any]:
         """The mapping stored with the job (``Job.result``)."""
-        return {"status": self.status.value, "error": self.error, "outputs": dict(self.outputs), "qc": dict(self.qc)}
+        return {
+            "status": self.status.value,
+            "error": self.error,
+            "outputs": dict(self.outputs),
+            "qc": dict(self.qc),
+            "review": dict(self.review),
+        }
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,9 @@ def finished_message(result: Any) -> Finished:
 
     A status that is not a :class:`ChainStatus` is reported as ``failed`` naming it.
     """
-    data = result if isinstance(result, dict) else {k: getattr(result, k, None) for k in ("status", "error", "outputs", "qc")}
+    data = result if isinstance(result, dict) else {
+        k: getattr(result, k, None) for k in ("status", "error", "outputs", "qc", "review")
+    }
     error = data.get("error")
     try:
         status = ChainStatus(str(data.get("status")))
@@ -113,4 +123,5 @@ def finished_message(result: Any) -> Finished:
         error=None if error is None else str(error),
         outputs={str(k): str(v) for k, v in dict(data.get("outputs") or {}).items()},
         qc=dict(data.get("qc") or {}),
+        review=dict(data.get("review") or {}),
     )

@@ -65,6 +65,7 @@ class ItemState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
+    HELD = "held"  # waits for a person (an uncertain tumour contour, ``uncertain_contour: hold``)
 
 
 class AttemptOutcome(StrEnum):
@@ -124,6 +125,7 @@ class DestinationHealth:
     pending: int
     sent: int
     failed: int
+    held: int = 0
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,7 @@ class Outbox:
         source_series_uid: str | None = None,
         result_objects_only: bool = True,
         only_phase: Phase | None = None,
+        hold: bool = False,
     ) -> list[OutboxItem]:
         """Copy objects into the outbox and create one item per wanted destination.
 
@@ -314,6 +317,9 @@ class Outbox:
             Stage only SEG / RTSTRUCT / SR; other files are skipped with a log line.
         only_phase
             Stage only the objects of this delivery phase (the others are not complete yet).
+        hold
+            Create the new items ``held``: they wait until :meth:`release` (a person
+            reviews an uncertain contour first); items that exist already keep their state.
 
         Returns
         -------
@@ -360,7 +366,8 @@ class Outbox:
                     conn.execute(
                         "INSERT OR IGNORE INTO items (sop_instance_uid, destination, state, next_attempt_at, "
                         "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (header.sop_instance_uid, name, ItemState.PENDING.value, now, now, now),
+                        (header.sop_instance_uid, name, (ItemState.HELD if hold else ItemState.PENDING).value,
+                         now, now, now),
                     )
             staged_uids.append(header.sop_instance_uid)
             log.info(
@@ -521,6 +528,16 @@ class Outbox:
         with self._db.write() as conn:
             return conn.execute(query, params).rowcount
 
+    def release(self, job_id: int) -> int:
+        """Let a job's held items go (``radnode jobs release``): they become due now; returns how many."""
+        now = self._clock()
+        with self._db.write() as conn:
+            return conn.execute(
+                "UPDATE items SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ? AND "
+                "sop_instance_uid IN (SELECT sop_instance_uid FROM objects WHERE job_id = ?)",
+                (ItemState.PENDING.value, now, now, ItemState.HELD.value, job_id),
+            ).rowcount
+
     def retry_now(self, destination: str | None = None) -> int:
         """Make pending items due immediately (after an operator fixed a destination)."""
         now = self._clock()
@@ -607,6 +624,7 @@ class Outbox:
                     pending=per[ItemState.PENDING],
                     sent=per[ItemState.SENT],
                     failed=per[ItemState.FAILED],
+                    held=per[ItemState.HELD],
                 )
             )
         return result

@@ -57,6 +57,7 @@ from radnode.pipeline.jobs import (
 )
 from radnode.pipeline.outbox import DEFAULT_BACKOFF, Outbox
 from radnode.pipeline.queue import JobQueue, SQLiteJobQueue
+from radnode.pipeline.review import contour_counts, stage_phase
 from radnode.pipeline.scheduler import (
     TASK_COMPLETION_CHECK,
     TASK_DISPATCH_RETRY,
@@ -162,7 +163,9 @@ class PipelineCollector:
     Exposes ``radnode_pipeline_jobs{state}``, ``radnode_pipeline_queue_age_seconds``,
     ``radnode_outbox_items{destination,state}`` and
     ``radnode_dispatch_attempts_total{destination,outcome}`` (failures are the outcomes
-    ``refused``, ``unreachable`` and ``local_error``).
+    ``refused``, ``unreachable`` and ``local_error``) and ``radnode_tumour_contours{quality}``
+    (``uncertain``: flagged "tumour contour uncertain — review required"; held deliveries
+    are ``radnode_outbox_items{state="held"}``).
     """
 
     def __init__(self, queue: JobQueue, outbox: Outbox) -> None:
@@ -193,6 +196,14 @@ class PipelineCollector:
         for (destination, outcome), count in self.outbox.attempt_counts().items():
             attempts.add_metric([destination, outcome.value], count)
         yield attempts
+        contours = GaugeMetricFamily(
+            "radnode_tumour_contours",
+            "Quality verdict on the tumour contours of the latest done jobs (uncertain = review required).",
+            labels=["quality"],
+        )
+        for quality, count in contour_counts(self.queue).items():
+            contours.add_metric([quality], count)
+        yield contours
 
 
 class PipelineService:
@@ -517,9 +528,12 @@ class PipelineService:
         return list(self.settings.destinations)
 
     def _stage_phase(self, job: Job, phase: Phase, out_dir: Path, files: list[Path]) -> int:
-        """Stage exactly the files the chain handed over for ``phase`` (the one staging path)."""
-        items = self.outbox.stage(
-            files, self.job_destinations(job), job_id=job.id, source_series_uid=job.series_uid, only_phase=phase
+        """Stage exactly the files the chain handed over for ``phase`` (the one staging path).
+
+        Each destination's ``uncertain_contour`` policy applies when the contour is flagged.
+        """
+        items = stage_phase(
+            self.outbox, files, self.job_destinations(job), out_dir, phase, job_id=job.id, source_series_uid=job.series_uid
         )
         self.dispatch_loop.wake()
         return len({item.sop_instance_uid for item in items})
