@@ -26,7 +26,8 @@ Run::
     .venv/bin/python benchmarks/seg_accuracy.py --folds build/demo-seg  # held-out
     .venv/bin/python benchmarks/seg_accuracy.py --variant v1.1 --folds build/demo-seg
 
-Prints a Markdown table (the README's) and writes JSON with ``--json``. Cost: about 10-60 s
+Prints a Markdown table (the README's), writes JSON with ``--json`` and one small overlay PNG
+per case (largest reference slice, reference green, automatic red) with ``--overlays DIR``. Cost: about 10-60 s
 of CPU per case and variant (the lung mask and the network dominate).
 """
 
@@ -48,6 +49,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # within 2 mm of the lung mask.
     "v1.1": {"max_candidates": 3, "lung_margin_mm": 2.0, "search_region": "lung",
              "min_component_confidence": None, "max_components": None, "box_growth_rounds": 0, "tta_flips": []},
+    # raseg-demo 1.1.0 with the inference chosen in docs/segmentation.md: the detector's six
+    # best boxes, and of the components found the one with the largest summed probability.
+    "v1.1-top1": {"max_candidates": 6, "lung_margin_mm": 2.0, "search_region": "lung", "max_components": 1,
+                  "min_component_confidence": None, "box_growth_rounds": 0, "tta_flips": []},
     "shipped": {},
 }
 
@@ -66,13 +71,16 @@ def _model_for(case_id: str, folds: Path | None, bundle: Any) -> Any:
     payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
     if case_id in payload.get("train_ids", []):
         raise SystemExit(f"{checkpoint}: this fold was trained on {case_id}; it cannot score it as held out")
+    steps = int(payload.get("config", {}).get("steps", 0))
+    if int(payload.get("step", 0)) < steps:
+        raise SystemExit(f"{checkpoint}: the fold is still training (step {payload.get('step')} of {steps})")
     model = RASeg(RASegConfig.from_dict(payload["architecture"]))
     model.load_state_dict(payload["model"])
     return model.eval()
 
 
-def score_case(model: Any, ct: Any, truth: np.ndarray, settings: Any) -> dict[str, Any]:
-    """Whole tumour path of the chain on one CT, scored against the reference."""
+def score_case(model: Any, ct: Any, truth: np.ndarray, settings: Any) -> tuple[dict[str, Any], np.ndarray]:
+    """Whole tumour path of the chain on one CT, scored against the reference (and the mask)."""
     from radnode.models.inference import segment_ct
     from radnode.models.lungmask import segment_lungs
     from radnode.models.metrics import evaluate_segmentation
@@ -88,7 +96,26 @@ def score_case(model: Any, ct: Any, truth: np.ndarray, settings: Any) -> dict[st
         "volume_pred_ml": metrics.volume_pred_ml, "volume_truth_ml": metrics.volume_truth_ml,
         "tumour_in_lung_mask": float(lung[truth].mean()) if truth.any() else None,
         "lung_mask_s": round(lung_s, 2), "segment_s": round(sum(result.grid.timings.values()), 2),
-    }
+    }, result.mask != 0
+
+
+def save_overlay(path: Path, ct: Any, truth: np.ndarray, pred: np.ndarray, title: str, margin_mm: float = 40.0) -> Path:
+    """A small PNG: the axial slice with the largest reference area, cropped around the
+    reference (plus ``margin_mm``), reference green, automatic contour red."""
+    import SimpleITK as sitk
+
+    from radnode.models.evaluation import largest_slice, overlay_image
+
+    hu = sitk.GetArrayViewFromImage(ct)
+    z = largest_slice(truth, pred)
+    rows, cols = np.nonzero(truth[z] | pred[z]) if (truth[z] | pred[z]).any() else (np.array([0]), np.array([0]))
+    sy, sx = ct.GetSpacing()[1], ct.GetSpacing()[0]
+    my, mx = int(margin_mm / sy), int(margin_mm / sx)
+    window = (slice(max(0, rows.min() - my), rows.max() + my + 1), slice(max(0, cols.min() - mx), cols.max() + mx + 1))
+    image = overlay_image(np.asarray(hu[z])[window], truth[z][window], pred[z][window], title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, optimize=True)
+    return path
 
 
 def table(scores: dict[str, dict[str, Any]], label: str) -> str:
@@ -134,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="*", help="only these case ids")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the scores here")
+    parser.add_argument("--overlays", type=Path, help="write one small overlay PNG per case here")
     args = parser.parse_args(argv)
 
     import torch
@@ -164,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             missing.append(case_id)
             continue
         ct, truth = load(args.data)
-        scores[case_id] = score_case(model, ct, truth, settings)
+        scores[case_id], pred = score_case(model, ct, truth, settings)
+        if args.overlays:
+            title = f"{case_id} {args.variant} ({'held-out' if args.folds else 'in-sample'}) Dice {scores[case_id]['dice']:.2f}"
+            save_overlay(args.overlays / f"{case_id}-{args.variant}.png", ct, truth, pred, title)
         print(f"{case_id}: Dice {scores[case_id]['dice']:.3f}, HD95 {scores[case_id]['hd95_mm']:.1f} mm "
               f"({scores[case_id]['segment_s']:.1f} s)", file=sys.stderr, flush=True)
     print(f"weights: {'folds in ' + str(args.folds) if args.folds else str(bundle_path)}; "
