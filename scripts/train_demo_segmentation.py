@@ -31,6 +31,16 @@ the same CPU type):
 4. **The shipped model**: the same fine-tuning on every case, written as a bundle with
    ``demo: true`` and the leave-one-out figures as its metrics.
 
+Each fold's fine-tuned weights stay in ``<work>/loo-<case>/last.pt`` (outside the repository),
+so inference variants can be re-scored on the held-out cases without retraining:
+``benchmarks/seg_accuracy.py --folds <work>``.
+
+``--lidc-crops N`` adds N LIDC-IDRI nodule crops (:mod:`radnode.models.training.lidc_crops`,
+whole patients in a seeded order, never LIDC-IDRI-0001/0003 whose slabs are held out) to the
+fine-tuning of every fold and of the shipped model, sampled with ``--crop-weight``. The
+default (0) is the recipe of the shipped bundle. Every training case and the split of every
+fold go into the bundle's ``training`` block.
+
 The result is a DEMO: a handful of real CTs cannot train a clinical model. It exists so
 that the node runs end to end out of the box and so that users see what a bundle holds.
 """
@@ -57,8 +67,9 @@ from radnode.models.metrics import evaluate_segmentation
 from radnode.models.preprocess import PreprocessRecord
 from radnode.models.raseg import RASeg
 from radnode.models.training.data import TrainingCase, prepare_case
-from radnode.models.training.lidc import consensus_mask
+from radnode.models.training.lidc_crops import discover_crops, select_crops
 from radnode.models.training.loop import TrainConfig, architecture_for, train_model
+from radnode.models.training.real_cases import LIDC_SLAB_PATIENTS, REAL_CASES
 
 log = logging.getLogger("train_demo_segmentation")
 
@@ -69,46 +80,7 @@ BUNDLE_VERSION = "1.1.0"
 DEMO_NOTE = "demo — not for clinical use"
 
 
-# --------------------------------------------------------------------------- real cases
-def _nsclc(data: Path, case: str, rois: list[str]) -> tuple[sitk.Image, np.ndarray]:
-    from radnode.dicom_io.rtstruct_read import rasterise_roi
-    from radnode.dicom_io.series import load_series
-
-    series = load_series(data / "nsclc_radiomics" / case / "CT", strict=False)
-    rtstruct = next((data / "nsclc_radiomics" / case / "RTSTRUCT").iterdir())
-    mask = np.zeros(sitk.GetArrayViewFromImage(series.image).shape, dtype=bool)
-    for roi in rois:
-        mask |= rasterise_roi(rtstruct, series, roi)
-    return series.image, mask
-
-
-def _pyradiomics(data: Path, case: str) -> tuple[sitk.Image, np.ndarray]:
-    image = sitk.ReadImage(str(data / "pyradiomics" / f"{case}_image.nrrd"), sitk.sitkFloat32)
-    label = sitk.ReadImage(str(data / "pyradiomics" / f"{case}_label.nrrd"))
-    return image, sitk.GetArrayFromImage(label) != 0
-
-
-def _lidc(data: Path, case: str) -> tuple[sitk.Image, np.ndarray]:
-    from radnode.dicom_io.series import load_series
-
-    root = data / "lidc_slabs" / case
-    ct_dir = next(p.parent for p in root.rglob("*.dcm"))
-    series = load_series(ct_dir, strict=False)
-    uids = [str(ds.SOPInstanceUID) for ds in series.datasets]
-    shape = sitk.GetArrayViewFromImage(series.image).shape
-    return series.image, consensus_mask(sorted(root.rglob("*.xml")), uids, shape)
-
-
-REAL_CASES: dict[str, Any] = {
-    "LUNG1-002": lambda d: _nsclc(d, "LUNG1-002", ["GTV-1"]),
-    "LUNG1-003": lambda d: _nsclc(d, "LUNG1-003", ["GTV-1", "GTV-2", "GTV-3"]),
-    "pyradiomics-lung1": lambda d: _pyradiomics(d, "lung1"),
-    "pyradiomics-lung2": lambda d: _pyradiomics(d, "lung2"),
-    "LIDC-IDRI-0001": lambda d: _lidc(d, "LIDC-IDRI-0001"),
-    "LIDC-IDRI-0003": lambda d: _lidc(d, "LIDC-IDRI-0003"),
-}
-
-
+# --------------------------------------------------------------------------- cases
 def _phantom(seed: int) -> tuple[sitk.Image, np.ndarray]:
     from radnode.phantom import synthesize_volume
 
@@ -204,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--finetune-negative-fraction", type=float, default=0.4,
                         help="share of hard-negative patches in fine-tuning")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lidc-crops", type=int, default=0, help="LIDC nodule crops added to fine-tuning")
+    parser.add_argument("--crop-weight", type=float, default=0.25, help="sampling weight of a crop (phantom: 1)")
     parser.add_argument("--skip-loo", action="store_true", help="only pre-train and train the shipped model")
     parser.add_argument("--only", nargs="+", choices=list(REAL_CASES),
                         help="hold out only these cases (to run folds in parallel processes), no final model")
@@ -215,6 +189,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     phantoms = [prepared(f"phantom-{s:03d}", lambda s=s: _phantom(s), cache) for s in range(args.phantoms)]
     real = {cid: prepared(cid, lambda f=f: f(args.data), cache) for cid, f in REAL_CASES.items()}
+    crops, crop_patients = [], []
+    if args.lidc_crops:
+        crops, crop_patients = select_crops(discover_crops(args.data / "lidc_nodule_crops"), args.lidc_crops,
+                                            exclude=LIDC_SLAB_PATIENTS, seed=20261205)
+        log.info("%d LIDC crops from %d patients", len(crops), len(crop_patients))
     arch = architecture_for("small")
     base = TrainConfig(
         steps=args.pretrain_steps, batch_size=2, learning_rate=5e-4, patch_size=(32, 96, 96),
@@ -224,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     pre = train_model(phantoms, [], arch, base, args.work / "pretrain", resume=True, name="pretrain")
     pretrained = pre.model.state_dict()
-    tune = replace(base, steps=args.finetune_steps, negative_fraction=args.finetune_negative_fraction)
+    tune = replace(base, steps=args.finetune_steps, negative_fraction=args.finetune_negative_fraction,
+                   crop_case_weight=args.crop_weight)
     inference = InferenceSettings(
         roi_size=base.val_roi_size, context_mm=base.val_context_mm,
         detector=DetectorParams(box_margin_mm=base.box_margin_mm), device="cpu", num_threads=args.threads,
@@ -236,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for held_out in args.only or list(real):
             if held_out in _read_json(loo_path):
                 continue
-            train = phantoms + [c for cid, c in real.items() if cid != held_out]
+            train = phantoms + crops + [c for cid, c in real.items() if cid != held_out]
             fold = train_model(train, [], arch, tune, args.work / f"loo-{held_out}", resume=True,
                                name=f"loo-{held_out}", initial_state=pretrained)
             ct, truth = REAL_CASES[held_out](args.data)
@@ -249,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             return _read_json(loo_path)
     loo = _read_json(loo_path)
 
-    final = train_model(phantoms + list(real.values()), [], arch, tune, args.work / "final", resume=True,
+    final = train_model(phantoms + crops + list(real.values()), [], arch, tune, args.work / "final", resume=True,
                         name="final", initial_state=pretrained)
     chosen = choose_variant(loo) if loo else "3-boxes"
     inference = replace(inference, **VARIANTS[chosen])
@@ -275,15 +255,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "CC BY 3.0), augmented (flips, rotation ±10°, shear ±10°, depth scaling 0.9-1.1) with hard negatives; "
         f"pre-trained {base.steps} steps on phantoms (hard negatives {base.negative_fraction}), fine-tuned "
         f"{tune.steps} steps on all (hard negatives {tune.negative_fraction}); "
-        f"produced by scripts/train_demo_segmentation.py"
+        + (f"plus {len(crops)} LIDC-IDRI nodule crops of {len(crop_patients)} patients (CC BY 3.0; "
+           f"LIDC-IDRI-0001/0003 excluded) in fine-tuning, sampling weight {args.crop_weight}; " if crops else "")
+        + "produced by scripts/train_demo_segmentation.py"
     )
+    splits = {f"loo-{cid}": {"held_out": [cid], "fine_tuned_on": [c.case_id for c in phantoms + crops]
+                             + [o for o in real if o != cid]} for cid in real}
     save_bundle(
         final.model, args.out, name=BUNDLE_NAME, version=BUNDLE_VERSION, training_data=description,
         metrics=metrics, intended_use=f"{DEMO_NOTE}: shows the node end to end; research only", demo=True,
         inference=replace(inference, device="auto", num_threads=None, deep_features=True),
         overwrite=True,
         extra={"training": {"pretrain": base.to_dict(), "finetune": tune.to_dict(),
-                            "cases": [c.case_id for c in phantoms] + list(real)}},
+                            "cases": [c.case_id for c in phantoms + crops] + list(real),
+                            "pretrain_cases": [c.case_id for c in phantoms],
+                            "validation_cases": list(real), "crop_patients": crop_patients,
+                            "splits": splits}},
     )
     summary = {**metrics, "bundle": str(args.out), "minutes": round((time.perf_counter() - started) / 60, 1)}
     (args.work / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -7,9 +7,14 @@ The flow for one CT (:func:`segment_ct`), coarse to fine:
    detector, or the whole lung VOI when it finds nothing;
 3. the network over the box grown by ``context_mm`` only, with MONAI's
    :func:`~monai.inferers.sliding_window_inference` (configurable overlap, Gaussian
-   blending), the box mask as the a2t module's second input, AMP on CUDA;
-4. post-processing: keep connected components that lie in the lung (juxtapleural tumours
-   are inside the lung mask), drop those under ``min_component_mm3``, fill holes;
+   blending), the box mask as the a2t module's second input, AMP on CUDA; optionally
+   averaged over flipped copies (``tta_flips``), and re-run on a larger box while the
+   predicted tumour runs out of its box (``box_growth_rounds``: large tumours);
+4. post-processing: keep connected components that lie in the tumour search region (the
+   lung mask, or with ``search_region="hull"`` the lung mask plus its per-slice convex hull
+   on each side, so juxta-mediastinal and hilar tumour is kept while the lung *contours*
+   stay anatomical), drop those under ``min_component_mm3`` or with a mean probability under
+   ``min_component_confidence``, fill holes;
 5. deep features: a forward hook on the second-last decoder stage during one pass over a
    window centred on the tumour, averaged over the tumour voxels (paper §3.3);
 6. the mask mapped back onto the CT grid exactly (nearest neighbour).
@@ -102,8 +107,32 @@ class InferenceSettings:
         lets a network trained on hard negatives reject a vessel bundle that outranks the
         tumour and find second and third tumours, at one network pass per proposal.
     lung_margin_mm
-        Keep tumour voxels only within this distance of the lung mask (``None``: no limit);
-        see :func:`postprocess_mask`.
+        Keep tumour voxels only within this distance of the search region (``None``: no
+        limit); see :func:`postprocess_mask`.
+    search_region
+        Where tumour is searched for and kept (:func:`tumour_search_region`): ``lung`` (the
+        lung mask) or ``hull`` (the lung mask plus, on each side, its per-slice convex hull:
+        the hilar and juxta-mediastinal tissue that a lung mask leaves out). The lung
+        contours sent are never changed by this.
+    detect_in_search_region
+        Run the candidate detector in the search region instead of the lung mask.
+    box_growth_rounds
+        How many times a box may be enlarged to the predicted tumour's extent (plus the
+        detector's box margin) and the network re-run, when the tumour predicted from that
+        box reaches beyond it by more than ``box_growth_mm`` (0: never).
+    box_growth_mm
+        How far the prediction must reach beyond its box before the box grows.
+    max_box_mm
+        No grown box exceeds this edge length (mm) on any axis.
+    min_component_confidence
+        Drop connected components whose mean tumour probability is below this (``None``:
+        keep all): selection by the network's confidence instead of the detector's rank.
+    max_components
+        Keep only this many components, those with the largest summed probability
+        (``None``: all).
+    tta_flips
+        Axes (0 = z, 1 = y, 2 = x) whose flipped copies are also run and averaged with the
+        plain pass (test-time augmentation); each costs one more network pass per box.
     """
 
     roi_size: tuple[int, int, int] = (64, 96, 96)
@@ -122,9 +151,29 @@ class InferenceSettings:
     detector: DetectorParams = field(default_factory=DetectorParams)
     max_candidates: int = 1
     lung_margin_mm: float | None = None
+    search_region: Literal["lung", "hull"] = "lung"
+    detect_in_search_region: bool = False
+    box_growth_rounds: int = 0
+    box_growth_mm: float = 3.0
+    max_box_mm: float = 160.0
+    min_component_confidence: float | None = None
+    max_components: int | None = None
+    tta_flips: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roi_size", tuple(int(v) for v in self.roi_size))
+        object.__setattr__(self, "tta_flips", tuple(int(v) for v in self.tta_flips))
+        if self.search_region not in ("lung", "hull"):
+            raise InferenceError(f"search_region: lung or hull, got {self.search_region!r}")
+        if self.box_growth_rounds < 0 or self.box_growth_mm < 0 or self.max_box_mm <= 0:
+            raise InferenceError("box_growth_rounds, box_growth_mm must be >= 0 and max_box_mm > 0, got "
+                                 f"{self.box_growth_rounds}, {self.box_growth_mm}, {self.max_box_mm}")
+        if self.min_component_confidence is not None and not 0.0 <= self.min_component_confidence < 1.0:
+            raise InferenceError(f"min_component_confidence: must be in [0, 1) or None, got {self.min_component_confidence}")
+        if self.max_components is not None and self.max_components < 1:
+            raise InferenceError(f"max_components: must be >= 1 or None, got {self.max_components}")
+        if any(a not in (0, 1, 2) for a in self.tta_flips) or len(set(self.tta_flips)) != len(self.tta_flips):
+            raise InferenceError(f"tta_flips: distinct axes among 0, 1, 2, got {self.tta_flips}")
         if len(self.roi_size) != 3 or min(self.roi_size) < 1:
             raise InferenceError(f"roi_size: three positive voxel counts (z, y, x), got {self.roi_size}")
         if not 0.0 <= self.overlap < 1.0:
@@ -148,6 +197,7 @@ class InferenceSettings:
         """JSON-ready mapping."""
         data = asdict(self)
         data["roi_size"] = list(self.roi_size)
+        data["tta_flips"] = list(self.tta_flips)
         return data
 
     @classmethod
@@ -240,6 +290,9 @@ def postprocess_mask(
     min_lung_fraction: float = 0.1,
     fill_holes: bool = True,
     lung_margin_mm: float | None = None,
+    probability: np.ndarray | None = None,
+    min_component_confidence: float | None = None,
+    max_components: int | None = None,
 ) -> np.ndarray:
     """Clean a binary tumour mask.
 
@@ -250,6 +303,12 @@ def postprocess_mask(
     ``min_lung_fraction`` of their voxels in ``lung`` and at least ``min_component_mm3`` of
     volume, and fills enclosed holes in 3-D and per axial slice (necrotic cores open in
     3-D are still closed in-plane).
+
+    With the network's ``probability`` map, components whose mean probability is below
+    ``min_component_confidence`` are dropped, and ``max_components`` keeps only the
+    components with the largest summed probability (the network's confidence decides,
+    not the detector's ranking of the boxes they came from). ``lung`` is whatever region
+    tumour may occupy: the lung mask, or the search region of :func:`tumour_search_region`.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != lung.shape:
@@ -263,6 +322,15 @@ def postprocess_mask(
         in_lung = ndimage.sum_labels(lung != 0, labels, index)
         volume = sizes * float(np.prod(spacing_zyx))
         keep = (volume >= min_component_mm3) & (in_lung >= min_lung_fraction * sizes)
+        if probability is not None and (min_component_confidence is not None or max_components is not None):
+            if probability.shape != mask.shape:
+                raise InferenceError(f"probability {probability.shape} and mask {mask.shape} must have the same shape")
+            mass = ndimage.sum_labels(probability, labels, index)
+            if min_component_confidence is not None:
+                keep &= mass >= min_component_confidence * sizes
+            if max_components is not None and keep.sum() > max_components:
+                order = np.argsort(np.where(keep, -mass, np.inf), kind="stable")
+                keep[order[max_components:]] = False
         lookup = np.concatenate([[False], keep])
         mask = lookup[labels]
     if fill_holes and mask.any():
@@ -287,6 +355,119 @@ def near_lung(mask: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float], 
     if not outside.all():
         near[window] = ndimage.distance_transform_edt(outside, sampling=spacing_zyx) <= margin_mm
     return near
+
+
+def tumour_search_region(lung: np.ndarray, mode: str = "hull", slices: np.ndarray | None = None) -> np.ndarray:
+    """Where tumour may be: the lung mask, or (``hull``) the lung mask plus its per-slice hull per side.
+
+    A GTV touching the mediastinum or growing from the hilum lies in the concave medial
+    side of its lung, outside a lung mask that follows the aerated parenchyma. On every
+    axial slice the convex hull of each lung covers that bay but not the mediastinum
+    between the lungs: the two sides are split at the middle column of the lungs' extent
+    (the lungs lie left and right of it in an axial CT), and each half's hull is taken
+    alone. Tissue beyond the lungs' cranio-caudal extent (e.g. supraclavicular nodes) is
+    not included.
+
+    The hulls are computed at half the in-plane resolution (a quarter of the cost; the
+    region grows by at most one voxel), and only on the axial ``slices`` flagged (boolean,
+    one per z; ``None``: all), since the post-processing needs them only where a tumour
+    was predicted.
+    """
+    lung = np.asarray(lung) != 0
+    if mode == "lung" or not lung.any():
+        return lung.copy()
+    if mode != "hull":
+        raise InferenceError(f"search_region: lung or hull, got {mode!r}")
+    from skimage.morphology import convex_hull_image
+
+    columns = np.nonzero(lung.any(axis=(0, 1)))[0]
+    middle = (int(columns[0]) + int(columns[-1]) + 1) // 2
+    wanted = lung.any(axis=(1, 2)) if slices is None else lung.any(axis=(1, 2)) & np.asarray(slices, dtype=bool)
+    region = lung.copy()
+    for side in (slice(0, middle), slice(middle, lung.shape[2])):
+        half = lung[:, :, side]
+        nz, ny, nx = half.shape
+        pad_y, pad_x = ny % 2, nx % 2
+        coarse = np.pad(half, ((0, 0), (0, pad_y), (0, pad_x))).reshape(nz, (ny + pad_y) // 2, 2, (nx + pad_x) // 2, 2)
+        coarse = coarse.any(axis=(2, 4))
+        target = region[:, :, side]
+        for z in np.nonzero(wanted & half.any(axis=(1, 2)))[0]:
+            if coarse[z].sum() >= 3:
+                hull = convex_hull_image(coarse[z])
+                target[z] |= hull.repeat(2, axis=0).repeat(2, axis=1)[:ny, :nx]
+    return region
+
+
+def predict_box(
+    model: RASeg,
+    image: np.ndarray,
+    box_mask: np.ndarray,
+    settings: InferenceSettings | None = None,
+) -> np.ndarray:
+    """:func:`predict_probabilities`, averaged over the flipped copies of ``settings.tta_flips``.
+
+    Each flip is undone on its output before averaging, so a network that is not
+    mirror-symmetric contributes its disagreement as lower probabilities.
+    """
+    settings = settings or InferenceSettings()
+    total = predict_probabilities(model, image, box_mask, settings)
+    for axis in settings.tta_flips:
+        flipped = predict_probabilities(
+            model, np.ascontiguousarray(np.flip(image, axis)), np.ascontiguousarray(np.flip(box_mask, axis)), settings,
+        )
+        total += np.flip(flipped, axis)
+    if settings.tta_flips:
+        total /= 1 + len(settings.tta_flips)
+    return total
+
+
+def _box_in(box: Box | None, region: Box) -> np.ndarray:
+    """The a2t input over ``region``: 1 inside ``box`` (everywhere when there is no box)."""
+    if box is None:
+        return np.ones(region.shape, dtype=np.float32)
+    return Box(tuple(a - o for a, o in zip(box.start, region.start)),  # type: ignore[arg-type]
+               tuple(b - o for b, o in zip(box.stop, region.start))).mask(region.shape)  # type: ignore[arg-type]
+
+
+def _grown_box(box: Box, predicted: np.ndarray, offset: Sequence[int], spacing: Sequence[float],
+               settings: InferenceSettings, shape: Sequence[int]) -> Box | None:
+    """A larger a2t box when the tumour predicted from ``box`` runs out of it, else ``None``.
+
+    ``predicted`` is the thresholded prediction over a region starting at ``offset``; the
+    components that overlap the box count (a separate blob in the context is not this
+    tumour). The new box is their extent united with the box, plus the detector's box
+    margin, at most ``max_box_mm`` per axis (centred on the tumour).
+    """
+    labels, count = ndimage.label(predicted, structure=_FULL_CONNECTIVITY)
+    if not count:
+        return None
+    local = Box(tuple(max(0, a - o) for a, o in zip(box.start, offset)),  # type: ignore[arg-type]
+                tuple(min(n, b - o) for b, o, n in zip(box.stop, offset, predicted.shape)))  # type: ignore[arg-type]
+    touching = np.unique(labels[local.slices])
+    touching = touching[touching != 0]
+    if not touching.size:
+        return None
+    extent = box_from_mask(np.isin(labels, touching), spacing)
+    assert extent is not None
+    start = [e + o for e, o in zip(extent.start, offset)]
+    stop = [e + o for e, o in zip(extent.stop, offset)]
+    reach = mm_to_voxels(settings.box_growth_mm, spacing)
+    if not any(box.start[i] - start[i] > reach[i] or stop[i] - box.stop[i] > reach[i] for i in range(3)):
+        return None
+    margin = mm_to_voxels(settings.detector.box_margin_mm, spacing)
+    new_start, new_stop = [], []
+    for axis in range(3):
+        lo = max(0, min(start[axis], box.start[axis]) - margin[axis])
+        hi = min(int(shape[axis]), max(stop[axis], box.stop[axis]) + margin[axis])
+        limit = max(1, int(settings.max_box_mm / spacing[axis]))
+        if hi - lo > limit:
+            centre = (start[axis] + stop[axis]) // 2
+            lo = max(0, min(centre - limit // 2, int(shape[axis]) - limit))
+            hi = min(int(shape[axis]), lo + limit)
+        new_start.append(lo)
+        new_stop.append(hi)
+    grown = Box(tuple(new_start), tuple(new_stop))  # type: ignore[arg-type]
+    return None if grown == box else grown
 
 
 @contextmanager
@@ -374,6 +555,9 @@ class GridSegmentation:
         Deep-feature vector, or ``None`` (empty mask or switched off).
     timings
         Seconds per step.
+    search
+        The tumour search region the post-processing kept tumour in (see
+        :func:`tumour_search_region`; ``None`` when built by older code).
     """
 
     mask: np.ndarray
@@ -383,6 +567,7 @@ class GridSegmentation:
     candidates: list[Candidate]
     features: np.ndarray | None
     timings: dict[str, float]
+    search: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def box(self) -> Box | None:
@@ -421,43 +606,76 @@ def segment_preprocessed(
     spacing = case.record.spacing_zyx
     shape = case.image.shape
     timings: dict[str, float] = {}
+    search: np.ndarray | None = None
+    start = time.perf_counter()
+    if settings.detect_in_search_region:
+        search = tumour_search_region(case.lung, settings.search_region)
+    timings["search_region"] = time.perf_counter() - start
     start = time.perf_counter()
     candidates: list[Candidate] = []
     if box is None:
-        candidates = detect_candidates(case.record.params.to_hu(case.image), case.lung, spacing, settings.detector)
+        where = search if search is not None else case.lung
+        candidates = detect_candidates(case.record.params.to_hu(case.image), where, spacing, settings.detector)
         boxes = [c.box for c in candidates[: settings.max_candidates]]
     else:
         boxes = [box]
     timings["detect"] = time.perf_counter() - start
-    if boxes:
-        context = mm_to_voxels(settings.context_mm, spacing)
-        regions = [b.grow(context, shape) for b in boxes]
-        box_masks = [b.mask(shape) for b in boxes]
-    else:
+    context = mm_to_voxels(settings.context_mm, spacing)
+    if not boxes:
         log.info("no tumour candidate found; running on the whole lung VOI %s", shape)
-        regions, box_masks = [Box((0, 0, 0), shape)], [np.ones(shape, dtype=np.float32)]  # type: ignore[arg-type]
 
     start = time.perf_counter()
     probability = np.zeros(shape, dtype=np.float32)
-    for region, box_mask in zip(regions, box_masks):
+    final_boxes: list[Box] = []
+    regions: list[Box] = []
+    for first in boxes or [None]:
+        current = first
+        for growth in range(settings.box_growth_rounds + 1):
+            region = current.grow(context, shape) if current is not None else Box((0, 0, 0), shape)  # type: ignore[arg-type]
+            box_mask = _box_in(current, region)
+            local = predict_box(model, case.image[region.slices], box_mask, settings)
+            if current is None or growth == settings.box_growth_rounds:
+                break
+            larger = _grown_box(current, local >= settings.threshold, region.start, spacing, settings, shape)
+            if larger is None:
+                break
+            log.info("tumour runs out of box %s: re-running with %s", current.to_dict(), larger.to_dict())
+            current = larger
         window = probability[region.slices]
-        np.maximum(window, predict_probabilities(model, case.image[region.slices], box_mask[region.slices], settings),
-                   out=window)
+        np.maximum(window, local, out=window)
+        regions.append(region)
+        if current is not None:
+            final_boxes.append(current)
     timings["network"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    predicted = probability >= settings.threshold
+    if search is None:
+        # Hulls only on the slices a tumour was predicted on, plus the lung margin's reach.
+        reach = mm_to_voxels(settings.lung_margin_mm or 0.0, spacing)[0] + 1
+        slices = ndimage.maximum_filter1d(predicted.any(axis=(1, 2)), size=2 * reach + 1)
+        search = tumour_search_region(case.lung, settings.search_region, slices)
+    timings["search_region"] += time.perf_counter() - start
+    start = time.perf_counter()
     mask = postprocess_mask(
-        probability >= settings.threshold, case.lung, spacing,
+        predicted, search, spacing,
         settings.min_component_mm3, settings.min_lung_fraction, settings.fill_holes, settings.lung_margin_mm,
+        probability=probability, min_component_confidence=settings.min_component_confidence,
+        max_components=settings.max_components,
     )
     timings["postprocess"] = time.perf_counter() - start
 
     features = None
     if settings.deep_features and mask.any():
         start = time.perf_counter()
-        features = deep_feature_vector(model, case.image, np.maximum.reduce(box_masks), mask, settings)
+        box_input = np.zeros(shape, dtype=np.float32)
+        for b in final_boxes:
+            box_input[b.slices] = 1.0
+        if not final_boxes:
+            box_input[:] = 1.0
+        features = deep_feature_vector(model, case.image, box_input, mask, settings)
         timings["features"] = time.perf_counter() - start
-    return GridSegmentation(mask, probability, boxes, regions, candidates, features, timings)
+    return GridSegmentation(mask, probability, final_boxes, regions, candidates, features, timings, search)
 
 
 @dataclass

@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "last.pt"
 #: Case ids of synthetic phantoms start with this (see ``TrainConfig.real_case_weight``).
 PHANTOM_PREFIX = "phantom"
+#: Case ids of nodule crops start with this (see ``TrainConfig.crop_case_weight``).
+CROP_PREFIX = "crop-"
 #: Channels of the ``small`` width: a quarter of the published ones (16x fewer weights).
 SMALL_CHANNELS = (16, 32, 64, 128)
 WIDTHS: dict[str, tuple[int, ...]] = {"faithful": FAITHFUL_CHANNELS, "small": SMALL_CHANNELS}
@@ -96,6 +98,10 @@ class TrainConfig:
         Sampling weight of cases whose id does not start with ``phantom`` relative to
         phantom cases (1: uniform). A handful of real CTs among many phantoms would
         otherwise hardly ever be drawn.
+    crop_case_weight
+        Sampling weight of nodule crops (case ids starting with ``crop-``, see
+        :mod:`radnode.models.training.lidc_crops`) relative to phantom cases; hundreds of
+        small crops would otherwise crowd out the few whole CTs.
     augment, augment_prob
         The method's augmentations and the probability of each.
     box_margin_mm, box_jitter_mm
@@ -122,6 +128,7 @@ class TrainConfig:
     pos_fraction: float = 0.67
     negative_fraction: float = 0.0
     real_case_weight: float = 1.0
+    crop_case_weight: float = 1.0
     augment: bool = True
     augment_prob: float = 0.5
     box_margin_mm: float = 5.0
@@ -148,8 +155,9 @@ class TrainConfig:
             raise TrainingError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.negative_fraction < 1.0:
             raise TrainingError(f"negative_fraction: must be in [0, 1), got {self.negative_fraction}")
-        if self.real_case_weight <= 0:
-            raise TrainingError(f"real_case_weight: must be > 0, got {self.real_case_weight}")
+        if self.real_case_weight <= 0 or self.crop_case_weight <= 0:
+            raise TrainingError(f"real_case_weight, crop_case_weight: must be > 0, got "
+                                f"{self.real_case_weight}, {self.crop_case_weight}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready mapping."""
@@ -212,12 +220,21 @@ def _step_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
 
+def case_weight(case_id: str, config: TrainConfig) -> float:
+    """Sampling weight of a case: phantoms 1, nodule crops ``crop_case_weight``, other real cases ``real_case_weight``."""
+    if case_id.startswith(PHANTOM_PREFIX):
+        return 1.0
+    if case_id.startswith(CROP_PREFIX):
+        return config.crop_case_weight
+    return config.real_case_weight
+
+
 def make_batch(
     cases: Sequence[TrainingCase], transforms: Any, config: TrainConfig, step: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The batch of ``step``: (image, bbox, label) tensors (B, 1, D, H, W), drawn from ``(seed, step)``."""
     rng = _step_rng(config.seed, step)
-    weights = np.array([1.0 if c.case_id.startswith(PHANTOM_PREFIX) else config.real_case_weight for c in cases])
+    weights = np.array([case_weight(c.case_id, config) for c in cases])
     images, boxes, labels = [], [], []
     for _ in range(config.batch_size):
         case = cases[int(rng.choice(len(cases), p=weights / weights.sum()))]
