@@ -74,8 +74,9 @@ from radnode.models.training.real_cases import LIDC_SLAB_PATIENTS, REAL_CASES
 log = logging.getLogger("train_demo_segmentation")
 
 BUNDLE_NAME = "raseg-demo"
-#: 1.0.0 fine-tuned with 20 % hard negatives; 1.1.0 with 40 % (the shipped one).
-BUNDLE_VERSION = "1.1.0"
+#: 1.0.0 fine-tuned with 20 % hard negatives; 1.1.0 with 40 %; 1.1.1 the same weights with the
+#: inference of docs/segmentation.md (six boxes, the most probable component; the shipped one).
+BUNDLE_VERSION = "1.1.1"
 #: Every output of this model carries this text (see the SR writer).
 DEMO_NOTE = "demo — not for clinical use"
 
@@ -120,8 +121,10 @@ def prepared(case_id: str, load: Any, cache: Path) -> TrainingCase:
 
 
 # --------------------------------------------------------------------------- evaluation
-#: Inference variants scored on every held-out case: boxes examined × lung margin (mm).
+#: Inference variants scored on every held-out case: boxes examined × lung margin (mm),
+#: and (1.1.1) the most probable connected component only.
 VARIANTS: dict[str, dict[str, Any]] = {
+    "6-boxes-lung-2mm-top-1": {"max_candidates": 6, "lung_margin_mm": 2.0, "max_components": 1},
     "1-box": {"max_candidates": 1, "lung_margin_mm": None},
     "3-boxes": {"max_candidates": 3, "lung_margin_mm": None},
     "1-box-lung-2mm": {"max_candidates": 1, "lung_margin_mm": 2.0},

@@ -357,9 +357,13 @@ def tta_agreement(
     boxes = box_input(grid, shape)
 
     def contour(window: Box, probability: np.ndarray) -> np.ndarray:
+        # exactly the post-processing of the contour sent (search region, confidence rules)
+        search = grid.search if grid.search is not None else case.lung
         return postprocess_mask(
-            probability >= settings.threshold, case.lung[window.slices], spacing,
+            probability >= settings.threshold, search[window.slices], spacing,
             settings.min_component_mm3, settings.min_lung_fraction, settings.fill_holes, settings.lung_margin_mm,
+            probability=probability, min_component_confidence=settings.min_component_confidence,
+            max_components=settings.max_components,
         )
 
     agreement: list[float] = []
