@@ -40,6 +40,7 @@ from pynetdicom import AE, _config
 from pynetdicom.status import code_to_category
 
 from radnode.config import Destination, Settings
+from radnode.pipeline.background import BackgroundLoop
 from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, OutboxItem, format_status
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def _sendable(assoc: Any, item: OutboxItem) -> Path | pydicom.Dataset:
     return pydicom.dcmread(item.path)
 
 
-class DispatchLoop:
+class DispatchLoop(BackgroundLoop):
     """A thread that runs dispatch rounds when woken, when items fall due, or every ``idle_seconds``.
 
     Parameters
@@ -263,43 +264,22 @@ class DispatchLoop:
     #: cannot turn the loop into a busy wait.
     MIN_WAIT_SECONDS = 0.2
 
+    thread_name = "radnode-dispatch"
+
     def __init__(self, dispatcher: Dispatcher, idle_seconds: float = 30.0) -> None:
+        super().__init__()
         self.dispatcher = dispatcher
         self.idle_seconds = idle_seconds
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.rounds = 0
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="radnode-dispatch", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the current round (a round ends after at most one C-STORE per item)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def wake(self) -> None:
-        """Run a round now (new items were staged, or the retry schedule fired)."""
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.dispatcher.run_once()
-            except Exception:
-                log.exception("dispatch round failed")
-            self.rounds += 1
-            next_due = self.dispatcher.outbox.next_due_at(self.dispatcher.destinations().keys())
-            wait = self.idle_seconds
-            if next_due is not None:
-                wait = min(self.idle_seconds, max(self.MIN_WAIT_SECONDS, next_due - time.time()))
-            self._wake.wait(wait)
-            self._wake.clear()
+    def round(self) -> float:
+        """One dispatch round (a round ends after at most one C-STORE per item); sleep until the next item is due."""
+        try:
+            self.dispatcher.run_once()
+        except Exception:
+            log.exception("dispatch round failed")
+        self.rounds += 1
+        next_due = self.dispatcher.outbox.next_due_at(self.dispatcher.destinations().keys())
+        if next_due is None:
+            return self.idle_seconds
+        return min(self.idle_seconds, max(self.MIN_WAIT_SECONDS, next_due - time.time()))

@@ -16,13 +16,13 @@ backoff like a processing job; a node that stops mid-job has it re-queued at sta
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from radnode.config import Destination
+from radnode.pipeline.background import BackgroundLoop
 from radnode.pipeline.jobs import FailureReason, Job, JobKind
 from radnode.pipeline.outbox import Outbox
 from radnode.pipeline.queue import JobQueue, LeaseLost
@@ -37,7 +37,7 @@ class ForwardTimeout(Exception):
     """Staging took longer than the job time limit."""
 
 
-class Forwarder:
+class Forwarder(BackgroundLoop):
     """Claims forward jobs and stages their series for the job's destinations.
 
     Parameters
@@ -54,6 +54,8 @@ class Forwarder:
         Time limit of one attempt, job lease, idle wait between claims.
     """
 
+    thread_name = "radnode-forward"
+
     def __init__(
         self,
         queue: JobQueue,
@@ -65,6 +67,7 @@ class Forwarder:
         lease_seconds: float = 120.0,
         poll_seconds: float = 2.0,
     ) -> None:
+        super().__init__()
         self.queue = queue
         self.outbox = outbox
         self.destinations = destinations
@@ -73,39 +76,15 @@ class Forwarder:
         self.timeout_seconds = timeout_seconds
         self.lease_seconds = lease_seconds
         self.poll_seconds = poll_seconds
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="radnode-forward", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop after the current job (staging links files; it ends quickly)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def wake(self) -> None:
-        """Claim now (a forward job was just queued)."""
-        self._wake.set()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                worked = self.run_once()
-            except Exception:  # a locked or broken database must not end the thread
-                log.exception("forwarder round failed")
-                worked = False
-            if not worked:
-                self._wake.wait(self.poll_seconds)
-                self._wake.clear()
+    def round(self) -> float:
+        """Claim and run one job; when none was due, sleep ``poll_seconds`` (or until woken)."""
+        try:
+            worked = self.run_once()
+        except Exception:  # a locked or broken database must not end the thread
+            log.exception("forwarder round failed")
+            worked = False
+        return 0.0 if worked else self.poll_seconds
 
     def run_once(self) -> bool:
         """Claim and run one forward job; False when none was due."""
