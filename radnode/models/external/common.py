@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import SimpleITK as sitk
@@ -66,6 +67,17 @@ def require(module: str, extra: str) -> ModuleType:
             f"this model needs the Python package {module!r}, which is not installed: "
             f"install radnode[{extra}] (e.g. pip install 'radnode[{extra}]', or make install) ({exc})"
         ) from exc
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model folder's JSON file as a dict; anything else is an :class:`ExternalModelError` naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExternalModelError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ExternalModelError(f"{path}: must hold a JSON object")
+    return data
 
 
 def sha256_file(path: Path) -> str:

@@ -17,7 +17,6 @@ through physical coordinates, whether or not the bundle inverted its own resampl
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from radnode.models.external.common import ExternalModelError, Provenance, labels_to_ct, sha256_file
+from radnode.models.external.common import ExternalModelError, Provenance, labels_to_ct, read_json_object, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +48,7 @@ def _metadata(folder: Path) -> dict[str, Any]:
     path = folder / "configs" / METADATA
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExternalModelError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ExternalModelError(f"{path}: must hold a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def channel_labels(metadata: Mapping[str, Any]) -> dict[int, str] | None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import re
 import zipfile
@@ -39,6 +38,7 @@ from radnode.config.model import NnUNetSettings
 from radnode.models.external.common import (
     ExternalModelError,
     Provenance,
+    read_json_object,
     array_on,
     combined_sha256,
     labels_to_ct,
@@ -71,13 +71,7 @@ def _read_json(path: Path, folder: Path) -> dict[str, Any]:
             f"{path}: missing; an nnU-Net v2 trained-model folder holds {PLANS}, {DATASET} and "
             f"fold_N/checkpoint_final.pth (models.segmentation_bundle = {folder})"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExternalModelError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ExternalModelError(f"{path}: must hold a JSON object")
-    return data
+    return read_json_object(path)
 
 
 def model_labels(dataset: Mapping[str, Any], where: Path) -> dict[int, str] | None:
