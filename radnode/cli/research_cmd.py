@@ -1,4 +1,4 @@
-"""``radnode research``: cohort analyses on radnode's feature database (issue 19).
+"""``radnode research``: cohort analyses on radnode's feature database.
 
 * ``research export``: the feature database in the ``FEAT.csv`` shape (CSV or Parquet);
 * ``research genemask``: gene-masking radiogenomics (transcriptome → radiomic classes);

@@ -1,7 +1,7 @@
 """Reference-free quality score of a tumour contour: does radnode trust what it is about to send?
 
 A planning system that receives a wrong GTV is worse off than one that receives none, and
-the demo network is wrong often (issue 14). No reference exists at inference time, so the
+the demo network is wrong often. No reference exists at inference time, so the
 score combines signals that go with a wrong contour on the cases we could measure:
 
 * **test-time augmentation agreement** (weight 0.40): the network is run again on the

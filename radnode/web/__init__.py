@@ -1,4 +1,4 @@
-"""The web dashboard: overview, jobs, job detail with overlays, rules, audit (issue 17).
+"""The web dashboard: overview, jobs, job detail with overlays, rules, audit.
 
 Served by ``radnode serve`` on ``dashboard.host:dashboard.port`` (127.0.0.1:8110).
 """

@@ -7,7 +7,7 @@ pyradiomics 3.0.1 computes the shape class in one C routine
 that sums the mesh surface area and volume, and collects every mesh vertex; then the
 maximum 3-D diameter and the three per-plane 2-D diameters are the largest distances over
 *all pairs* of those vertices. The pair search is quadratic: on a whole lung at 1 mm it
-takes minutes (about 455 s of the 706 s of a full extraction on this machine, issue 10).
+takes minutes (about 455 s of the 706 s of a full extraction on this machine).
 
 What this module does instead
 -----------------------------

@@ -1,4 +1,4 @@
-"""Research analyses on radnode's feature database (issue 19): no network code here.
+"""Research analyses on radnode's feature database: no network code here.
 
 Modules
 -------
