@@ -1,4 +1,4 @@
-"""Benchmark: tumour Dice / HD95 on the real CTs of the shared data, recomputed (issue 14 §1, issue 15 item 16).
+"""Benchmark: tumour Dice / HD95 on the real CTs of the shared data, recomputed.
 
 Runs the chain's whole tumour path on every real case with a reference
 (:data:`radnode.models.training.real_cases.REAL_CASES`): classical lung mask →

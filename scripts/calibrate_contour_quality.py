@@ -55,7 +55,7 @@ from radnode.models.quality import (
 
 log = logging.getLogger("calibrate_contour_quality")
 
-#: Dice at or above which a contour counts as good (issue 14).
+#: Dice at or above which a contour counts as good.
 GOOD_DICE = 0.7
 #: Patients of the LIDC crops that are in the demo model's training set (the lidc_slabs cases).
 TRAINING_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0003")

@@ -1,4 +1,4 @@
-"""nnU-Net v2 model folders and MONAI bundles as radnode's tumour model (issue 14, section 3).
+"""nnU-Net v2 model folders and MONAI bundles as radnode's tumour model.
 
 The tiny models of :mod:`external_model_support` label exactly the voxels brighter than a
 threshold; the phantom has one planted blob that bright. So the tumour radnode sends must

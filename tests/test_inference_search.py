@@ -1,5 +1,5 @@
 """Inference for juxta-mediastinal, large and multiple tumours: search region, growing boxes,
-selection by confidence, flip TTA (issue 14 §1). Stub networks make the expected masks exact."""
+selection by confidence, flip TTA. Stub networks make the expected masks exact."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``radnode research``: feature database and export, gene masking, survival (issue 19).
+"""``radnode research``: feature database and export, gene masking, survival.
 
 Each analysis runs on a small synthetic cohort with planted answers (gene set → feature,
 programme → histology, feature → hazard) and on a shuffled control that must stay at
