@@ -51,6 +51,7 @@ import joblib
 import numpy as np
 import skops.io as sio
 
+from radnode.models.checksums import sha256_file
 from radnode.models.classifiers.endpoints import Endpoint, endpoint_from_mapping
 from radnode.models.classifiers.table import FeatureTable
 
@@ -211,14 +212,6 @@ class ClassifierBundle:
         return {c: float(p) for c, p in zip(self.endpoint.classes, proba)}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def bundle_checksum(bundle: ClassifierBundle) -> str:
     """SHA-256 over ``classifier.json``'s content with the model file's own SHA-256 in it.
 
@@ -227,7 +220,7 @@ def bundle_checksum(bundle: ClassifierBundle) -> str:
     """
     data = bundle.meta.to_dict()
     if not data["model_sha256"] and bundle.path is not None:
-        data["model_sha256"] = _sha256(Path(bundle.path) / MODEL_FILE)
+        data["model_sha256"] = sha256_file(Path(bundle.path) / MODEL_FILE)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -258,7 +251,7 @@ def save_classifier_bundle(bundle: ClassifierBundle, out_dir: str | os.PathLike[
         model_path.unlink()
         raise ClassifierBundleError(f"the model holds types a bundle may not load: {unknown}; add radnode's own "
                                     "estimators to TRUSTED_RADNODE_TYPES")
-    meta = ClassifierMeta(**{**bundle.meta.__dict__, "model_sha256": _sha256(model_path), "model_file": MODEL_FILE})
+    meta = ClassifierMeta(**{**bundle.meta.__dict__, "model_sha256": sha256_file(model_path), "model_file": MODEL_FILE})
     (out / META_FILE).write_text(json.dumps(meta.to_dict(), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     bundle.meta, bundle.path = meta, out
     logger.info("classifier bundle written: %s (endpoint %s, method %s%s)", out, meta.endpoint.name,
@@ -355,7 +348,7 @@ def verify_classifier_bundle(path: str | os.PathLike[str], expected_sha256: str 
     model_path = folder / meta.model_file
     if not model_path.is_file():
         raise ClassifierBundleError(f"{folder}: {meta.model_file} is missing")
-    digest = _sha256(model_path)
+    digest = sha256_file(model_path)
     if digest != meta.model_sha256:
         raise ClassifierBundleError(f"{model_path}: SHA-256 {digest[:12]}… differs from classifier.json "
                                     f"({meta.model_sha256[:12]}…); the model file was changed or damaged")

@@ -80,15 +80,6 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return data
 
 
-def sha256_file(path: Path) -> str:
-    """Lower-case hex SHA-256 of a file, read in chunks (checkpoints may be hundreds of MB)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def combined_sha256(files: Mapping[str, str]) -> str:
     """One checksum for a set of weight files: the file's own for one file, else the
     SHA-256 of their ``sha256sum``-style lines (``<sha>  <name>``, sorted by name)."""

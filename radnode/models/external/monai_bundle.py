@@ -27,7 +27,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from radnode.models.external.common import ExternalModelError, Provenance, labels_to_ct, read_json_object, sha256_file
+from radnode.models.checksums import sha256_file
+from radnode.models.external.common import ExternalModelError, Provenance, labels_to_ct, read_json_object
 
 log = logging.getLogger(__name__)
 

@@ -35,16 +35,16 @@ import numpy as np
 import SimpleITK as sitk
 
 from radnode.config.model import NnUNetSettings
+from radnode.models.checksums import sha256_file
 from radnode.models.external.common import (
     ExternalModelError,
     Provenance,
-    read_json_object,
     array_on,
     combined_sha256,
     labels_to_ct,
+    read_json_object,
     reorient,
     require,
-    sha256_file,
 )
 
 log = logging.getLogger(__name__)
