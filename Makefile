@@ -11,6 +11,7 @@ PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install $(if $(W
 # Debian packages of the real peers the tests talk to: command -> package.
 DEBIAN_TOOLS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools plastimatch:plastimatch \
   strace:strace systemd-analyze:systemd chromium:chromium chromedriver:chromium-driver
+# PostgreSQL (initdb:postgresql) is checked by path below: Debian keeps initdb off PATH.
 PYTEST_ARGS ?=
 
 .PHONY: run test install debian-tools clean-venv
@@ -44,6 +45,7 @@ debian-tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
