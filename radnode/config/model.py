@@ -485,9 +485,38 @@ class OutputSettings(_Section):
 class PipelineSettings(_Section):
     """Workers that run the processing chain."""
 
-    workers: int = Field(default=1, ge=1, le=16, description="Concurrent jobs (one per GPU).")
+    workers: int = Field(default=1, ge=0, le=16, description="Concurrent jobs (one per GPU); 0 = only remote `radnode worker`s.")
     job_timeout_seconds: float = Field(default=1800.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+
+
+class DatabaseSettings(_Section):
+    """Where the shared state lives: unset = the embedded SQLite files in ``storage.data_dir``.
+
+    A ``postgresql://`` URL moves the job queue (and what remote workers need) into
+    PostgreSQL, so ``radnode worker`` processes on other machines can share the work.
+    TLS to the server is part of the URL (``?sslmode=verify-full&sslrootcert=…``).
+    """
+
+    url: str | None = Field(
+        default=None,
+        description="postgresql://user@host:5432/radnode?sslmode=verify-full; unset = SQLite in data_dir.",
+    )
+    profile_queues: dict[str, str] = Field(
+        default_factory=dict,
+        description="Processing profile -> worker queue (e.g. {tumour: gpu}); others go to default_queue.",
+    )
+    default_queue: str = Field(default="cpu", pattern=r"^[A-Za-z0-9_.-]+$")
+    lease_seconds: float = Field(
+        default=60.0, ge=5, description="A job of a dead worker is re-queued at most this long (+ one recovery round) after its last heartbeat."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_only(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("database.url must be a postgresql:// URL (unset means the embedded SQLite files)")
+        return value
 
 
 class MetricsSettings(_Section):
@@ -550,6 +579,7 @@ class Settings(BaseSettings):
     radiomics: RadiomicsSettings = Field(default_factory=RadiomicsSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
@@ -580,6 +610,8 @@ class Settings(BaseSettings):
                     f"routing rule {rule.name!r} names unknown destinations {unknown}; "
                     f"configured: {names or 'none'}"
                 )
+        if self.pipeline.workers == 0 and self.database.url is None:
+            raise ValueError("pipeline.workers: 0 needs database.url (remote `radnode worker`s); with SQLite nothing would process")
         if self.sweep.enabled and self.pacs is None:
             raise ValueError("sweep.enabled needs a pacs section to query")
         return self

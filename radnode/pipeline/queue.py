@@ -578,6 +578,13 @@ class SQLiteJobQueue(JobQueue):
         return [dict(r) for r in rows]
 
 
-def open_queue(data_dir: Path) -> JobQueue:
-    """The job queue of a node's data folder (the embedded SQLite backend today)."""
-    return SQLiteJobQueue.in_data_dir(Path(data_dir))
+def open_queue(data_dir: Path, database_url: str | None = None, **kwargs: Any) -> JobQueue:
+    """The node's job queue: PostgreSQL when ``database.url`` is set, else the SQLite file in ``data_dir``.
+
+    ``kwargs`` go to the backend (``backoff`` for both; lanes and prefixes for PostgreSQL).
+    """
+    if database_url:
+        from radnode.pipeline.pg_queue import PostgresJobQueue
+
+        return PostgresJobQueue(database_url, **kwargs)
+    return SQLiteJobQueue.in_data_dir(Path(data_dir), **kwargs)
