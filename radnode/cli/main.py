@@ -67,6 +67,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.features_cmd",
     "radnode.cli.research_cmd",
     "radnode.cli.users_cmd",
+    "radnode.cli.worker_cmd",
 )
 
 for _name in COMMAND_MODULES:

@@ -507,6 +507,9 @@ class DatabaseSettings(_Section):
         description="Processing profile -> worker queue (e.g. {tumour: gpu}); others go to default_queue.",
     )
     default_queue: str = Field(default="cpu", pattern=r"^[A-Za-z0-9_.-]+$")
+    node_host: str | None = Field(
+        default=None, description="Address workers C-GET series from (default: node.host, or this machine's name)."
+    )
     lease_seconds: float = Field(
         default=60.0, ge=5, description="A job of a dead worker is re-queued at most this long (+ one recovery round) after its last heartbeat."
     )

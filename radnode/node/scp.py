@@ -76,6 +76,7 @@ from radnode.node.index import NodeIndex
 from radnode.node.ingest import Ingestor, StoreOutcome, StoreRequest
 from radnode.node.metrics import MetricsServer, NodeMetrics
 from radnode.node.quarantine import Quarantine
+from radnode.node.retrieve import SeriesGetProvider, get_contexts
 from radnode.node.storage import (
     AUDIT_FILE,
     INDEX_FILE,
@@ -96,10 +97,19 @@ HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 _CHATTY_EVENTS = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
 
 
-def storage_contexts() -> list[Any]:
+def storage_contexts(serve_get: bool = False) -> list[Any]:
     """Presentation contexts we accept: every storage SOP class pynetdicom knows, plus
-    Verification, each with every transfer syntax (compressed ones included)."""
+    Verification, each with every transfer syntax (compressed ones included).
+
+    ``serve_get`` adds Query/Retrieve GET (:mod:`radnode.node.retrieve`) and lets a peer
+    take the storage SCP role (SCP/SCU role selection, PS3.7 D.3.3.4), which is how the
+    C-STORE sub-operations of a C-GET reach it; a peer that negotiates no roles keeps the
+    default ones."""
     contexts = [build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts]
+    if serve_get:
+        for cx in contexts:
+            cx.scu_role, cx.scp_role = True, True
+        contexts += get_contexts()
     contexts.append(build_context(Verification, ALL_TRANSFER_SYNTAXES))
     return contexts
 
@@ -181,13 +191,14 @@ class StorageNode:
             (evt.EVT_ABORTED, self._on_aborted),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
             (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_GET, SeriesGetProvider(self.index, self.store.data_dir).handle),
         ]
         server = ae.start_server(
             (node.host, node.port),
             block=False,
             ssl_context=ssl_context,
             evt_handlers=handlers,
-            contexts=storage_contexts(),
+            contexts=storage_contexts(serve_get=True),
         )
         assert server is not None
         for event in _CHATTY_EVENTS:

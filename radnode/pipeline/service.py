@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import os
 import shutil
 import threading
 import time
@@ -56,7 +57,8 @@ from radnode.pipeline.jobs import (
     current_pipeline_version,
 )
 from radnode.pipeline.outbox import DEFAULT_BACKOFF, Outbox
-from radnode.pipeline.queue import JobQueue, SQLiteJobQueue
+from radnode.pipeline.queue import JobQueue, SQLiteJobQueue, open_queue
+from radnode.pipeline.remote_link import RemoteLink, pg_queue_options
 from radnode.pipeline.review import contour_counts, stage_phase
 from radnode.pipeline.scheduler import (
     TASK_COMPLETION_CHECK,
@@ -247,7 +249,13 @@ class PipelineService:
         self.completion = completion
         self.schedule_completion_checks = schedule_completion_checks
         self.pipeline_version = current_pipeline_version()
-        self.queue: JobQueue = SQLiteJobQueue.in_data_dir(self.data_dir, backoff=job_backoff or Backoff())  # embedded default
+        remote = settings.database.url  # PostgreSQL: jobs shared with `radnode worker` machines
+        pool_name = f"node@{os.uname().nodename}" if remote else None  # stable: start recovers only its own jobs
+        self.queue: JobQueue = (
+            open_queue(self.data_dir, remote, backoff=job_backoff or Backoff(), **pg_queue_options(settings, pool_name))
+            if remote
+            else SQLiteJobQueue.in_data_dir(self.data_dir, backoff=job_backoff or Backoff())  # embedded default
+        )
         outbox_kwargs: dict[str, Any] = {"backoff": dispatch_backoff}
         if dispatch_max_attempts is not None:
             outbox_kwargs["max_attempts"] = dispatch_max_attempts
@@ -264,6 +272,12 @@ class PipelineService:
             lease_seconds=lease_seconds,
             heartbeat_seconds=heartbeat_seconds,
             poll_seconds=poll_seconds,
+            name=pool_name,
+        )
+        self.remote_link = (
+            RemoteLink.for_service(settings, self.queue, self.data_dir / RESULTS_DIR, self._stage_phase, self._remote_report_staged)
+            if remote
+            else None
         )
         self.forwarder = Forwarder(
             self.queue,
@@ -310,6 +324,9 @@ class PipelineService:
         if waiting:
             log.info("%d delivery(ies) waiting in the outbox; trying them now", waiting)
         self.pool.start()
+        if self.remote_link is not None:
+            self.remote_link.announce()
+            self.remote_link.start()
         self.forwarder.start()
         self.dispatch_loop.start()
         self.scheduler.start(self._tasks())
@@ -332,6 +349,8 @@ class PipelineService:
             self.completion.unsubscribe(self.on_series_complete)
         self.scheduler.stop()
         self.pool.stop(timeout, drain_seconds=drain_seconds)
+        if self.remote_link is not None:
+            self.remote_link.stop(timeout)
         self.forwarder.stop(timeout)
         self.dispatch_loop.stop(timeout)
         if self._lock_handle is not None:
@@ -537,6 +556,12 @@ class PipelineService:
         )
         self.dispatch_loop.wake()
         return len({item.sop_instance_uid for item in items})
+
+    def _remote_report_staged(self, job: Job) -> None:
+        """A remote worker's last phase is staged: what ``_job_finished`` does for a local job."""
+        if job.source is not JobSource.MANUAL:
+            self._mark_processed(job.series_uid)
+        self._record_features(job)
 
     def _job_finished(self, job: Job, outcome: ChildOutcome) -> None:
         if job.state is JobState.DONE and job.source is not JobSource.MANUAL:
