@@ -11,6 +11,7 @@ PostgreSQL restart under load (node and workers carry on).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -174,8 +175,20 @@ def test_six_series_processed_once_each_by_two_workers(cluster: Cluster, shared_
     processes = {h[0]["worker_id"].split("/")[0] for h in histories}
     assert len(processes) == 2, f"both workers should have worked: {processes}"
     assert_delivered_once(cluster, study, 6)
-    workers = SharedState(cluster.url).workers()
-    assert {w["queues"] for w in workers} == {"cpu"} and all(w["age_seconds"] < 30 for w in workers)
+    # `radnode status` on the node: both workers with host, queues, device, heartbeat; queues empty
+    out = subprocess.run(
+        [sys.executable, "-m", "radnode", "--config", str(cluster.tmp / "node.yaml"), "status", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    snapshot = json.loads(out.stdout)
+    section = snapshot["scaleout"]
+    assert {w["worker_id"].split("/")[0] for w in section["workers"]} == processes
+    assert all(w["queues"] == "cpu" and w["device"] in ("cpu", "cuda") and not w["lost"] for w in section["workers"])
+    assert all(w["host"] == os.uname().nodename for w in section["workers"])
+    assert section["queue_depths"] == {} and section["results_waiting_for_node"] == 0
+    assert section["node"] == {"ae_title": "RADNODE", "host": "127.0.0.1", "port": cluster.node_port}
+    assert snapshot["jobs"]["counts"]["done"] == 6
 
 
 @pytest.mark.parametrize("cluster", [6.0], indirect=True)

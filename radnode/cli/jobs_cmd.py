@@ -29,11 +29,11 @@ EXIT_NOT_FOUND = 3
 def _stores(ctx: typer.Context) -> tuple[JobQueue, Outbox]:
     """The node's job queue and outbox (opened lazily: ``radnode --help`` stays fast)."""
     from radnode.pipeline.outbox import Outbox
-    from radnode.pipeline.queue import open_queue
+    from radnode.pipeline.remote_link import node_queue
 
     settings = get_settings(ctx)
     data_dir = Path(settings.storage.data_dir).resolve()
-    return open_queue(data_dir), Outbox(data_dir)
+    return node_queue(settings), Outbox(data_dir)
 
 
 def _job_or_exit(queue: JobQueue, job_id: int) -> Job:

@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from radnode.cli import scaleout_status
 from radnode.cli.context import get_settings
 from radnode.config import Settings
 
@@ -63,7 +64,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     from radnode.node.index import NodeIndex, SeriesState
     from radnode.node.storage import INDEX_FILE
     from radnode.pipeline.outbox import OUTBOX_DB, ItemState, Outbox, format_status
-    from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue
+    from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue, open_queue
     from radnode.pipeline.scheduler import read_next_runs
     from radnode.pipeline.sweep_store import SWEEP_DB, SweepStore
 
@@ -110,8 +111,8 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
 
     jobs: dict[str, Any] = {"counts": {}, "recent": [], "queue_age_seconds": None}
     outbox = Outbox(data_dir) if (data_dir / OUTBOX_DB).exists() else None
-    if (data_dir / QUEUE_FILE).exists():
-        queue = SQLiteJobQueue(data_dir / QUEUE_FILE)
+    if settings.database.url or (data_dir / QUEUE_FILE).exists():
+        queue = open_queue(data_dir, settings.database.url) if settings.database.url else SQLiteJobQueue(data_dir / QUEUE_FILE)
         jobs["counts"] = {state.value: n for state, n in queue.counts().items()}
         oldest = queue.oldest_waiting_since()
         jobs["queue_age_seconds"] = round(time.time() - oldest, 1) if oldest is not None else None
@@ -174,6 +175,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     ]
     runs = SweepStore(data_dir).runs(1) if (data_dir / SWEEP_DB).exists() else []
     status["last_sweep"] = runs[0] if runs else None
+    status["scaleout"] = scaleout_status.collect(settings)
     return status
 
 
@@ -233,6 +235,7 @@ def render(status: dict[str, Any], console: Console) -> None:
             )
         console.print(table)
 
+    scaleout_status.render(status.get("scaleout"), console)
     jobs = status["jobs"]
     table = Table(title="Jobs by state", title_justify="left")
     for state in jobs["counts"] or {"(no jobs yet)": 0}:

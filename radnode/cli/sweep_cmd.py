@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ) -> None:
         """Query the PACS for CT series in a study-date range and queue those never processed."""
-        from radnode.pipeline.queue import open_queue
+        from radnode.pipeline.remote_link import node_queue
         from radnode.pipeline.service import build_sweeper
         from radnode.pipeline.sweep import SweepError
 
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
             fail("no 'pacs' section in the configuration: the sweep needs ae_title, host and port of the archive", code=2)
         end: date = date_to.date() if date_to else date.today()
         start: date = date_from.date() if date_from else end - timedelta(days=settings.sweep.lookback_days)
-        queue = open_queue(Path(settings.storage.data_dir).resolve())
+        queue = node_queue(settings)
         try:
             report = build_sweeper(settings, queue).run(start, end, dry_run=dry_run, limit=limit)
         except SweepError as exc:

@@ -62,6 +62,16 @@ def pg_queue_options(settings: Settings, local_prefix: str | None = None) -> dic
     }
 
 
+def node_queue(settings: Settings) -> JobQueue:
+    """The node's job queue as the CLI opens it: PostgreSQL (with lanes and checksum) or SQLite."""
+    from radnode.pipeline.queue import open_queue
+
+    data_dir = Path(settings.storage.data_dir).resolve()
+    if settings.database.url:
+        return open_queue(data_dir, settings.database.url, **pg_queue_options(settings))
+    return open_queue(data_dir)
+
+
 class RemoteLink(BackgroundLoop):
     """Announce the node, recover expired leases, stage handed-back results."""
 

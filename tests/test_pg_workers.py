@@ -1,0 +1,59 @@
+"""PostgreSQL-only parts of the scale-out: worker lanes, the node's own-job recovery, version refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pg_support import PgCluster, pg_cluster, pg_url  # noqa: F401  (fixtures)
+from radnode.config.loader import settings_from_mapping
+from radnode.pipeline.jobs import JobSpec, JobState, current_pipeline_version
+from radnode.pipeline.pg_queue import PostgresJobQueue
+from radnode.pipeline.remote_worker import VERSION_MISMATCH, RemoteWorkerPool
+
+
+def spec(uid: str, tmp_path: Path, **kwargs: object) -> JobSpec:
+    return JobSpec(series_uid=uid, input_path=tmp_path / uid, pipeline_version=current_pipeline_version(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_profiles_choose_the_queue_and_workers_claim_only_their_queues(pg_url: str, tmp_path: Path) -> None:
+    node = PostgresJobQueue(pg_url, profile_queues={"tumour": "gpu"}, default_queue="cpu")
+    gpu_job = node.enqueue(spec("1.1", tmp_path, profile="tumour"))
+    cpu_job = node.enqueue(spec("1.2", tmp_path, profile="research"))
+    assert node.queue_depths() == {"cpu": 1, "gpu": 1}
+    cpu_worker = PostgresJobQueue(pg_url, queues=["cpu"])
+    claimed = cpu_worker.claim("cpu-1", 60)
+    assert claimed is not None and claimed.id == cpu_job.id
+    assert cpu_worker.claim("cpu-1", 60) is None  # the tumour job waits for a GPU worker
+    gpu_worker = PostgresJobQueue(pg_url, queues=["cpu", "gpu"])
+    taken = gpu_worker.claim("gpu-1", 60)
+    assert taken is not None and taken.id == gpu_job.id
+    assert node.queue_depths() == {}
+
+
+def test_node_restart_recovers_only_its_own_jobs(pg_url: str, tmp_path: Path) -> None:
+    node = PostgresJobQueue(pg_url, local_prefix="node@host/")
+    own = node.enqueue(spec("2.1", tmp_path))
+    remote = node.enqueue(spec("2.2", tmp_path))
+    node.claim("node@host/w0", 3600)
+    node.claim("worker-a:77/w0", 3600)
+    recovered = node.recover(expired_only=False)  # at the node's start: its own workers are gone
+    assert [j.id for j in recovered] == [own.id]
+    assert node.get(remote.id).state is JobState.RUNNING  # the remote worker keeps its job
+
+
+def test_worker_refuses_jobs_of_another_version_or_model_checksum(pg_url: str, tmp_path: Path) -> None:
+    settings = settings_from_mapping({"database": {"url": pg_url}, "storage": {"data_dir": str(tmp_path / "d")}}, source="test")
+    pool = RemoteWorkerPool(settings, tmp_path / "scratch", ["cpu"])
+    other_version = PostgresJobQueue(pg_url).enqueue(
+        JobSpec(series_uid="3.1", input_path=tmp_path, pipeline_version="0.0-elsewhere")
+    )
+    other_models = PostgresJobQueue(pg_url, bundle_sha256="f" * 64).enqueue(spec("3.2", tmp_path))
+    same = PostgresJobQueue(pg_url, bundle_sha256=pool.bundle_sha256).enqueue(spec("3.3", tmp_path))
+    assert "pipeline version" in (pool.refusal(other_version) or "")
+    assert "model checksum" in (pool.refusal(other_models) or "")
+    assert pool.refusal(same) is None
+    claimed = pool.queue.claim("w", 60)
+    assert claimed is not None and claimed.id == other_version.id
+    stored = pool.run_job(claimed, "w")
+    assert stored is not None and stored.state is JobState.RETRYING
+    assert stored.reason == VERSION_MISMATCH and "0.0-elsewhere" in (stored.error or "")
