@@ -68,6 +68,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "radnode.cli.research_cmd",
     "radnode.cli.users_cmd",
     "radnode.cli.worker_cmd",
+    "radnode.cli.db_cmd",
 )
 
 for _name in COMMAND_MODULES:

@@ -1,0 +1,46 @@
+"""``radnode db``: move an embedded SQLite node to PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from radnode.cli.context import fail, get_settings
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``db`` command group."""
+    db = typer.Typer(help="The node's database: move from SQLite to PostgreSQL.", no_args_is_help=True)
+    app.add_typer(db, name="db")
+
+    @db.command("migrate")
+    def migrate(
+        ctx: typer.Context,
+        to: Annotated[str, typer.Option("--to", help="Target database URL, postgresql://user@host:5432/db.")],
+    ) -> None:
+        """Copy the job queue of storage.data_dir into an empty PostgreSQL database (node stopped).
+
+        Afterwards set database.url to the same URL (RADNODE_DATABASE__URL) and start the node.
+        """
+        from radnode.pipeline.database import is_postgres_url, redact
+        from radnode.pipeline.migrate import MigrationError, migrate_queue
+
+        if not is_postgres_url(to):
+            fail("--to must be a postgresql:// URL", code=2)
+        settings = get_settings(ctx)
+        try:
+            report = migrate_queue(
+                Path(settings.storage.data_dir), to, settings.database.profile_queues, settings.database.default_queue
+            )
+        except MigrationError as exc:
+            fail(str(exc), code=1)
+            return
+        except Exception as exc:  # connection refused, authentication, permissions
+            fail(f"migration to {redact(to)} failed: {exc}", code=1)
+            return
+        typer.echo(
+            f"migrated {report.jobs} job(s) and {report.attempts} attempt(s) to {redact(to)}; "
+            "now set database.url to this URL and start the node"
+        )

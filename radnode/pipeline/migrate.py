@@ -1,0 +1,95 @@
+"""Move an embedded SQLite node's job queue into PostgreSQL (``radnode db migrate``).
+
+Every job keeps its id, state, attempt history, phases and results, so ``radnode jobs``
+and the outbox (which refers to jobs by id) read the same after the move. Jobs that were
+``running`` keep their old lease; on PostgreSQL the node's lease recovery puts them back
+in the queue once it has run out, like any job of a lost worker.
+
+The outbox and the series index stay in the node's data folder: only the node receives
+and only the node delivers (see :mod:`radnode.pipeline.pg_shared`).
+
+The node must be stopped (its pipeline lock is checked), and the target must hold no jobs
+yet: a migration never merges two queues.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from radnode.pipeline.pg_queue import DEFAULT_QUEUE, PostgresJobQueue
+from radnode.pipeline.queue import QUEUE_FILE
+
+log = logging.getLogger(__name__)
+
+#: Columns copied from the SQLite ``jobs`` table, in order.
+JOB_COLUMNS = (
+    "id", "series_uid", "study_uid", "input_path", "pipeline_version", "source", "profile", "destinations",
+    "instance_count", "calling_ae", "priority", "state", "attempts", "max_attempts", "budget", "created_at",
+    "updated_at", "started_at", "finished_at", "not_before", "lease_until", "worker_id", "reason", "error",
+    "traceback", "phases", "result", "kind",
+)
+ATTEMPT_COLUMNS = ("job_id", "attempt", "worker_id", "started_at", "finished_at", "outcome", "reason", "error")
+
+
+class MigrationError(RuntimeError):
+    """The migration cannot run (node running, no queue, target not empty)."""
+
+
+@dataclass(frozen=True)
+class MigrationReport:
+    jobs: int
+    attempts: int
+
+
+def _check_node_stopped(data_dir: Path) -> None:
+    from radnode.pipeline.service import LOCK_FILE
+
+    lock = data_dir / LOCK_FILE
+    if not lock.exists():
+        return
+    with lock.open("a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise MigrationError(f"the node is running on {data_dir} (lock {lock}); stop it first") from exc
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def migrate_queue(data_dir: Path, url: str, profile_queues: dict[str, str] | None = None, default_queue: str = DEFAULT_QUEUE) -> MigrationReport:
+    """Copy ``<data_dir>/jobs.sqlite`` into the PostgreSQL database at ``url``."""
+    data_dir = Path(data_dir).resolve()
+    source = data_dir / QUEUE_FILE
+    if not source.is_file():
+        raise MigrationError(f"no job queue at {source}: nothing to migrate")
+    _check_node_stopped(data_dir)
+    target = PostgresJobQueue(url)  # creates the schema
+    lanes = dict(profile_queues or {})
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+    src.row_factory = sqlite3.Row
+    try:
+        columns = {row["name"] for row in src.execute("PRAGMA table_info(jobs)")}
+        jobs = src.execute(f"SELECT {', '.join(c if c in columns else repr('process') + ' AS kind' for c in JOB_COLUMNS)} FROM jobs ORDER BY id").fetchall()
+        attempts = src.execute(f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM job_attempts ORDER BY job_id, attempt").fetchall()
+    finally:
+        src.close()
+    with target._db.write() as conn:
+        if conn.execute("SELECT COUNT(*) AS n FROM jobs").fetchone()["n"]:
+            raise MigrationError("the target database already holds jobs; migrate into an empty database")
+        marks = ", ".join(["%s"] * (len(JOB_COLUMNS) + 1))
+        with conn.cursor() as cur:
+            cur.executemany(
+                f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}, queue) OVERRIDING SYSTEM VALUE VALUES ({marks})",
+                [(*tuple(row), "node" if row["kind"] == "forward" else lanes.get(row["profile"], default_queue)) for row in jobs],
+            )
+            cur.executemany(
+                f"INSERT INTO job_attempts ({', '.join(ATTEMPT_COLUMNS)}) VALUES ({', '.join(['%s'] * len(ATTEMPT_COLUMNS))})",
+                [tuple(row) for row in attempts],
+            )
+        # new jobs continue after the highest migrated id
+        conn.execute("SELECT setval(pg_get_serial_sequence('jobs', 'id'), GREATEST((SELECT MAX(id) FROM jobs), 1))")
+    log.info("migrated %d job(s) and %d attempt(s) from %s", len(jobs), len(attempts), source)
+    return MigrationReport(len(jobs), len(attempts))
