@@ -1,0 +1,70 @@
+"""The worker's systemd unit (``radnode-worker@.service``), checked with systemd's own tools:
+it verifies, stays within the node's exposure target (also with the GPU drop-in), keeps the
+node's sandbox, and starts what ``radnode worker`` accepts."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from radnode.service.install import render_unit
+from test_systemd_units import EXPOSURE_LINE, MAX_EXPOSURE, SYSTEMD_DIR, UNIT, unit_settings
+
+WORKER_UNIT = SYSTEMD_DIR / "radnode-worker@.service"
+INSTANCE = "radnode-worker@cpu.service"
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    stub = tmp_path / "venv" / "bin" / "radnode"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    folder = tmp_path / "units"
+    folder.mkdir()
+    (folder / "radnode-worker@.service").write_text(render_unit(WORKER_UNIT.read_text(), stub))
+    return folder
+
+
+def analyze(unit_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:", "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_COLORS": "0"}
+    return subprocess.run(["systemd-analyze", *args, INSTANCE], capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_worker_unit_verifies_and_stays_within_the_exposure_target(unit_dir: Path, gpu: bool) -> None:
+    if gpu:
+        dropins = unit_dir / "radnode-worker@.service.d"
+        dropins.mkdir()
+        (dropins / "gpu.conf").write_text((SYSTEMD_DIR / "dropins" / "gpu.conf").read_text())
+    verify = analyze(unit_dir, "verify")
+    complaints = [line for line in verify.stderr.splitlines() if "radnode" in line]
+    assert verify.returncode == 0 and not complaints, verify.stderr
+    report = analyze(unit_dir, "security", "--offline=true", "--no-pager")
+    match = EXPOSURE_LINE.search(report.stdout)
+    assert match, report.stdout + report.stderr
+    print(f"systemd-analyze security {INSTANCE} [{'gpu' if gpu else 'cpu'}]: exposure {match.group(1)}")
+    assert float(match.group(1)) <= MAX_EXPOSURE, report.stdout
+
+
+def test_worker_unit_keeps_the_nodes_sandbox_and_runs_radnode_worker() -> None:
+    node = unit_settings(UNIT.read_text())
+    worker = unit_settings(WORKER_UNIT.read_text())
+    sandbox = [k for k in node if re.match(r"(Protect|Private|Restrict|SystemCall|Capability|NoNewPrivileges|LockPersonality|RemoveIPC|UMask)", k)]
+    assert len(sandbox) > 15
+    for key in sandbox:
+        assert worker.get(key) == node[key], f"{key}: worker {worker.get(key)} != node {node[key]}"
+    (exec_start,) = worker["ExecStart"]
+    args = exec_start.split()[1:]
+    assert args[:1] == ["worker"] and "%i" in exec_start and "--scratch" in args
+    scratch = args[args.index("--scratch") + 1]
+    assert worker["ReadWritePaths"] == [scratch] and worker["StateDirectory"] == ["radnode-worker/%i"]
+    # the command line parses (an unknown option would exit 2 before anything runs)
+    help_text = subprocess.run([sys.executable, "-m", "radnode", "worker", "--help"], capture_output=True, text=True, timeout=60).stdout
+    for option in [a for a in args if a.startswith("--")]:
+        assert option in help_text
