@@ -15,6 +15,31 @@ def register(app: typer.Typer) -> None:
     db = typer.Typer(help="The node's database: move from SQLite to PostgreSQL.", no_args_is_help=True)
     app.add_typer(db, name="db")
 
+    @db.command("init")
+    def init(
+        url: Annotated[str, typer.Option("--url", help="Owner's URL, postgresql://radnode_owner@host/radnode.")],
+        node_role: Annotated[str, typer.Option("--node-role", help="Role the node logs in with.")] = "radnode_node",
+        worker_role: Annotated[str, typer.Option("--worker-role", help="Role the workers log in with.")] = "radnode_worker",
+    ) -> None:
+        """Create radnode's tables as their owner and grant the node and worker roles least privilege.
+
+        The node's role reads and writes rows but cannot create, alter or drop tables; the
+        worker's role can only claim and finish jobs and hand results back.
+        """
+        from radnode.pipeline.database import is_postgres_url, redact
+        from radnode.pipeline.pg_roles import init_database
+
+        if not is_postgres_url(url):
+            fail("--url must be a postgresql:// URL", code=2)
+        try:
+            statements = init_database(url, node_role, worker_role)
+        except Exception as exc:
+            fail(f"initialising {redact(url)} failed: {exc}", code=1)
+            return
+        for statement in statements:
+            typer.echo(statement)
+        typer.echo(f"schema ready in {redact(url)}; node role {node_role}, worker role {worker_role}")
+
     @db.command("migrate")
     def migrate(
         ctx: typer.Context,
