@@ -53,6 +53,15 @@ class Cluster:
     def queue(self) -> PostgresJobQueue:
         return PostgresJobQueue(self.url)
 
+    def start_node(self) -> None:
+        log = (self.tmp / "node.log").open("ab")
+        self.node = subprocess.Popen(
+            [sys.executable, str(SERVE_ENTRY), "--config", str(self.tmp / "node.yaml"), "--chain", chain_ref("results_chain")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        wait_for(lambda: self.node.poll() is not None or _answers_echo(self.node_port), 60, 0.2, "the node to answer C-ECHO")
+        assert self.node.poll() is None, (self.tmp / "node.log").read_text()[-3000:]
+
 
 def _answers_echo(port: int) -> bool:
     ae = AE(ae_title="E2E")
@@ -110,21 +119,16 @@ def cluster(request: pytest.FixtureRequest, pg_cluster: PgCluster, tmp_path: Pat
     }
     (tmp_path / "worker.yaml").write_text(yaml.safe_dump(worker_config))
     orthanc.start()
-    node_log = (tmp_path / "node.log").open("ab")
-    node = subprocess.Popen(
-        [sys.executable, str(SERVE_ENTRY), "--config", str(tmp_path / "node.yaml"), "--chain", chain_ref("results_chain")],
-        stdout=node_log, stderr=subprocess.STDOUT,
-    )
-    workers: list[subprocess.Popen[bytes]] = []
+    cluster = Cluster(orthanc, None, node_port, [], url, data_dir, tmp_path)  # type: ignore[arg-type]
     try:
-        wait_for(lambda: node.poll() is not None or _answers_echo(node_port), 60, 0.2, "the node to answer C-ECHO")
-        assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
-        workers = [_start_worker(tmp_path, tmp_path / "worker.yaml", i, phase_gap) for i in (1, 2)]
+        cluster.start_node()
+        cluster.workers = [_start_worker(tmp_path, tmp_path / "worker.yaml", i, phase_gap) for i in (1, 2)]
         wait_for(lambda: len(SharedState(url).workers()) >= 2, 60, 0.2, "both workers to register")
-        yield Cluster(orthanc, node, node_port, workers, url, data_dir, tmp_path)
+        yield cluster
     finally:
-        for process in [*workers, node]:
-            _stop(process)
+        for process in [*cluster.workers, cluster.node]:
+            if process is not None:
+                _stop(process)
         orthanc.stop()
 
 
@@ -226,3 +230,21 @@ def test_postgresql_restart_under_load(cluster: Cluster, shared_data: Path, pg_c
     expected = {"SEG": 4, "RTSTRUCT": 4, "SR": 4}
     wait_for(lambda: result_counts(cluster.orthanc, study) == expected, 60, 0.3, f"{expected} in Orthanc")
     assert {i.state for i in Outbox(cluster.data_dir).items()} == {ItemState.SENT}
+
+
+@pytest.mark.parametrize("cluster", [3.0], indirect=True)
+def test_kill_9_of_the_node_while_workers_run_loses_and_duplicates_nothing(cluster: Cluster, shared_data: Path) -> None:
+    study, _ = send_series(cluster, shared_data, 3)
+    wait_for(lambda: any(j.state is JobState.RUNNING for j in cluster.queue().list()), 60, 0.2, "a running job")
+    cluster.node.send_signal(signal.SIGKILL)  # workers go on; their hand-backs wait in the database
+    cluster.node.wait(30)
+    time.sleep(4.0)
+    cluster.start_node()
+    wait_for(lambda: all_done(cluster, 3), 120, 0.5, "all jobs done after the node restart")
+    queue = cluster.queue()
+    assert all(len(queue.attempts(j.id)) == 1 for j in queue.list()), "a job ran twice"
+    expected = {"SEG": 3, "RTSTRUCT": 3, "SR": 3}
+    wait_for(lambda: result_counts(cluster.orthanc, study) == expected, 60, 0.3, f"{expected} in Orthanc")
+    wait_for(lambda: {i.state for i in Outbox(cluster.data_dir).items()} == {ItemState.SENT}, 60, 0.3, "every item sent")
+    assert len(Outbox(cluster.data_dir).items()) == 9
+    assert SharedState(cluster.url).pending_count() == 0

@@ -49,8 +49,21 @@ VERSION_MISMATCH = "version_mismatch"
 FETCH_FAILED = "fetch_failed"
 
 
+#: Seconds a worker thread waits after the node could not be reached (its job went back unchanged).
+NODE_DOWN_WAIT_SECONDS = 5.0
+
+
 class FetchError(RuntimeError):
-    """The series could not be fetched from the node."""
+    """The series could not be fetched from the node.
+
+    ``node_down``: the node did not answer or the association broke (restart, network):
+    the job goes back to the queue without counting an attempt. Otherwise the node
+    answered with a failure (series not stored): an attempt is spent, as for any failure.
+    """
+
+    def __init__(self, message: str, node_down: bool = False) -> None:
+        super().__init__(message)
+        self.node_down = node_down
 
 
 def fetch_series(node: NodeAddress, study_uid: str | None, series_uid: str, folder: Path, ae_title: str, timeout: float = 60.0) -> int:
@@ -80,7 +93,10 @@ def fetch_series(node: NodeAddress, study_uid: str | None, series_uid: str, fold
         ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
     if not assoc.is_established:
-        raise FetchError(f"node {node.ae_title} at {node.host}:{node.port} refused or did not answer the association")
+        raise FetchError(
+            f"node {node.ae_title} at {node.host}:{node.port} refused or did not answer the association",
+            node_down=not assoc.is_rejected,
+        )
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "SERIES"
     if study_uid:
@@ -91,7 +107,7 @@ def fetch_series(node: NodeAddress, study_uid: str | None, series_uid: str, fold
     try:
         for response, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
             if "Status" not in response:
-                raise FetchError("the C-GET ended without a response (association lost)")
+                raise FetchError("the C-GET ended without a response (association lost)", node_down=True)
             final = int(response.Status)
             comment = str(response.get("ErrorComment", "") or "")
     finally:
@@ -219,7 +235,18 @@ class RemoteWorkerPool(WorkerPool):
         folder = self.scratch / "input" / str(job.id)
         try:
             count = fetch_series(node, job.study_uid, job.series_uid, folder, self.ae_title)
-        except (FetchError, OSError) as exc:
+        except FetchError as exc:
+            if exc.node_down:  # a restarting node delays the job, never fails it
+                log.warning("job %d: %s; job handed back, retrying in %.0f s", job.id, exc, NODE_DOWN_WAIT_SECONDS)
+                try:
+                    self.queue.release(job.id, worker_id)
+                except LeaseLost:
+                    pass
+                self._stopping.wait(NODE_DOWN_WAIT_SECONDS)
+                return None
+            log.error("job %d: %s", job.id, exc)
+            return self._give_up(job, worker_id, FETCH_FAILED, str(exc))
+        except OSError as exc:  # scratch full or unwritable
             log.error("job %d: %s", job.id, exc)
             return self._give_up(job, worker_id, FETCH_FAILED, str(exc))
         log.info("job %d: fetched %d instance(s) of series %s from %s", job.id, count, job.series_uid, node.ae_title)
