@@ -193,6 +193,11 @@ def test_six_series_processed_once_each_by_two_workers(cluster: Cluster, shared_
     assert section["queue_depths"] == {} and section["results_waiting_for_node"] == 0
     assert section["node"] == {"ae_title": "RADNODE", "host": "127.0.0.1", "port": cluster.node_port}
     assert snapshot["jobs"]["counts"]["done"] == 6
+    # the dashboard reads the same shared queue
+    from radnode.config import load_settings
+    from radnode.web.data import list_jobs
+
+    assert len(list_jobs(load_settings(cluster.tmp / "node.yaml"))["jobs"]) == 6
 
 
 @pytest.mark.parametrize("cluster", [6.0], indirect=True)

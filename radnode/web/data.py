@@ -126,15 +126,15 @@ def list_jobs(
 ) -> dict[str, Any]:
     """One page of jobs, newest first, filtered by state and by a text in UID/description/AE/error."""
     from radnode.pipeline.jobs import JobState
-    from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue
+    from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue, open_queue
 
     wanted = [JobState(s) for s in states] if states else None  # ValueError for an unknown state
     page, per_page = max(1, page), max(1, min(per_page, 200))
     result: dict[str, Any] = {"page": page, "per_page": per_page, "states": states or [], "query": query}
     path = data_dir(settings) / QUEUE_FILE
-    if not path.exists():
+    if not settings.database.url and not path.exists():
         return {**result, "jobs": [], "total": 0, "pages": 0}
-    queue = SQLiteJobQueue(path)
+    queue = open_queue(data_dir(settings), settings.database.url) if settings.database.url else SQLiteJobQueue(path)
     window = SEARCH_WINDOW if query else page * per_page + 1
     rows = [_job_row(j) for j in queue.list(states=wanted, limit=window)]
     attributes = _series_attributes(settings, (r["series_uid"] for r in rows))
@@ -168,12 +168,12 @@ def job_detail(settings: Settings, job_id: int) -> dict[str, Any]:
     """One job: its record, attempts, deliveries, result.json and which overlay PNGs exist."""
     from radnode.dicom_io.overlays import OVERLAY_DIR, OVERLAY_NAMES
     from radnode.pipeline.outbox import OUTBOX_DB, Outbox, format_status
-    from radnode.pipeline.queue import QUEUE_FILE, JobNotFound, SQLiteJobQueue
+    from radnode.pipeline.queue import QUEUE_FILE, JobNotFound, SQLiteJobQueue, open_queue
 
     path = data_dir(settings) / QUEUE_FILE
-    if not path.exists():
+    if not settings.database.url and not path.exists():
         raise NotFound(f"job {job_id} not found (no job queue yet)")
-    queue = SQLiteJobQueue(path)
+    queue = open_queue(data_dir(settings), settings.database.url) if settings.database.url else SQLiteJobQueue(path)
     try:
         job = queue.get(job_id)
     except JobNotFound as exc:
@@ -225,7 +225,7 @@ def retry(settings: Settings, job_id: int) -> str:
     from radnode.pipeline.queue import open_queue
     from radnode.pipeline.steering import retry_job
 
-    return retry_job(open_queue(data_dir(settings)), Outbox(data_dir(settings)), job_id).message()
+    return retry_job(open_queue(data_dir(settings), settings.database.url), Outbox(data_dir(settings)), job_id).message()
 
 
 def cancel(settings: Settings, job_id: int) -> str:
@@ -233,7 +233,7 @@ def cancel(settings: Settings, job_id: int) -> str:
     from radnode.pipeline.queue import open_queue
     from radnode.pipeline.steering import cancel_job
 
-    job = cancel_job(open_queue(data_dir(settings)), job_id)
+    job = cancel_job(open_queue(data_dir(settings), settings.database.url), job_id)
     return f"job {job.id} cancelled (series {job.series_uid})"
 
 
