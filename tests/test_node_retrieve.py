@@ -59,3 +59,25 @@ def test_stored_series_is_served_by_c_get_to_allowed_aes_only(shared_data: Path,
         # a series the node does not hold: a failure status with a reason
         with pytest.raises(FetchError, match="not stored"):
             fetch_series(address, None, "1.2.3.999", tmp_path / "y", "RADWORKER")
+
+
+def test_c_get_over_tls_with_the_workers_client_certificate(shared_data: Path, tmp_path: Path) -> None:
+    from radnode.config.model import TLSSettings
+    from test_node_ingest import _make_pki
+
+    pki = _make_pki(tmp_path / "pki")
+    tls = {"enabled": True, "cert_file": str(pki["srv.crt"]), "key_file": str(pki["srv.key"]),
+           "ca_file": str(pki["ca.crt"]), "require_client_cert": True}
+    sources = sorted((shared_data / IBSI_SLICES).glob("*.dcm"))[:3]
+    header = pydicom.dcmread(sources[0], stop_before_pixels=True)
+    settings = node_settings(tmp_path / "data", node={"tls": tls})
+    with running_node(settings) as node:
+        sent = storescu(node.port, *sources, extra=("+tls", str(pki["cli.key"]), str(pki["cli.crt"]), "+cf", str(pki["ca.crt"])))
+        assert sent.returncode == 0, sent.stderr
+        assert wait_until(lambda: len(node.index.series_instances(header.SeriesInstanceUID)) == 3, 30)
+        address = NodeAddress("RADNODE", "RADNODE", "127.0.0.1", node.port, "1", None, time.time(), tls=True)
+        worker_tls = TLSSettings(ca_file=pki["ca.crt"], cert_file=pki["cli.crt"], key_file=pki["cli.key"])
+        assert fetch_series(address, None, str(header.SeriesInstanceUID), tmp_path / "w", "RADWORKER", tls=worker_tls) == 3
+        # without the client certificate the node refuses the TLS handshake
+        with pytest.raises(FetchError):
+            fetch_series(address, None, str(header.SeriesInstanceUID), tmp_path / "x", "RADWORKER", tls=TLSSettings(ca_file=pki["ca.crt"]))

@@ -57,3 +57,18 @@ def test_worker_refuses_jobs_of_another_version_or_model_checksum(pg_url: str, t
     stored = pool.run_job(claimed, "w")
     assert stored is not None and stored.state is JobState.RETRYING
     assert stored.reason == VERSION_MISMATCH and "0.0-elsewhere" in (stored.error or "")
+
+
+def test_heartbeat_while_the_database_is_down_keeps_the_job_and_then_reconnects(pg_cluster: PgCluster, pg_url: str, tmp_path: Path) -> None:
+    queue = PostgresJobQueue(pg_url)
+    job = queue.enqueue(spec("4.1", tmp_path))
+    queue.claim("w", 60)
+    queue._db.retry_seconds = 0.5
+    pg_cluster.stop()
+    try:
+        assert queue.heartbeat(job.id, "w", 60) is True  # unreachable: the work goes on
+    finally:
+        pg_cluster.start()
+    assert queue.heartbeat(job.id, "w", 60) is True  # a new connection after the restart
+    assert queue.heartbeat(job.id, "someone-else", 60) is False
+    assert queue.complete(job.id, "w", {}).state is JobState.DONE

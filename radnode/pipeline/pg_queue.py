@@ -280,13 +280,22 @@ class PostgresJobQueue(JobQueue):
         return job
 
     def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float) -> bool:
-        with self._db.connect() as conn:
-            now = self._now(conn)
-            cursor = conn.execute(
-                "UPDATE jobs SET lease_until = %s, updated_at = %s WHERE id = %s AND state = %s AND worker_id = %s",
-                (now + lease_seconds, now, job_id, JobState.RUNNING.value, worker_id),
-            )
-            return cursor.rowcount == 1
+        """Extend the lease. While the database cannot be reached the job keeps running
+        (``True``): killing finished work helps nobody, and if the lease ran out meanwhile
+        the outcome is refused (:class:`LeaseLost`) and the re-run delivers nothing twice."""
+        import psycopg
+
+        try:
+            with self._db.connect() as conn:
+                now = self._now(conn)
+                cursor = conn.execute(
+                    "UPDATE jobs SET lease_until = %s, updated_at = %s WHERE id = %s AND state = %s AND worker_id = %s",
+                    (now + lease_seconds, now, job_id, JobState.RUNNING.value, worker_id),
+                )
+                return cursor.rowcount == 1
+        except psycopg.OperationalError as exc:
+            log.warning("job %d: heartbeat not recorded (database unreachable: %s); the job goes on", job_id, str(exc).strip()[:200])
+            return True
 
     def complete(self, job_id: int, worker_id: str, result: dict[str, Any]) -> Job:
         with self._db.write() as conn:

@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS radnode_nodes (
     port             INTEGER NOT NULL,
     pipeline_version TEXT NOT NULL,
     bundle_sha256    TEXT,
+    tls              BOOLEAN NOT NULL DEFAULT false,
     updated_at       DOUBLE PRECISION NOT NULL
 );
 CREATE TABLE IF NOT EXISTS radnode_workers (
@@ -86,6 +87,7 @@ class NodeAddress:
     pipeline_version: str
     bundle_sha256: str | None
     updated_at: float
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,14 +126,16 @@ class SharedState:
 
     # -- node -----------------------------------------------------------------------------
 
-    def register_node(self, name: str, ae_title: str, host: str, port: int, pipeline_version: str, bundle_sha256: str | None) -> None:
+    def register_node(
+        self, name: str, ae_title: str, host: str, port: int, pipeline_version: str, bundle_sha256: str | None, tls: bool = False
+    ) -> None:
         with self._db.connect() as conn:
             conn.execute(
-                "INSERT INTO radnode_nodes (name, ae_title, host, port, pipeline_version, bundle_sha256, updated_at) "
-                f"VALUES (%s, %s, %s, %s, %s, %s, {_NOW}) ON CONFLICT (name) DO UPDATE SET ae_title = EXCLUDED.ae_title, "
+                "INSERT INTO radnode_nodes (name, ae_title, host, port, pipeline_version, bundle_sha256, tls, updated_at) "
+                f"VALUES (%s, %s, %s, %s, %s, %s, %s, {_NOW}) ON CONFLICT (name) DO UPDATE SET ae_title = EXCLUDED.ae_title, "
                 "host = EXCLUDED.host, port = EXCLUDED.port, pipeline_version = EXCLUDED.pipeline_version, "
-                "bundle_sha256 = EXCLUDED.bundle_sha256, updated_at = EXCLUDED.updated_at",
-                (name, ae_title, host, port, pipeline_version, bundle_sha256),
+                "bundle_sha256 = EXCLUDED.bundle_sha256, tls = EXCLUDED.tls, updated_at = EXCLUDED.updated_at",
+                (name, ae_title, host, port, pipeline_version, bundle_sha256, tls),
             )
 
     def node(self) -> NodeAddress | None:

@@ -113,7 +113,8 @@ class RemoteLink(BackgroundLoop):
     def announce(self) -> None:
         node = self.settings.node
         self.shared.register_node(
-            node.ae_title, node.ae_title, advertised_host(self.settings), node.port, self.pipeline_version, self.bundle_sha256
+            node.ae_title, node.ae_title, advertised_host(self.settings), node.port, self.pipeline_version, self.bundle_sha256,
+            tls=node.tls.enabled,
         )
         self._announced_at = time.monotonic()
 

@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import shutil
+import ssl
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
 from radnode.config import Settings
+from radnode.config.model import TLSSettings
 from radnode.node.storage import validate_uid
 from radnode.pipeline.identity import bundle_checksum
 from radnode.pipeline.jobs import Job, Phase, current_pipeline_version
@@ -66,7 +68,23 @@ class FetchError(RuntimeError):
         self.node_down = node_down
 
 
-def fetch_series(node: NodeAddress, study_uid: str | None, series_uid: str, folder: Path, ae_title: str, timeout: float = 60.0) -> int:
+def client_tls(node: NodeAddress, tls: TLSSettings | None) -> tuple[ssl.SSLContext, str] | None:
+    """TLS arguments for the association when the node's listener uses TLS (PS3.15 B.1):
+    the worker's ``node.tls.ca_file`` verifies the node, its ``cert_file``/``key_file`` (if
+    set) are the client certificate a node with ``require_client_cert`` asks for."""
+    if not node.tls:
+        return None
+    ca_file = tls.ca_file if tls is not None else None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None)
+    if tls is not None and tls.cert_file and tls.key_file:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context, node.host
+
+
+def fetch_series(
+    node: NodeAddress, study_uid: str | None, series_uid: str, folder: Path, ae_title: str, timeout: float = 60.0,
+    tls: TLSSettings | None = None,
+) -> int:
     """C-GET one series from the node into ``folder`` (emptied first); returns the instance count."""
     if folder.exists():
         shutil.rmtree(folder)
@@ -89,7 +107,7 @@ def fetch_series(node: NodeAddress, study_uid: str | None, series_uid: str, fold
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate(
-        node.host, node.port, ae_title=node.ae_title,
+        node.host, node.port, ae_title=node.ae_title, tls_args=client_tls(node, tls),
         ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)],
     )
     if not assoc.is_established:
@@ -234,7 +252,7 @@ class RemoteWorkerPool(WorkerPool):
             return self._give_up(job, worker_id, FETCH_FAILED, "no node has registered in the database yet")
         folder = self.scratch / "input" / str(job.id)
         try:
-            count = fetch_series(node, job.study_uid, job.series_uid, folder, self.ae_title)
+            count = fetch_series(node, job.study_uid, job.series_uid, folder, self.ae_title, tls=self.settings.node.tls)
         except FetchError as exc:
             if exc.node_down:  # a restarting node delays the job, never fails it
                 log.warning("job %d: %s; job handed back, retrying in %.0f s", job.id, exc, NODE_DOWN_WAIT_SECONDS)
