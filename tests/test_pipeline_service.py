@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from radnode.config import Settings
+from radnode.node.series_attributes import SeriesAttributes
 from radnode.pipeline.jobs import JobKind, JobSource, JobState, Priority
 from radnode.pipeline.outbox import ItemState
 from radnode.pipeline.service import PipelineBusy, PipelineService
@@ -26,7 +27,7 @@ class Completed:
     calling_ae: str = "SCANNER1"
     modality: str | None = "CT"
     round: int = 1
-    attributes: dict[str, Any] = field(default_factory=dict)
+    attributes: SeriesAttributes = field(default_factory=lambda: SeriesAttributes(None))
 
     @property
     def is_update(self) -> bool:
@@ -61,8 +62,8 @@ class FakeCompletion:
 
 
 def ct(uid: str, count: int = 60, **kwargs: Any) -> Completed:
-    attributes = {"Modality": kwargs.pop("modality", "CT"), "SeriesInstanceUID": uid, "Manufacturer": "SCANNER"}
-    return Completed(uid, "1.2.826.0.1", count, modality=attributes["Modality"], attributes=attributes, **kwargs)
+    attributes = SeriesAttributes(uid, modality=kwargs.pop("modality", "CT"), manufacturer="SCANNER")
+    return Completed(uid, "1.2.826.0.1", count, modality=attributes.modality, attributes=attributes, **kwargs)
 
 
 @pytest.fixture

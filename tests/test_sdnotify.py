@@ -226,12 +226,13 @@ PROCESS_CT_FOR_TPS = [{"name": "proc", "match": {"modality": ["CT"]}, "action": 
 
 
 def test_reload_swaps_routing_and_destinations_in_the_live_settings(tmp_path: Path) -> None:
-    from radnode.node.routing import SeriesFacts, evaluate
+    from radnode.node.routing import evaluate
+    from radnode.node.series_attributes import SeriesAttributes
 
     path = _config(tmp_path / "radnode.yaml", tmp_path / "data", 11112, [PACS], FORWARD_CT_TO_PACS)
     live = load_settings(path)
     node_section = live.node
-    facts = SeriesFacts.from_attributes({"Modality": "CT"}, 100, "SCANNER")
+    facts = SeriesAttributes.from_json({"Modality": "CT"}, 100, "SCANNER")
     assert evaluate(live.routing, facts, live.output.uid_root).action == "forward"
 
     # New rules name a new destination and drop the old one: set one after the other,

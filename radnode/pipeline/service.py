@@ -37,6 +37,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -72,8 +73,9 @@ from radnode.pipeline.scheduler import (
     window_seconds,
 )
 from radnode.node.storage import INCOMING_DIR, series_dir
-from radnode.pipeline.archive import ArchiveQuery, SeriesCandidate, rules_need_instance_level
-from radnode.pipeline.sweep import RouteVerdict, SweepReport, Sweeper
+from radnode.node.routing import RoutingDecision, decide
+from radnode.pipeline.archive import ArchiveQuery, rules_need_instance_level
+from radnode.pipeline.sweep import SweepReport, Sweeper
 from radnode.pipeline.worker import HEARTBEAT_SECONDS, LEASE_SECONDS, ChildOutcome, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -112,43 +114,13 @@ class PipelineBusy(RuntimeError):
     """Another pipeline service already runs on this data folder."""
 
 
-def route_series(
-    settings: Settings, attributes: dict[str, Any], calling_ae: str | None, instance_count: int | None
-) -> tuple[str, RouteVerdict]:
-    """Apply the node's routing rules (:mod:`radnode.node.routing`) to a series.
-
-    Returns the action (``process``, ``forward``, ``ignore``) and the verdict with the
-    rule's profile and destinations.
-    """
-    from radnode.node.routing import SeriesFacts, evaluate
-
-    facts = SeriesFacts.from_attributes(attributes, int(instance_count or 0), calling_ae)
-    decision = evaluate(settings.routing, facts, settings.output.uid_root)
-    verdict = RouteVerdict(
-        process=decision.action == "process",
-        reason=decision.reason,
-        profile=decision.profile or "default",
-        destinations=tuple(decision.destinations),
-    )
-    return decision.action, verdict
-
-
 def build_sweeper(settings: Settings, queue: JobQueue, pipeline_version: str | None = None) -> Sweeper:
     """A :class:`Sweeper` on ``queue`` that applies the node's routing rules to candidates."""
-    # Series fetched by the sweep come from the archive: it is their "calling AE".
-    archive_ae = settings.pacs.ae_title if settings.pacs is not None else None
-
-    def route(candidate: SeriesCandidate) -> RouteVerdict:
-        action, verdict = route_series(settings, candidate.attributes(), archive_ae, candidate.instance_count)
-        if action != "process":
-            return RouteVerdict(False, f"{action}: {verdict.reason}")
-        return verdict
-
     return Sweeper(
         settings,
         queue,
         pipeline_version or current_pipeline_version(),
-        route=route,
+        route=lambda candidate: decide(settings, candidate),
         query=ArchiveQuery(settings, instance_level=rules_need_instance_level(settings)),
     )
 
@@ -424,14 +396,15 @@ class PipelineService:
         """
         series_uid = event.series_instance_uid
         study_uid = event.study_instance_uid
-        attributes = dict(getattr(event, "attributes", {}) or {})
-        attributes.setdefault("Modality", getattr(event, "modality", None))
-        verdict_action, verdict = self._route(attributes, event.calling_ae, event.instance_count)
-        if verdict_action == "ignore":
+        attributes = replace(event.attributes, instance_count=event.instance_count, calling_ae=event.calling_ae)
+        if attributes.modality is None:
+            attributes = replace(attributes, modality=event.modality)
+        verdict = decide(self.settings, attributes)
+        if verdict.action == "ignore":
             log.info("series %s not processed: %s", series_uid, verdict.reason)
             self._mark_processed(series_uid)
             return None
-        if verdict_action == "forward":
+        if verdict.action == "forward":
             return self._forward(event, verdict)
         latest = self.queue.latest_for_series(series_uid, self.pipeline_version)
         is_update = bool(getattr(event, "is_update", False))
@@ -459,16 +432,13 @@ class PipelineService:
                 pipeline_version=self.pipeline_version,
                 priority=Priority.LIVE,
                 source=JobSource.LIVE,
-                profile=verdict.profile,
+                profile=verdict.profile or "default",
                 destinations=verdict.destinations,
                 instance_count=event.instance_count,
                 calling_ae=event.calling_ae,
                 max_attempts=self.settings.pipeline.max_attempts,
             )
         )
-
-    def _route(self, attributes: dict[str, Any], calling_ae: str | None, instance_count: int | None) -> tuple[str, RouteVerdict]:
-        return route_series(self.settings, attributes, calling_ae, instance_count)
 
     def _mark_processed(self, series_uid: str) -> None:
         if self.completion is not None:
@@ -477,7 +447,7 @@ class PipelineService:
             except Exception:
                 log.exception("could not mark series %s processed in the node index", series_uid)
 
-    def _forward(self, event: Any, verdict: RouteVerdict) -> Job:
+    def _forward(self, event: Any, verdict: RoutingDecision) -> Job:
         """Queue a forward job (action ``forward``): the forwarder stages the received files
         unchanged for the rule's destinations, off the completion thread."""
         series_uid = event.series_instance_uid
