@@ -135,7 +135,7 @@ def test_unit_matches_the_node_it_runs(unit_dir: Path) -> None:
     """Settings that must agree with the code and the configuration template."""
     from radnode.cli.serve_cmd import SHUTDOWN_GRACE_SECONDS
     from radnode.pipeline.service import DRAIN_SECONDS
-    from radnode.pipeline.worker import KILL_GRACE_SECONDS
+    from radnode.pipeline.child import KILL_GRACE_SECONDS
 
     unit = unit_settings(UNIT.read_text())
     assert last(unit, "Type") == "notify" and last(unit, "NotifyAccess") == "main"

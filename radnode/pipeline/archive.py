@@ -26,7 +26,6 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from pynetdicom.status import code_to_category
 
 from radnode.config import Settings
 from radnode.node import status
@@ -38,9 +37,6 @@ log = logging.getLogger(__name__)
 
 #: Modality (0008,0060) the sweep looks for.
 CT_MODALITY = "CT"
-_CATEGORY_SUCCESS = "Success"
-_CATEGORY_PENDING = "Pending"
-_CATEGORY_WARNING = "Warning"
 #: Attributes only an IMAGE-level C-FIND returns (read from one instance of the series).
 _INSTANCE_LEVEL = ("sop_class_uid", "image_type", "slice_thickness", "manufacturer", "software_versions")
 
@@ -162,10 +158,10 @@ class ArchiveQuery(_Association):
             if "Status" not in response:
                 raise SweepError("C-FIND got no response from the PACS (timeout or abort)")
             code = int(response.Status)
-            category = code_to_category(code)
-            if category == _CATEGORY_PENDING and found is not None:
+            category = status.category(code)
+            if category == status.CATEGORY_PENDING and found is not None:
                 matches.append(found)
-            elif category not in (_CATEGORY_PENDING, _CATEGORY_SUCCESS):
+            elif category not in (status.CATEGORY_PENDING, status.CATEGORY_SUCCESS):
                 raise SweepError(f"C-FIND refused by the PACS with status 0x{code:04X}")
         return matches
 
@@ -248,8 +244,8 @@ def _final_status(responses: Iterator[tuple[Dataset, Dataset | None]]) -> tuple[
 def _retrieve_outcome(candidate: SeriesAttributes, folder: Path, final: int | None, completed: int, failed: int, verb: str) -> RetrieveResult:
     if final is None:
         return RetrieveResult(False, folder, completed, failed, None, f"{verb}: no response from the PACS (timeout or abort)")
-    category = code_to_category(final)
-    if category == _CATEGORY_SUCCESS or (category == _CATEGORY_WARNING and completed > 0):
+    category = status.category(final)
+    if category == status.CATEGORY_SUCCESS or (category == status.CATEGORY_WARNING and completed > 0):
         if failed:
             log.warning("%s of series %s: %d sub-operation(s) failed, %d completed", verb, candidate.series_instance_uid, failed, completed)
         return RetrieveResult(True, folder, completed, failed, final)

@@ -39,6 +39,7 @@ from pydicom.errors import InvalidDicomError
 
 from radnode import durable
 from radnode.config import Destination, ResultObject
+from radnode.node.status import format_status
 from radnode.pipeline.sqlite_db import SQLiteDB, in_clause
 from radnode.pipeline.jobs import Backoff, Phase, phase_of
 
@@ -469,7 +470,7 @@ class Outbox:
             log.error(
                 "outbox item %d (%s %s -> %s) failed after %d refused attempts; last status %s: %s",
                 updated.id, updated.object_type, updated.sop_instance_uid, updated.destination,
-                updated.refusals, _hex(status), error,
+                updated.refusals, format_status(status), error,
             )
         return updated
 
@@ -667,10 +668,3 @@ class Outbox:
         return removed
 
 
-def _hex(status: int | None) -> str:
-    return "none" if status is None else f"0x{status:04X}"
-
-
-def format_status(status: int | None) -> str:
-    """A DIMSE status as ``0xA700`` (or ``-`` when the peer sent none)."""
-    return "-" if status is None else f"0x{status:04X}"

@@ -76,7 +76,8 @@ from radnode.node.storage import INCOMING_DIR, series_dir
 from radnode.node.routing import RoutingDecision, decide
 from radnode.pipeline.archive import ArchiveQuery, rules_need_instance_level
 from radnode.pipeline.sweep import SweepReport, Sweeper
-from radnode.pipeline.worker import HEARTBEAT_SECONDS, LEASE_SECONDS, ChildOutcome, WorkerPool
+from radnode.pipeline.child import HEARTBEAT_SECONDS, ChildOutcome
+from radnode.pipeline.worker import LEASE_SECONDS, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class PipelineService:
         The listener's completion checker (see the module docstring); ``None`` for a
         pipeline without a listener (tests, ``radnode sweep`` alone).
     chain
-        Import reference of the chain function (test hook, see :mod:`radnode.pipeline.worker`).
+        Import reference of the chain function (test hook, see :mod:`radnode.pipeline.child`).
     schedule_completion_checks
         Run ``completion.check_due`` from the scheduler.
     lease_seconds, heartbeat_seconds

@@ -168,7 +168,8 @@ def results_folder(settings: Settings, job_id: int) -> Path:
 def job_detail(settings: Settings, job_id: int) -> dict[str, Any]:
     """One job: its record, attempts, deliveries, result.json and which overlay PNGs exist."""
     from radnode.dicom_io.overlays import OVERLAY_DIR, OVERLAY_NAMES
-    from radnode.pipeline.outbox import OUTBOX_DB, Outbox, format_status
+    from radnode.node.status import format_status
+    from radnode.pipeline.outbox import OUTBOX_DB, Outbox
     from radnode.pipeline.queue import QUEUE_FILE, JobNotFound, SQLiteJobQueue
 
     path = data_dir(settings) / QUEUE_FILE
