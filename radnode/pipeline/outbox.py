@@ -40,7 +40,7 @@ from pydicom.errors import InvalidDicomError
 from radnode import durable
 from radnode.config import Destination, ResultObject
 from radnode.node.status import format_status
-from radnode.pipeline.sqlite_db import SQLiteDB, in_clause
+from radnode.pipeline.sqlite_db import SQLiteDB, in_clause, where
 from radnode.pipeline.jobs import Backoff, Phase, phase_of
 
 log = logging.getLogger(__name__)
@@ -560,22 +560,14 @@ class Outbox:
         limit: int = 1000,
     ) -> list[OutboxItem]:
         """Items, oldest first, optionally filtered."""
-        query = f"{_ITEM_SELECT} WHERE 1 = 1"
-        params: list[Any] = []
-        if job_id is not None:
-            query += " AND o.job_id = ?"
-            params.append(job_id)
-        if states is not None:
-            values = [ItemState(s).value for s in states]
-            if not values:
-                return []
-            clause, values = in_clause("i.state", values)
-            query += clause
-            params += values
-        if destination is not None:
-            query += " AND i.destination = ?"
-            params.append(destination)
-        query += " ORDER BY i.id LIMIT ?"
+        found = where(
+            {"o.job_id": job_id, "i.destination": destination},
+            {"i.state": None if states is None else [ItemState(s).value for s in states]},
+        )
+        if found is None:
+            return []
+        clause, params = found
+        query = f"{_ITEM_SELECT}{clause} ORDER BY i.id LIMIT ?"
         params.append(int(limit))
         with self._db.connect() as conn:
             return [self._item(r) for r in conn.execute(query, params).fetchall()]
