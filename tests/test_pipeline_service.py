@@ -14,7 +14,8 @@ from radnode.config import Settings
 from radnode.node.series_attributes import SeriesAttributes
 from radnode.pipeline.jobs import JobKind, JobSource, JobState, Priority
 from radnode.pipeline.outbox import ItemState
-from radnode.pipeline.service import PipelineBusy, PipelineService
+from radnode.pipeline.service import PipelineService
+from radnode.service.roles import RoleBusy
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def test_start_replays_pending_completions_and_locks_the_data_folder(service: Pi
         assert job.series_uid == "1.2.826.0.2.9"
         assert service.completion.subscribers == [service.on_series_complete]  # type: ignore[union-attr]
         second = PipelineService(service.settings)
-        with pytest.raises(PipelineBusy, match="another radnode pipeline"):
+        with pytest.raises(RoleBusy, match="another radnode process"):
             second.start()
         healthy, details = service.health()
         assert healthy and details["jobs"]["queued"] + details["jobs"]["running"] + details["jobs"]["failed"] == 1

@@ -201,6 +201,47 @@ def test_liveness_ignores_disk_space_but_not_the_listener_or_pipeline() -> None:
     assert not alive()
 
 
+def test_a_stalled_scheduler_does_not_stop_the_listeners_watchdog(tmp_path: Path, listener: NotifyListener) -> None:
+    """The wiring ``radnode serve`` uses: the watchdog follows the listener's own health;
+    a pipeline part that stalls shows in /healthz but never gets the listener restarted."""
+    from radnode.cli.serve_cmd import watchdog_liveness
+    from radnode.node.scp import StorageNode
+    from radnode.pipeline.service import PipelineService
+
+    settings = Settings.model_validate(
+        {
+            "node": {"host": "127.0.0.1", "port": _free_port(), "strict": False},
+            "storage": {"data_dir": str(tmp_path / "data"), "min_free_gb": 0.01},
+            "metrics": {"enabled": False},
+            "dashboard": {"enabled": False},
+        }
+    )
+    node = StorageNode(settings)
+    pipeline = PipelineService(settings, completion=node.completion, schedule_completion_checks=False)
+    node.add_health_check("pipeline", pipeline.health)
+    node.start()
+    pipeline.start()
+    notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": listener.env_value, "WATCHDOG_USEC": "300000"})
+    try:
+        notifier.ready("up", liveness=watchdog_liveness(node, pipeline))
+        listener.wait_for("READY", 2)
+        assert len(pings(listener.collect(0.6))) >= 2, "no pings while everything is healthy"
+
+        pipeline.scheduler.stop()  # the scheduler stalls; the listener still answers
+        healthy, details = node.health()
+        assert not healthy and details["pipeline"]["ok"] is False, details
+        assert len(pings(listener.collect(0.8))) >= 3, "a stalled scheduler stopped the listener's watchdog"
+
+        node.stop()  # now the listener itself is gone: the pings must stop
+        listener.collect(0.2)
+        assert pings(listener.collect(0.6)) == [], "pinged after the listener stopped"
+    finally:
+        notifier.stopping()
+        notifier.close()
+        pipeline.stop()
+        node.stop()
+
+
 # --- SIGHUP reload ---------------------------------------------------------------------------
 
 

@@ -262,6 +262,11 @@ class CompletionTimer:
         """Start the thread (an immediate first check resumes timers after a restart)."""
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The thread runs (started and not stopped)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def wake(self) -> None:
         """Check now instead of at the next tick."""
         self._wake.set()
