@@ -102,6 +102,7 @@ DROPIN_VARIANTS = {
     "port-104": {"privileged-port.conf": (SYSTEMD_DIR / "dropins" / "privileged-port.conf").read_text()},
     "ip-allow": {"ip-allow.conf": (SYSTEMD_DIR / "dropins" / "ip-allow.conf.example").read_text()},
     "memory": {"memory.conf": memory_dropin("32G")},
+    "roles": {"roles.conf": (SYSTEMD_DIR / "dropins" / "roles-listener.conf.example").read_text()},
 }
 
 
