@@ -71,7 +71,9 @@ def unit_dir(tmp_path: Path) -> Path:
 def add_dropin(unit_dir: Path, name: str, text: str) -> None:
     dropins = unit_dir / "radnode.service.d"
     dropins.mkdir(exist_ok=True)
-    (dropins / name).write_text(text)
+    # An ExecStart= in a drop-in points at the stub too, as install-systemd's would.
+    stub = unit_dir.parent / "venv" / "bin" / "radnode"
+    (dropins / name).write_text(text.replace("/opt/radnode/.venv/bin/radnode", str(stub)))
 
 
 def analyze(unit_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
