@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--chain", default=None, help="'module:function' or '/file.py:function'")
     parser.add_argument("--modules-out", type=Path, default=None)
+    parser.add_argument("--roles", default=None, help="as `radnode serve --roles` (default: all)")
     args = parser.parse_args()
     if args.modules_out is not None:
         atexit.register(_dump_modules, args.modules_out)
@@ -37,10 +38,12 @@ def main() -> None:
     from radnode.cli.serve_cmd import run_node
     from radnode.config import load_settings
     from radnode.config.logs import configure_logging
+    from radnode.service.roles import ALL_ROLES, parse_roles
 
     settings = load_settings(args.config)
     configure_logging(settings.logging)
-    run_node(settings, lambda: load_settings(args.config), chain=args.chain)
+    roles = ALL_ROLES if args.roles is None else parse_roles(args.roles)
+    run_node(settings, lambda: load_settings(args.config), chain=args.chain, roles=roles)
 
 
 if __name__ == "__main__":

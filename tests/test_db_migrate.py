@@ -60,3 +60,20 @@ def test_migrate_refuses_without_a_queue_or_with_a_non_postgres_url(pg_url: str,
     assert out.returncode == 1 and "nothing to migrate" in out.stderr + out.stdout
     out = _radnode(config, "db", "migrate", "--to", "sqlite:///x.db")
     assert out.returncode == 2 and "postgresql://" in out.stderr + out.stdout
+
+
+def test_migrate_refuses_while_the_node_runs(pg_url: str, tmp_path: Path) -> None:
+    from radnode.service.roles import PIPELINE_ROLES, RoleLocks
+
+    data = tmp_path / "data"
+    SQLiteJobQueue.in_data_dir(data).enqueue(JobSpec(series_uid="1.1", input_path=tmp_path, pipeline_version="1"))
+    config = tmp_path / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"data_dir": str(data)}}))
+    locks = RoleLocks(data)
+    locks.acquire(PIPELINE_ROLES)  # what a running node holds
+    try:
+        out = _radnode(config, "db", "migrate", "--to", pg_url)
+    finally:
+        locks.release()
+    assert out.returncode == 1 and "stop it first" in out.stderr + out.stdout
+    assert PostgresJobQueue(pg_url).counts()[JobState.QUEUED] == 0

@@ -19,7 +19,8 @@ from radnode.node.audit import AuditLog, read_audit
 from radnode.node.completion import SeriesCompletion
 from radnode.node.header import HeaderError, parse_header
 from radnode.node.index import InstanceRecord, NodeIndex, SeriesState
-from radnode.node.routing import SeriesFacts, evaluate, format_decision
+from radnode.node.routing import evaluate, format_decision
+from radnode.node.series_attributes import SeriesAttributes
 from radnode.node.status import RejectReason, RejectResult, RejectSource
 from radnode.node.storage import (
     InstanceStore,
@@ -199,7 +200,7 @@ def test_access_policy_decisions() -> None:
 # --- routing ------------------------------------------------------------------------------------
 
 
-def _ct_facts(**changes: object) -> SeriesFacts:
+def _ct_facts(**changes: object) -> SeriesAttributes:
     values: dict[str, object] = dict(
         series_instance_uid="1.2.3.4",
         sop_instance_uid="1.2.3.4.1",
@@ -210,13 +211,13 @@ def _ct_facts(**changes: object) -> SeriesFacts:
         image_type=("ORIGINAL", "PRIMARY", "AXIAL"),
         slice_thickness=1.0,
         station_name="CT-ROOM-2",
-        study_date=date(2024, 5, 17),
+        study_date="20240517",
         manufacturer="SIEMENS",
         instance_count=120,
         calling_ae="CT2",
     )
     values.update(changes)
-    return SeriesFacts(**values)  # type: ignore[arg-type]
+    return SeriesAttributes(**values)  # type: ignore[arg-type]
 
 
 RULES = [
@@ -261,7 +262,7 @@ def test_rule_matches_when_every_condition_holds() -> None:
         ({"instance_count": 49}, "min_instances"),
         ({"calling_ae": "PACS"}, "calling_ae"),
         ({"station_name": "MR-1"}, "station_name"),
-        ({"study_date": date(2023, 12, 31)}, "study_date"),
+        ({"study_date": "20231231"}, "study_date"),
         ({"study_date": None}, "study_date"),
     ],
 )

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from radnode.config import Settings
+from radnode.node.series_attributes import SeriesAttributes
 from radnode.pipeline.jobs import JobKind, JobSource, JobState, Priority
 from radnode.pipeline.outbox import ItemState
-from radnode.pipeline.service import PipelineBusy, PipelineService
+from radnode.pipeline.service import PipelineService
+from radnode.service.roles import RoleBusy
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,7 @@ class Completed:
     calling_ae: str = "SCANNER1"
     modality: str | None = "CT"
     round: int = 1
-    attributes: dict[str, Any] = field(default_factory=dict)
+    attributes: SeriesAttributes = field(default_factory=lambda: SeriesAttributes(None))
 
     @property
     def is_update(self) -> bool:
@@ -61,8 +63,8 @@ class FakeCompletion:
 
 
 def ct(uid: str, count: int = 60, **kwargs: Any) -> Completed:
-    attributes = {"Modality": kwargs.pop("modality", "CT"), "SeriesInstanceUID": uid, "Manufacturer": "SCANNER"}
-    return Completed(uid, "1.2.826.0.1", count, modality=attributes["Modality"], attributes=attributes, **kwargs)
+    attributes = SeriesAttributes(uid, modality=kwargs.pop("modality", "CT"), manufacturer="SCANNER")
+    return Completed(uid, "1.2.826.0.1", count, modality=attributes.modality, attributes=attributes, **kwargs)
 
 
 @pytest.fixture
@@ -156,7 +158,7 @@ def test_start_replays_pending_completions_and_locks_the_data_folder(service: Pi
         assert job.series_uid == "1.2.826.0.2.9"
         assert service.completion.subscribers == [service.on_series_complete]  # type: ignore[union-attr]
         second = PipelineService(service.settings)
-        with pytest.raises(PipelineBusy, match="another radnode pipeline"):
+        with pytest.raises(RoleBusy, match="another radnode process"):
             second.start()
         healthy, details = service.health()
         assert healthy and details["jobs"]["queued"] + details["jobs"]["running"] + details["jobs"]["failed"] == 1

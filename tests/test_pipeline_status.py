@@ -20,7 +20,8 @@ from radnode.pipeline.jobs import FailureReason, JobSource, JobSpec, JobState, P
 from radnode.pipeline.outbox import AttemptOutcome, Outbox
 from radnode.pipeline.queue import SQLiteJobQueue
 from radnode.pipeline.scheduler import PipelineScheduler, ScheduledTask, crontab_trigger, interval
-from radnode.pipeline.sweep import RunState, SeriesCandidate, SweepStore
+from radnode.node.series_attributes import SeriesAttributes
+from radnode.pipeline.sweep import RunState, SweepStore
 
 from pipeline_support import first_header, write_result_objects
 
@@ -89,7 +90,7 @@ def node_dir(tmp_path: Path, shared_data: Path, monkeypatch: pytest.MonkeyPatch)
 
     store = SweepStore(data.resolve())
     run_id, _ = store.open_run(__import__("datetime").date(2024, 3, 1), __import__("datetime").date(2024, 3, 31))
-    store.plan(run_id, SeriesCandidate("1.2.3", "1.2.826.0.1.400", "CT"))
+    store.plan(run_id, SeriesAttributes("1.2.826.0.1.400", "1.2.3", modality="CT"))
     store.finish_run(run_id, RunState.DONE, found=3, skipped=2)
 
     index = NodeIndex(data.resolve() / INDEX_FILE)

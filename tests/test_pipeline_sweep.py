@@ -79,7 +79,7 @@ def test_sweep_finds_retrieves_queues_and_then_does_nothing(
 
             # Dry run: lists what it would take, touches nothing.
             preview = sweeper.run(MARCH_FROM, MARCH_TO, dry_run=True)
-            decisions = {d.candidate.series_uid: d for d in preview.decisions}
+            decisions = {d.candidate.series_instance_uid: d for d in preview.decisions}
             assert set(decisions) == {a_uid, b_uid, short_uid}
             assert decisions[a_uid].take and decisions[b_uid].take
             assert not decisions[short_uid].take and decisions[short_uid].reason.startswith("routing:")
@@ -125,7 +125,7 @@ def test_sweep_finds_retrieves_queues_and_then_does_nothing(
             before = incoming_files(data_dir)
             third = sweeper.run(MARCH_FROM, MARCH_TO)
             assert third.queued == [] and third.failed == [] and third.taken == []
-            reasons = {d.candidate.series_uid: d.reason for d in third.decisions}
+            reasons = {d.candidate.series_instance_uid: d.reason for d in third.decisions}
             assert reasons[a_uid].startswith("already processed") and reasons[b_uid].startswith("already processed")
             assert incoming_files(data_dir) == before
             assert len(service.queue.list()) == 2

@@ -18,7 +18,8 @@ from radnode.config import Settings
 from radnode.pipeline.jobs import Backoff, FailureReason, Job, JobSpec, JobState, Phase, PhaseState
 from radnode.pipeline.queue import SQLiteJobQueue
 from radnode.pipeline.messages import ChainStatus, Progress, StageState, finished_message, phase_message, progress_message
-from radnode.pipeline.worker import DEFAULT_CHAIN, OOM_SCORE_ADJ, WorkerPool, resolve_chain
+from radnode.pipeline.child import DEFAULT_CHAIN, OOM_SCORE_ADJ, resolve_chain
+from radnode.pipeline.worker import WorkerPool
 
 from pipeline_support import ENV_FAIL_REPORT, ENV_PHASE_GAP, chain_ref, wait_for
 

@@ -201,6 +201,47 @@ def test_liveness_ignores_disk_space_but_not_the_listener_or_pipeline() -> None:
     assert not alive()
 
 
+def test_a_stalled_scheduler_does_not_stop_the_listeners_watchdog(tmp_path: Path, listener: NotifyListener) -> None:
+    """The wiring ``radnode serve`` uses: the watchdog follows the listener's own health;
+    a pipeline part that stalls shows in /healthz but never gets the listener restarted."""
+    from radnode.cli.serve_cmd import watchdog_liveness
+    from radnode.node.scp import StorageNode
+    from radnode.pipeline.service import PipelineService
+
+    settings = Settings.model_validate(
+        {
+            "node": {"host": "127.0.0.1", "port": _free_port(), "strict": False},
+            "storage": {"data_dir": str(tmp_path / "data"), "min_free_gb": 0.01},
+            "metrics": {"enabled": False},
+            "dashboard": {"enabled": False},
+        }
+    )
+    node = StorageNode(settings)
+    pipeline = PipelineService(settings, completion=node.completion, schedule_completion_checks=False)
+    node.add_health_check("pipeline", pipeline.health)
+    node.start()
+    pipeline.start()
+    notifier = SystemdNotifier.from_environment({"NOTIFY_SOCKET": listener.env_value, "WATCHDOG_USEC": "300000"})
+    try:
+        notifier.ready("up", liveness=watchdog_liveness(node, pipeline))
+        listener.wait_for("READY", 2)
+        assert len(pings(listener.collect(0.6))) >= 2, "no pings while everything is healthy"
+
+        pipeline.scheduler.stop()  # the scheduler stalls; the listener still answers
+        healthy, details = node.health()
+        assert not healthy and details["pipeline"]["ok"] is False, details
+        assert len(pings(listener.collect(0.8))) >= 3, "a stalled scheduler stopped the listener's watchdog"
+
+        node.stop()  # now the listener itself is gone: the pings must stop
+        listener.collect(0.2)
+        assert pings(listener.collect(0.6)) == [], "pinged after the listener stopped"
+    finally:
+        notifier.stopping()
+        notifier.close()
+        pipeline.stop()
+        node.stop()
+
+
 # --- SIGHUP reload ---------------------------------------------------------------------------
 
 
@@ -226,12 +267,13 @@ PROCESS_CT_FOR_TPS = [{"name": "proc", "match": {"modality": ["CT"]}, "action": 
 
 
 def test_reload_swaps_routing_and_destinations_in_the_live_settings(tmp_path: Path) -> None:
-    from radnode.node.routing import SeriesFacts, evaluate
+    from radnode.node.routing import evaluate
+    from radnode.node.series_attributes import SeriesAttributes
 
     path = _config(tmp_path / "radnode.yaml", tmp_path / "data", 11112, [PACS], FORWARD_CT_TO_PACS)
     live = load_settings(path)
     node_section = live.node
-    facts = SeriesFacts.from_attributes({"Modality": "CT"}, 100, "SCANNER")
+    facts = SeriesAttributes.from_json({"Modality": "CT"}, 100, "SCANNER")
     assert evaluate(live.routing, facts, live.output.uid_root).action == "forward"
 
     # New rules name a new destination and drop the old one: set one after the other,

@@ -124,7 +124,7 @@ def test_c_get_from_a_hostile_archive_is_ingested_or_quarantined(tmp_path: Path,
         report = Sweeper(settings, queue, "1").run(date(2024, 3, 1), date(2024, 3, 31))
 
     # The series with a traversal UID was never a candidate; the good one was queued.
-    assert [d.candidate.series_uid for d in report.decisions] == [series_uid]
+    assert [d.candidate.series_instance_uid for d in report.decisions] == [series_uid]
     ((queued_uid, job_id),) = report.queued
     job = queue.get(job_id)
     series_folder = data_dir.resolve() / "incoming" / study_uid / series_uid

@@ -71,7 +71,9 @@ def unit_dir(tmp_path: Path) -> Path:
 def add_dropin(unit_dir: Path, name: str, text: str) -> None:
     dropins = unit_dir / "radnode.service.d"
     dropins.mkdir(exist_ok=True)
-    (dropins / name).write_text(text)
+    # An ExecStart= in a drop-in points at the stub too, as install-systemd's would.
+    stub = unit_dir.parent / "venv" / "bin" / "radnode"
+    (dropins / name).write_text(text.replace("/opt/radnode/.venv/bin/radnode", str(stub)))
 
 
 def analyze(unit_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -102,6 +104,7 @@ DROPIN_VARIANTS = {
     "port-104": {"privileged-port.conf": (SYSTEMD_DIR / "dropins" / "privileged-port.conf").read_text()},
     "ip-allow": {"ip-allow.conf": (SYSTEMD_DIR / "dropins" / "ip-allow.conf.example").read_text()},
     "memory": {"memory.conf": memory_dropin("32G")},
+    "roles": {"roles.conf": (SYSTEMD_DIR / "dropins" / "roles-listener.conf.example").read_text()},
 }
 
 
@@ -135,7 +138,7 @@ def test_unit_matches_the_node_it_runs(unit_dir: Path) -> None:
     """Settings that must agree with the code and the configuration template."""
     from radnode.cli.serve_cmd import SHUTDOWN_GRACE_SECONDS
     from radnode.pipeline.service import DRAIN_SECONDS
-    from radnode.pipeline.worker import KILL_GRACE_SECONDS
+    from radnode.pipeline.child import KILL_GRACE_SECONDS
 
     unit = unit_settings(UNIT.read_text())
     assert last(unit, "Type") == "notify" and last(unit, "NotifyAccess") == "main"

@@ -69,7 +69,7 @@ def make_node_data(root: Path, dashboard: dict | None = None) -> NodeData:
             header.sop_instance_uid, 1, header.series_instance_uid, header.study_instance_uid, header.sop_class_uid,
             "1.2.840.10008.1.2.1", header.modality, "CTSCANNER", "127.0.0.1", str(path), path.stat().st_size, 1000.0 + i,
         )
-        index.add_instance(record, header.routing_attributes(), None)
+        index.add_instance(record, header.to_json(), None)
     index.close()
     first = dcmread(files[0], stop_before_pixels=True)
     series_uid, description = str(first.SeriesInstanceUID), str(first.get("SeriesDescription", ""))

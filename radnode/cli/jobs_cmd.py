@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
     @jobs_app.command("show")
     def show(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
         """Show one job: attempts, phases, deliveries, error and traceback."""
-        from radnode.pipeline.outbox import format_status
+        from radnode.node.status import format_status
 
         queue, outbox = _stores(ctx)
         job = _job_or_exit(queue, job_id)

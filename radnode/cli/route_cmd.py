@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -49,7 +50,7 @@ def register(app: typer.Typer) -> None:
         from pydicom.errors import InvalidDicomError
 
         from radnode.node.header import InstanceHeader
-        from radnode.node.routing import SeriesFacts, evaluate, format_decision
+        from radnode.node.routing import evaluate, format_decision
 
         if rules is not None:
             try:
@@ -74,7 +75,7 @@ def register(app: typer.Typer) -> None:
             fail(f"no readable DICOM file in {explain}", code=EXIT_NO_DICOM)
         blocks = []
         for header, sops in series.values():
-            facts = SeriesFacts.from_header(header, len(sops), calling_ae)
+            facts = replace(header, instance_count=len(sops), calling_ae=calling_ae)
             decision = evaluate(settings.routing, facts, settings.output.uid_root)
             blocks.append(format_decision(decision, facts))
         typer.echo("\n\n".join(blocks))

@@ -63,7 +63,8 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     """Everything ``radnode status`` shows, as JSON-ready data."""
     from radnode.node.index import NodeIndex, SeriesState
     from radnode.node.storage import INDEX_FILE
-    from radnode.pipeline.outbox import OUTBOX_DB, ItemState, Outbox, format_status
+    from radnode.node.status import format_status
+    from radnode.pipeline.outbox import OUTBOX_DB, ItemState, Outbox
     from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue, open_queue
     from radnode.pipeline.scheduler import read_next_runs
     from radnode.pipeline.sweep_store import SWEEP_DB, SweepStore

@@ -64,8 +64,8 @@ def register(app: typer.Typer) -> None:
                 "dry_run": dry_run,
                 "decisions": [
                     {
-                        "study_uid": d.candidate.study_uid,
-                        "series_uid": d.candidate.series_uid,
+                        "study_uid": d.candidate.study_instance_uid,
+                        "series_uid": d.candidate.series_instance_uid,
                         "study_date": d.candidate.study_date,
                         "instances": d.candidate.instance_count,
                         "take": d.take,
@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         for d in report.decisions:
             c = d.candidate
             add_row(
-                table, c.study_date or "-", c.series_uid, c.series_description or "", str(c.instance_count or "?"),
+                table, c.study_date or "-", c.series_instance_uid or "", c.series_description or "", str(c.instance_count or "?"),
                 "take" if d.take else "skip", d.reason,
             )
         console = stdout_console()

@@ -114,7 +114,8 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
-from skimage.morphology import convex_hull_image
+
+from radnode.models import morphology as morph
 
 logger = logging.getLogger(__name__)
 
@@ -123,13 +124,6 @@ RIGHT_LUNG = 1
 LEFT_LUNG = 2
 LABEL_NAMES: dict[int, str] = {RIGHT_LUNG: "right lung", LEFT_LUNG: "left lung"}
 
-#: Face-connected (6-neighbour) 3-D structure; thin contacts do not join components.
-_STRUCT_6 = ndi.generate_binary_structure(3, 1)
-#: 4-neighbour structure acting in-plane only (one slice at a time), as a 3-D array.
-_STRUCT_INPLANE = np.zeros((3, 3, 3), dtype=bool)
-_STRUCT_INPLANE[1] = ndi.generate_binary_structure(2, 1)
-#: z sampling (mm) that makes a 3-D distance transform act slice by slice.
-_NO_Z = 1.0e5
 #: Trachea seed: lumen HU, cross-section area (mm²), distance from the body's centre (mm),
 #: and how far down from the top of the air-containing slices to look (mm).
 _TRACHEA_HU = -900.0
@@ -422,8 +416,8 @@ def segment_lungs(
     hu, geometry = _as_array(image, spacing, direction, origin, notes)
     timer.lap("input")
 
-    factors = _block_factors(geometry.spacing, params.working_spacing_mm)
-    work = _block_mean(hu, factors)
+    factors = morph.block_factors(geometry.spacing, params.working_spacing_mm)
+    work = morph.block_mean(hu, factors)
     work_spacing = geometry.spacing * np.asarray(factors)
     work_geometry = _Geometry(work_spacing, geometry.direction, geometry.origin)
     voxel_ml = float(np.prod(work_spacing)) / 1000.0
@@ -440,7 +434,7 @@ def segment_lungs(
         notes.append("no trachea found in the superior slices; airways not removed")
     else:
         airway = _grow_airway(work, body, seed, work_spacing, params)
-        airway_zone = _dilate_mm(airway, work_spacing, params.airway_dilation_mm)
+        airway_zone = morph.dilate_mm(airway, work_spacing, params.airway_dilation_mm)
         air &= ~airway_zone
     timer.lap("airway")
 
@@ -474,9 +468,9 @@ def segment_lungs(
         mirror_ml = float(added.sum()) * voxel_ml
     for side, lung in lungs.items():
         # A mass put back only around its rim leaves a hole; close it (per slice, 3-D).
-        box = _padded_box(lung, 1)
+        box = morph.padded_box(lung, 1)
         filled = np.zeros_like(lung)
-        filled[box] = ndi.binary_fill_holes(_fill_holes_per_slice(lung[box]))
+        filled[box] = ndi.binary_fill_holes(morph.fill_holes_per_slice(lung[box]))
         for other_side, other in lungs.items():
             if other_side != side:
                 filled &= ~other
@@ -488,17 +482,17 @@ def segment_lungs(
         labels_work[lung & (labels_work == 0)] = side
     voi_factors = (1, 2, 2)
     voi_coarse = _voi(
-        _block_mean(labels_work > 0, voi_factors) > 0,
+        morph.block_mean(labels_work > 0, voi_factors) > 0,
         axis / 2.0 - 0.25,  # the mirror axis in coarse columns
-        _block_mean(body, voi_factors) >= 0.5,
+        morph.block_mean(body, voi_factors) >= 0.5,
         work_spacing * np.asarray(voi_factors),
         params.voi_margin_mm,
     )
     timer.lap("voi")
 
-    labels = _upsample_labels(labels_work, factors, hu.shape)
+    labels = morph.upsample_labels(labels_work, factors, hu.shape)
     full_factors = (factors[0], factors[1] * 2, factors[2] * 2)
-    voi = _upsample_bool(voi_coarse, full_factors, hu.shape) | (labels > 0)
+    voi = morph.upsample_bool(voi_coarse, full_factors, hu.shape) | (labels > 0)
     timer.lap("upsample")
 
     full_ml = float(np.prod(geometry.spacing)) / 1000.0
@@ -573,187 +567,6 @@ def _as_array(
     return hu, _Geometry(spacing_arr, direction_arr, origin_arr)
 
 
-def _block_factors(spacing: np.ndarray, target_mm: float) -> tuple[int, int, int]:
-    """Integer block size per axis that brings the spacing up to about ``target_mm``."""
-    fz, fy, fx = (max(1, int(round(target_mm / s))) for s in spacing)
-    return fz, fy, fx
-
-
-def _block_mean(data: np.ndarray, factors: tuple[int, int, int]) -> np.ndarray:
-    """Average non-overlapping blocks (float32); a last partial block repeats its edge.
-
-    Summed with strided slices, one block offset at a time: cheaper than a reshape and a
-    multi-axis reduction for the small factors used here.
-    """
-    arr = np.asarray(data)
-    if factors == (1, 1, 1):
-        return arr.astype(np.float32)
-    padded_shape = [-(-n // f) * f for n, f in zip(arr.shape, factors)]
-    pad = [(0, p - n) for p, n in zip(padded_shape, arr.shape)]
-    if any(p[1] for p in pad):
-        arr = np.pad(arr, pad, mode="edge")
-    fz, fy, fx = factors
-    acc_type = np.int32 if np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool else np.float32
-    total: np.ndarray | None = None
-    for dz in range(fz):
-        for dy in range(fy):
-            for dx in range(fx):
-                part = arr[dz::fz, dy::fy, dx::fx].astype(acc_type)
-                if total is None:
-                    total = part
-                else:
-                    total += part
-    assert total is not None
-    return total.astype(np.float32) / np.float32(fz * fy * fx)
-
-
-def _upsample_labels(
-    labels: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]
-) -> np.ndarray:
-    """Labels of the working grid on the CT grid, with edges interpolated, not blocky.
-
-    Each label's indicator is linearly interpolated at the CT voxel centres (a working
-    voxel covers ``factors`` CT voxels, so CT voxel ``i`` sits at working coordinate
-    ``(i + 0.5) / f - 0.5``) and the label wins where it exceeds 0.5. Done inside each
-    label's bounding box, one axis at a time, to stay cheap.
-    """
-    if factors == (1, 1, 1):
-        return labels.copy()
-    out = np.zeros(shape, dtype=np.uint8)
-    for value in (v for v in np.unique(labels) if v != 0):
-        mask = labels == value
-        box = _padded_box(mask, 1)
-        sub = mask[box].astype(np.float32)
-        lo = [s.start for s in box]
-        full = [
-            slice(s.start * f, min(n, s.stop * f)) for s, f, n in zip(box, factors, shape)
-        ]
-        for axis, (sl, f, lo_i) in enumerate(zip(full, factors, lo)):
-            coords = (np.arange(sl.start, sl.stop, dtype=np.float32) + 0.5) / f - 0.5 - lo_i
-            sub = _interp_axis(sub, coords, axis)
-        region = out[full[0], full[1], full[2]]
-        region[(sub > 0.5) & (region == 0)] = value
-    return out
-
-
-def _interp_axis(data: np.ndarray, coords: np.ndarray, axis: int) -> np.ndarray:
-    """Linear interpolation of ``data`` along ``axis`` at fractional ``coords`` (edge-clamped)."""
-    n = data.shape[axis]
-    c = np.clip(coords, 0, n - 1)
-    i0 = np.floor(c).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n - 1)
-    shape = [1] * data.ndim
-    shape[axis] = -1
-    w = (c - i0).astype(np.float32).reshape(shape)
-    return np.take(data, i0, axis=axis) * (1 - w) + np.take(data, i1, axis=axis) * w
-
-
-def _upsample_bool(
-    mask: np.ndarray, factors: tuple[int, int, int], shape: tuple[int, ...]
-) -> np.ndarray:
-    """Nearest-neighbour upsampling by integer factors, cropped to ``shape``."""
-    up = mask
-    for axis, f in enumerate(factors):
-        if f > 1:
-            up = np.repeat(up, f, axis=axis)
-    return up[: shape[0], : shape[1], : shape[2]]
-
-
-# --- morphology helpers (physical units) -------------------------------------------------------
-
-
-def _dilate_mm(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Dilation by a ball of ``radius_mm`` (exact, via the Euclidean distance transform)."""
-    if radius_mm <= 0 or not mask.any():
-        return mask.copy()
-    box = _padded_box(mask, [int(np.ceil(radius_mm / s)) + 1 for s in spacing])
-    out = np.zeros_like(mask)
-    out[box] = ndi.distance_transform_edt(~mask[box], sampling=spacing) <= radius_mm
-    return out
-
-
-def _erode_mm(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Erosion by a ball of ``radius_mm``; outside the array counts as background."""
-    if radius_mm <= 0 or not mask.any():
-        return mask.copy()
-    box = _padded_box(mask, 1)
-    padded = np.pad(mask[box], 1)
-    out = np.zeros_like(mask)
-    out[box] = ndi.distance_transform_edt(padded, sampling=spacing)[1:-1, 1:-1, 1:-1] > radius_mm
-    return out
-
-
-def _open_mm(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Opening by a ball of ``radius_mm``: removes parts thinner than its diameter."""
-    return _dilate_mm(_erode_mm(mask, spacing, radius_mm), spacing, radius_mm) & mask
-
-
-def _close_in_plane(mask: np.ndarray, spacing: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Slice-by-slice closing with a disk of ``radius_mm`` (exact, distance-transform based).
-
-    A huge z sampling makes the 3-D Euclidean distance transform act per slice. The mask
-    is padded in-plane by more than the radius so the array edge never stops the disk.
-    """
-    pad = [int(np.ceil(radius_mm / s)) + 1 for s in spacing[1:]]
-    padded = np.pad(mask, ((0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
-    sampling = np.array([_NO_Z, spacing[1], spacing[2]])
-    dilated = ndi.distance_transform_edt(~padded, sampling=sampling) <= radius_mm
-    closed = ndi.distance_transform_edt(dilated, sampling=sampling) > radius_mm
-    return closed[:, pad[0] : -pad[0], pad[1] : -pad[1]] | mask
-
-
-def _disk(radius_mm: float, spacing_yx: np.ndarray) -> np.ndarray:
-    """In-plane disk structuring element (as a 1-slice 3-D array) of ``radius_mm``."""
-    ry, rx = (max(0, int(np.floor(radius_mm / s))) for s in spacing_yx)
-    yy, xx = np.mgrid[-ry : ry + 1, -rx : rx + 1]
-    disk = (yy * spacing_yx[0]) ** 2 + (xx * spacing_yx[1]) ** 2 <= radius_mm**2
-    return disk[None]
-
-
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """Fill holes slice by slice (background not reachable in-plane from the slice edge)."""
-    return ndi.binary_fill_holes(mask, structure=_STRUCT_INPLANE)
-
-
-def _largest_component(mask: np.ndarray, structure: np.ndarray = _STRUCT_6) -> np.ndarray:
-    labels, n = ndi.label(mask, structure=structure)
-    if n == 0:
-        return mask.copy()
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(sizes.argmax())
-
-
-def _components_touching(mask: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Components of ``mask`` that touch (face-adjacent) ``target``."""
-    if not mask.any():
-        return mask
-    labels, n = ndi.label(mask, structure=_STRUCT_6)
-    touching = ndi.binary_dilation(target, structure=_STRUCT_6) & mask
-    hit = np.unique(labels[touching])
-    keep = np.zeros(n + 1, dtype=bool)
-    keep[hit[hit > 0]] = True
-    return keep[labels]
-
-
-def _padded_box(mask: np.ndarray, margin: int | Sequence[int]) -> tuple[slice, ...]:
-    """Bounding box of ``mask`` widened by ``margin`` voxels (per axis), clipped to the array.
-
-    The whole array when ``mask`` is empty. Projections (``any``) are much cheaper than
-    ``ndimage.find_objects`` on a large volume.
-    """
-    margins = [margin] * mask.ndim if isinstance(margin, int) else list(margin)
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(mask.any(axis=others))
-        if hit.size == 0:
-            return tuple(slice(0, n) for n in mask.shape)
-        m = margins[axis]
-        box.append(slice(max(0, int(hit[0]) - m), min(mask.shape[axis], int(hit[-1]) + 1 + m)))
-    return tuple(box)
-
-
 # --- body and airways ------------------------------------------------------------------------------
 
 
@@ -765,21 +578,21 @@ def _body_mask(work: np.ndarray, spacing: np.ndarray, params: LungMaskParams) ->
     is left inside it.
     """
     half = (1, 2, 2)
-    coarse = _block_mean(work, half)
+    coarse = morph.block_mean(work, half)
     coarse_spacing = spacing * np.asarray(half)
     tissue = coarse > params.body_threshold_hu
     if params.body_opening_mm > 0:
-        disk = _disk(params.body_opening_mm, coarse_spacing[1:])
+        disk = morph.disk(params.body_opening_mm, coarse_spacing[1:])
         opened = ndi.binary_opening(tissue, structure=disk)
     else:
         opened = tissue
-    body = _largest_component(opened)
+    body = morph.largest_component(opened)
     if params.body_opening_mm > 0:
         # Give back the surface the opening shaved off, without re-attaching the couch.
-        body |= ndi.binary_dilation(body, structure=_STRUCT_INPLANE) & tissue
-    body = _fill_holes_per_slice(body)
-    up = _upsample_bool(body, half, work.shape)
-    return ndi.binary_erosion(up, structure=_STRUCT_INPLANE, border_value=0)
+        body |= ndi.binary_dilation(body, structure=morph.STRUCT_INPLANE) & tissue
+    body = morph.fill_holes_per_slice(body)
+    up = morph.upsample_bool(body, half, work.shape)
+    return ndi.binary_erosion(up, structure=morph.STRUCT_INPLANE, border_value=0)
 
 
 def _find_trachea_seed(
@@ -887,7 +700,7 @@ def _grow_airway(
 def _component_touching(mask: np.ndarray, seed: np.ndarray, body: np.ndarray) -> np.ndarray:
     """Union of the 6-connected components of ``mask & body`` that contain a seed voxel."""
     region = mask & body
-    labels, n = ndi.label(region, structure=_STRUCT_6)
+    labels, n = ndi.label(region, structure=morph.STRUCT_6)
     hit = np.unique(labels[seed & region])
     hit = hit[hit > 0]
     if hit.size == 0:
@@ -908,7 +721,7 @@ def _select_lungs(
     notes: list[str],
 ) -> tuple[list[np.ndarray], str]:
     """The one or two lung components of the air mask, split when they touch."""
-    labels, n = ndi.label(air, structure=_STRUCT_6)
+    labels, n = ndi.label(air, structure=morph.STRUCT_6)
     if n == 0:
         notes.append("no air inside the body below the air threshold: no lung found")
         return [], "none"
@@ -952,13 +765,13 @@ def _split_touching(mask: np.ndarray, spacing: np.ndarray) -> list[np.ndarray] |
     with indices), so the cut runs along the thin junction.
     """
     half = (1, 2, 2)
-    box = _padded_box(mask, 0)
+    box = morph.padded_box(mask, 0)
     sub = mask[box]
-    coarse = _block_mean(sub, half) >= 0.5
+    coarse = morph.block_mean(sub, half) >= 0.5
     coarse_spacing = spacing * np.asarray(half)
     depth = ndi.distance_transform_edt(np.pad(coarse, 1), sampling=coarse_spacing)[1:-1, 1:-1, 1:-1]
     for radius in np.arange(2.0, 20.1, 2.0):
-        labels, n = ndi.label(depth > radius, structure=_STRUCT_6)
+        labels, n = ndi.label(depth > radius, structure=morph.STRUCT_6)
         if n == 0:
             return None
         if n < 2:
@@ -970,7 +783,7 @@ def _split_touching(mask: np.ndarray, spacing: np.ndarray) -> list[np.ndarray] |
             continue
         seeds = np.where(labels == a, 1, np.where(labels == b, 2, 0)).astype(np.uint8)
         _, idx = ndi.distance_transform_edt(seeds == 0, sampling=coarse_spacing, return_indices=True)
-        nearest = _upsample_bool(seeds[tuple(idx)], half, sub.shape)
+        nearest = morph.upsample_bool(seeds[tuple(idx)], half, sub.shape)
         parts = []
         for value in (1, 2):
             part = np.zeros_like(mask)
@@ -1000,13 +813,13 @@ def _sides(
 
 def _clean_lung(lung: np.ndarray, spacing: np.ndarray, params: LungMaskParams) -> np.ndarray:
     """Fill vessels/bronchi (holes per slice and in 3-D), close in-plane, keep one component."""
-    box = _padded_box(lung, [0] + [int(np.ceil(params.smoothing_radius_mm / s)) + 2 for s in spacing[1:]])
+    box = morph.padded_box(lung, [0] + [int(np.ceil(params.smoothing_radius_mm / s)) + 2 for s in spacing[1:]])
     sub = lung[box]
     if params.smoothing_radius_mm > 0:
-        sub = ndi.binary_closing(sub, structure=_disk(params.smoothing_radius_mm, spacing[1:])) | sub
-    sub = ndi.binary_fill_holes(_fill_holes_per_slice(sub))
+        sub = ndi.binary_closing(sub, structure=morph.disk(params.smoothing_radius_mm, spacing[1:])) | sub
+    sub = ndi.binary_fill_holes(morph.fill_holes_per_slice(sub))
     out = np.zeros_like(lung)
-    out[box] = _largest_component(sub)
+    out[box] = morph.largest_component(sub)
     return out
 
 
@@ -1038,26 +851,26 @@ def _pleural_fill(
     not the other lung, and attached to this lung.
     """
     lung = lungs[side]
-    factors = _block_factors(spacing, params.ball_grid_mm)
+    factors = morph.block_factors(spacing, params.ball_grid_mm)
     factors = (1, factors[1], factors[2])  # the closings are per slice: keep every slice
     coarse_spacing = spacing * np.asarray(factors)
     radius = max(params.ball_radius_mm, params.pocket_radius_mm)
     margin = [0] + [int(np.ceil(radius / s)) + f for s, f in zip(spacing[1:], factors[1:])]
-    box = _padded_box(lung, margin)
+    box = morph.padded_box(lung, margin)
     sub = lung[box]
-    coarse = _block_mean(sub, factors) >= 0.5
+    coarse = morph.block_mean(sub, factors) >= 0.5
     added = np.zeros_like(coarse)
     if params.ball_radius_mm > 0:
-        added |= _close_in_plane(coarse, coarse_spacing, params.ball_radius_mm)
+        added |= morph.close_in_plane(coarse, coarse_spacing, params.ball_radius_mm)
     if params.pocket_radius_mm > 0:
-        pocket = _close_in_plane(coarse, coarse_spacing, params.pocket_radius_mm)
+        pocket = morph.close_in_plane(coarse, coarse_spacing, params.pocket_radius_mm)
         added |= pocket & _lung_above_and_below(coarse, coarse_spacing, params.pocket_z_mm)
-    added = _upsample_bool(added & ~coarse, factors, sub.shape) & tissue[box] & ~sub
+    added = morph.upsample_bool(added & ~coarse, factors, sub.shape) & tissue[box] & ~sub
     for other_side, other in lungs.items():
         if other_side != side:
             added &= ~other[box]
     out = np.zeros_like(lung)
-    out[box] = _components_touching(added, sub)
+    out[box] = morph.components_touching(added, sub)
     return out
 
 
@@ -1121,17 +934,6 @@ def _mirror(mask: np.ndarray, axis: np.ndarray) -> np.ndarray:
     return out & valid[:, None, :]
 
 
-def _hull_per_slice(mask: np.ndarray) -> np.ndarray:
-    """Convex hull of every slice of ``mask`` (computed inside its bounding box)."""
-    out = np.zeros_like(mask)
-    box = _padded_box(mask, 1)
-    sub = mask[box]
-    hull = out[box]
-    for z in np.flatnonzero(sub.any(axis=(1, 2))):
-        hull[z] = convex_hull_image(sub[z])
-    return out
-
-
 def _mirror_fill(
     lungs: dict[int, np.ndarray],
     side: int,
@@ -1152,17 +954,17 @@ def _mirror_fill(
             others |= other
     reach = max(0, int(round(_MIRROR_HULL_Z_MM / spacing[0])))
     stacked = ndi.maximum_filter1d(lung, size=2 * reach + 1, axis=0) if reach else lung
-    candidate = _hull_per_slice(stacked) & _mirror(others, axis) & tissue & ~lung & ~others
+    candidate = morph.hull_per_slice(stacked) & _mirror(others, axis) & tissue & ~lung & ~others
     if params.mirror_min_thickness_mm > 0 and candidate.any():
         # The opening only tells thick from thin: a grid twice as coarse in-plane will do.
         half = (1, 2, 2)
-        box = _padded_box(candidate, [1, 2, 2])
-        coarse = _block_mean(candidate[box], half) >= 0.5
-        opened = _open_mm(coarse, spacing * np.asarray(half), params.mirror_min_thickness_mm / 2)
+        box = morph.padded_box(candidate, [1, 2, 2])
+        coarse = morph.block_mean(candidate[box], half) >= 0.5
+        opened = morph.open_mm(coarse, spacing * np.asarray(half), params.mirror_min_thickness_mm / 2)
         keep = np.zeros_like(candidate)
-        keep[box] = _upsample_bool(opened, half, candidate[box].shape)
+        keep[box] = morph.upsample_bool(opened, half, candidate[box].shape)
         candidate &= keep
-    return _components_touching(candidate, lung)
+    return morph.components_touching(candidate, lung)
 
 
 def _voi(
@@ -1171,4 +973,4 @@ def _voi(
     """DuneAI's lung VOI: lungs united with their mirror image, dilated, inside the body."""
     if not lungs.any():
         return lungs.copy()
-    return _dilate_mm(lungs | _mirror(lungs, axis), spacing, margin_mm) & body
+    return morph.dilate_mm(lungs | _mirror(lungs, axis), spacing, margin_mm) & body

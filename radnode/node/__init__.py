@@ -7,13 +7,14 @@ receives a :class:`~radnode.node.completion.SeriesCompleted`.
 """
 
 from radnode.node.completion import CompletionSubscriber, SeriesCompleted, SeriesCompletion
-from radnode.node.routing import RoutingDecision, SeriesFacts, evaluate
+from radnode.node.routing import RoutingDecision, evaluate
+from radnode.node.series_attributes import SeriesAttributes
 
 __all__ = [
     "CompletionSubscriber",
     "RoutingDecision",
     "SeriesCompleted",
+    "SeriesAttributes",
     "SeriesCompletion",
-    "SeriesFacts",
     "evaluate",
 ]

@@ -30,10 +30,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from radnode.config.model import SeriesSettings
 from radnode.node.index import CompletionFailure, NodeIndex, SeriesRecord, SeriesState
+from radnode.node.series_attributes import SeriesAttributes
 
 LOGGER = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class SeriesCompleted:
     completed_at: float
     calling_ae: str
     modality: str | None
-    attributes: dict[str, Any] = field(default_factory=dict, compare=False)
+    attributes: SeriesAttributes = field(default_factory=lambda: SeriesAttributes(None), compare=False)
 
     @property
     def is_update(self) -> bool:
@@ -76,7 +77,7 @@ class SeriesCompleted:
             completed_at=record.completed_at or 0.0,
             calling_ae=record.calling_ae,
             modality=record.modality,
-            attributes=record.attributes,
+            attributes=SeriesAttributes.from_json(record.attributes, record.instance_count, record.calling_ae),
         )
 
 
@@ -260,6 +261,11 @@ class CompletionTimer:
     def start(self) -> None:
         """Start the thread (an immediate first check resumes timers after a restart)."""
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """The thread runs (started and not stopped)."""
+        return self._thread.is_alive() and not self._stop.is_set()
 
     def wake(self) -> None:
         """Check now instead of at the next tick."""

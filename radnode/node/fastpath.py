@@ -66,6 +66,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationSocket
 
+from radnode.node import status as dimse_status
+
 try:  # an internal helper: its absence must mean "no fast path", not "no node"
     from pynetdicom.utils import make_target
 except ImportError:  # pragma: no cover - only under an unsupported pynetdicom
@@ -90,8 +92,6 @@ _LAST_COMMAND_FRAGMENT = b"\x03"
 C_STORE_RQ_COMMAND_FIELD = 0x0001
 C_STORE_RSP_COMMAND_FIELD = 0x8001
 NO_DATA_SET = 0x0101
-#: Status of a handler that raised (as pynetdicom answers: 0xC211, PS3.7 Annex C).
-HANDLER_FAILURE_STATUS = 0xC211
 #: Events whose handlers need pynetdicom's own decoded PDU objects.
 _PDU_EVENTS = (evt.EVT_DATA_RECV, evt.EVT_PDU_RECV)
 
@@ -553,7 +553,7 @@ class StoreDIMSE(DIMSEServiceProvider):
             status, comment = self.store_handler(self.assoc, command, fragments, sink)
         except Exception:
             LOGGER.exception("C-STORE handler failed for SOP instance %s", command.sop_instance_uid)
-            status, comment = HANDLER_FAILURE_STATUS, "Exception in the C-STORE handler"
+            status, comment = dimse_status.HANDLER_FAILURE, "Exception in the C-STORE handler"
         finally:
             fragments.clear()
             if sink is not None:

@@ -19,8 +19,16 @@ from typing import Any
 from pydicom.charset import convert_encodings, decode_bytes
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
-from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
+
+from radnode.node.series_attributes import (
+    SeriesAttributes,
+    element_value,
+    float_value,
+    int_value,
+    multi_value,
+    series_fields,
+)
 
 #: Implicit VR Little Endian (PS3.5 §A.1).
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
@@ -48,26 +56,15 @@ class HeaderError(ValueError):
 
 
 @dataclass(frozen=True)
-class InstanceHeader:
-    """Identifying and routing-relevant attributes of one received instance.
+class InstanceHeader(SeriesAttributes):
+    """The attributes of one received instance: its series' attributes plus the few that
+    say how big the series is and how the bytes were encoded.
 
-    Text values are stripped; absent attributes are ``None`` (or an empty tuple).
-    Patient-identifying attributes are deliberately not read.
+    A header *is* the :class:`~radnode.node.series_attributes.SeriesAttributes` of its
+    series as far as one instance can tell (the index keeps the first instance's);
+    ``instance_count`` and ``calling_ae`` are filled in by whoever counts and received.
     """
 
-    sop_class_uid: str | None
-    sop_instance_uid: str | None
-    study_instance_uid: str | None
-    series_instance_uid: str | None
-    modality: str | None = None
-    body_part_examined: str | None = None
-    series_description: str | None = None
-    image_type: tuple[str, ...] = ()
-    slice_thickness: float | None = None
-    station_name: str | None = None
-    study_date: str | None = None
-    manufacturer: str | None = None
-    software_versions: tuple[str, ...] = ()
     images_in_acquisition: int | None = None
     number_of_series_related_instances: int | None = None
     has_file_meta_elements: bool = False
@@ -85,91 +82,16 @@ class InstanceHeader:
                 return value
         return None
 
-    def routing_attributes(self) -> dict[str, Any]:
-        """The series-level attributes routing rules match on, as JSON-ready values."""
-        return {
-            "Modality": self.modality,
-            "BodyPartExamined": self.body_part_examined,
-            "SeriesDescription": self.series_description,
-            "ImageType": list(self.image_type),
-            "SliceThickness": self.slice_thickness,
-            "StationName": self.station_name,
-            "StudyDate": self.study_date,
-            "Manufacturer": self.manufacturer,
-            "SoftwareVersions": list(self.software_versions),
-            "SOPClassUID": self.sop_class_uid,
-            "SOPInstanceUID": self.sop_instance_uid,
-            "SeriesInstanceUID": self.series_instance_uid,
-            "StudyInstanceUID": self.study_instance_uid,
-        }
-
     @classmethod
-    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
+    def from_dataset(cls, ds: Dataset, **extra: Any) -> InstanceHeader:
         """Build the header from an already decoded data set (files on disk)."""
         return cls(
-            sop_class_uid=_text(ds, "SOPClassUID"),
-            sop_instance_uid=_text(ds, "SOPInstanceUID"),
-            study_instance_uid=_text(ds, "StudyInstanceUID"),
-            series_instance_uid=_text(ds, "SeriesInstanceUID"),
-            modality=_text(ds, "Modality"),
-            body_part_examined=_text(ds, "BodyPartExamined"),
-            series_description=_text(ds, "SeriesDescription"),
-            image_type=_multi(ds, "ImageType"),
-            slice_thickness=_float(ds, "SliceThickness"),
-            station_name=_text(ds, "StationName"),
-            study_date=_text(ds, "StudyDate"),
-            manufacturer=_text(ds, "Manufacturer"),
-            software_versions=_multi(ds, "SoftwareVersions"),
-            images_in_acquisition=_int(ds, "ImagesInAcquisition"),
-            number_of_series_related_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
+            **series_fields(ds),
+            images_in_acquisition=int_value(element_value(ds, "ImagesInAcquisition")),
+            number_of_series_related_instances=int_value(element_value(ds, "NumberOfSeriesRelatedInstances")),
             has_file_meta_elements=any(tag.group == 0x0002 for tag in ds.keys()),
+            **extra,
         )
-
-
-def _value(ds: Dataset, keyword: str) -> Any:
-    try:
-        elem = ds[keyword]
-    except KeyError:
-        return None
-    return elem.value
-
-
-def _text(ds: Dataset, keyword: str) -> str | None:
-    value = _value(ds, keyword)
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple, MultiValue)):
-        value = "\\".join(str(v) for v in value)
-    text = str(value).strip().rstrip("\x00").strip()
-    return text or None
-
-
-def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
-    value = _value(ds, keyword)
-    if value is None or value == "":
-        return ()
-    if isinstance(value, str):
-        return (value.strip(),)
-    try:
-        return tuple(str(v).strip() for v in value)
-    except TypeError:
-        return (str(value).strip(),)
-
-
-def _float(ds: Dataset, keyword: str) -> float | None:
-    value = _value(ds, keyword)
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = _value(ds, keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
 
 
 def _parse(data: bytes, implicit: bool, little: bool) -> tuple[InstanceHeader, bool]:
@@ -208,6 +130,7 @@ _WANTED: dict[int, str] = {
     0x00181020: "SoftwareVersions",
     0x0020000D: "StudyInstanceUID",
     0x0020000E: "SeriesInstanceUID",
+    0x00200011: "SeriesNumber",
     0x00201002: "ImagesInAcquisition",
     0x00201209: "NumberOfSeriesRelatedInstances",
 }
@@ -305,7 +228,7 @@ def _scan_header(data: memoryview, implicit: bool, little: bool) -> tuple[Instan
     reached = scanner.top_level()
     found = scanner.found
     charset = found.get(0x00080005)
-    encodings = convert_encodings(list(_split(_ascii(charset)))) if charset else None
+    encodings = convert_encodings(list(multi_value(_ascii(charset)))) if charset else None
 
     def text(tag: int) -> str | None:
         raw = found.get(tag)
@@ -320,15 +243,6 @@ def _scan_header(data: memoryview, implicit: bool, little: bool) -> tuple[Instan
         value = value.strip(" \x00")
         return value or None
 
-    def number(tag: int, kind: type) -> Any:
-        value = text(tag)
-        if value is None:
-            return None
-        try:
-            return kind(value.split("\\")[0])
-        except ValueError:
-            return None
-
     header = InstanceHeader(
         sop_class_uid=text(0x00080016),
         sop_instance_uid=text(0x00080018),
@@ -337,14 +251,15 @@ def _scan_header(data: memoryview, implicit: bool, little: bool) -> tuple[Instan
         modality=text(0x00080060),
         body_part_examined=text(0x00180015),
         series_description=text(0x0008103E),
-        image_type=_split(text(0x00080008)),
-        slice_thickness=number(0x00180050, float),
+        image_type=multi_value(text(0x00080008)),
+        slice_thickness=float_value(text(0x00180050)),
         station_name=text(0x00081010),
         study_date=text(0x00080020),
         manufacturer=text(0x00080070),
-        software_versions=_split(text(0x00181020)),
-        images_in_acquisition=number(0x00201002, int),
-        number_of_series_related_instances=number(0x00201209, int),
+        software_versions=multi_value(text(0x00181020)),
+        series_number=int_value(text(0x00200011)),
+        images_in_acquisition=int_value(text(0x00201002)),
+        number_of_series_related_instances=int_value(text(0x00201209)),
         has_file_meta_elements=scanner.group2,
     )
     return header, reached
@@ -352,12 +267,6 @@ def _scan_header(data: memoryview, implicit: bool, little: bool) -> tuple[Instan
 
 def _ascii(raw: bytes) -> str:
     return raw.decode("ascii", "replace").strip(" \x00")
-
-
-def _split(value: str | None) -> tuple[str, ...]:
-    if not value:
-        return ()
-    return tuple(part.strip() for part in value.split("\\"))
 
 
 def parse_header(data: bytes | memoryview, transfer_syntax: str) -> InstanceHeader:

@@ -291,7 +291,7 @@ class Ingestor:
             )
             try:
                 change = self.index.add_instance(
-                    record, header.routing_attributes(), header.expected_count, self.on_update
+                    record, header.to_json(), header.expected_count, self.on_update
                 )
             except BaseException:
                 # Not acknowledged, so not kept: the sender will retry.
@@ -402,7 +402,7 @@ class Ingestor:
             size=path.stat().st_size,
             received_at=time.time(),
         )
-        self.index.add_instance(record, header.routing_attributes(), header.expected_count, self.on_update)
+        self.index.add_instance(record, header.to_json(), header.expected_count, self.on_update)
         self.audit.record(
             "instance-recovered",
             sop_instance_uid=sop_uid,

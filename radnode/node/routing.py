@@ -22,13 +22,15 @@ ranges are inclusive; a condition on an absent attribute fails.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from radnode.config.model import RoutingRule, RuleMatch
-from radnode.node.header import InstanceHeader
+from radnode.node.series_attributes import SeriesAttributes
+
+if TYPE_CHECKING:
+    from radnode.config import Settings
 
 Action = Literal["process", "forward", "ignore"]
 
@@ -53,66 +55,6 @@ NON_IMAGE_SOP_CLASSES: dict[str, str] = {
 NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "SR", "KO", "PR"})
 #: Image Type value that marks a scout / localizer image.
 LOCALIZER = "LOCALIZER"
-
-
-@dataclass(frozen=True)
-class SeriesFacts:
-    """The attributes of a series that rules look at (taken from its first instance)."""
-
-    series_instance_uid: str | None
-    study_instance_uid: str | None = None
-    sop_class_uid: str | None = None
-    sop_instance_uid: str | None = None
-    modality: str | None = None
-    body_part_examined: str | None = None
-    series_description: str | None = None
-    image_type: tuple[str, ...] = ()
-    slice_thickness: float | None = None
-    station_name: str | None = None
-    study_date: date | None = None
-    manufacturer: str | None = None
-    software_versions: tuple[str, ...] = ()
-    instance_count: int = 0
-    calling_ae: str | None = None
-
-    @classmethod
-    def from_header(cls, header: InstanceHeader, instance_count: int, calling_ae: str | None = None) -> SeriesFacts:
-        """Facts from the header of one instance and the series' instance count."""
-        return cls.from_attributes(header.routing_attributes(), instance_count, calling_ae)
-
-    @classmethod
-    def from_attributes(
-        cls, attributes: dict[str, Any], instance_count: int, calling_ae: str | None = None
-    ) -> SeriesFacts:
-        """Facts from the JSON attributes the index keeps per series."""
-        thickness = attributes.get("SliceThickness")
-        return cls(
-            series_instance_uid=attributes.get("SeriesInstanceUID"),
-            study_instance_uid=attributes.get("StudyInstanceUID"),
-            sop_class_uid=attributes.get("SOPClassUID"),
-            sop_instance_uid=attributes.get("SOPInstanceUID"),
-            modality=attributes.get("Modality"),
-            body_part_examined=attributes.get("BodyPartExamined"),
-            series_description=attributes.get("SeriesDescription"),
-            image_type=tuple(attributes.get("ImageType") or ()),
-            slice_thickness=float(thickness) if thickness is not None else None,
-            station_name=attributes.get("StationName"),
-            study_date=_parse_da(attributes.get("StudyDate")),
-            manufacturer=attributes.get("Manufacturer"),
-            software_versions=tuple(attributes.get("SoftwareVersions") or ()),
-            instance_count=instance_count,
-            calling_ae=calling_ae,
-        )
-
-
-def _parse_da(value: str | None) -> date | None:
-    """A DA value (YYYYMMDD, PS3.5 Table 6.2-1) as a date; None if absent or malformed."""
-    if not value:
-        return None
-    try:
-        return datetime.strptime(value.strip()[:8], "%Y%m%d").date()
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -157,7 +99,7 @@ class RoutingDecision:
     checks: tuple[RuleCheck, ...]
 
 
-def loop_guard(facts: SeriesFacts, uid_root: str) -> str | None:
+def loop_guard(facts: SeriesAttributes, uid_root: str) -> str | None:
     """Why radnode must not process a series it produced itself, or ``None``."""
     prefix = uid_root.rstrip(".") + "."
     uids = [u for u in (facts.series_instance_uid, facts.sop_instance_uid) if u]
@@ -171,7 +113,7 @@ def loop_guard(facts: SeriesFacts, uid_root: str) -> str | None:
     return None
 
 
-def processing_exclusion(facts: SeriesFacts) -> str | None:
+def processing_exclusion(facts: SeriesAttributes) -> str | None:
     """Why a series is never processed (SEG, RTSTRUCT, SR, localizer), or ``None``."""
     if facts.sop_class_uid in NON_IMAGE_SOP_CLASSES:
         return f"not processed: {NON_IMAGE_SOP_CLASSES[facts.sop_class_uid]}"
@@ -195,7 +137,7 @@ def _regex(name: str, pattern: str, value: str | None) -> ConditionCheck:
     return ConditionCheck(name, f"matches /{pattern}/i", _show(value), passed)
 
 
-def check_conditions(match: RuleMatch, facts: SeriesFacts) -> tuple[ConditionCheck, ...]:
+def check_conditions(match: RuleMatch, facts: SeriesAttributes) -> tuple[ConditionCheck, ...]:
     """Evaluate every condition a rule sets; an empty tuple means "matches everything"."""
     checks: list[ConditionCheck] = []
     if match.modality is not None:
@@ -229,8 +171,8 @@ def check_conditions(match: RuleMatch, facts: SeriesFacts) -> tuple[ConditionChe
             ConditionCheck(
                 "min_instances",
                 f">= {match.min_instances} instances",
-                str(facts.instance_count),
-                facts.instance_count >= match.min_instances,
+                str(facts.instance_count or 0),
+                (facts.instance_count or 0) >= match.min_instances,
             )
         )
     if match.calling_ae is not None:
@@ -247,14 +189,14 @@ def check_conditions(match: RuleMatch, facts: SeriesFacts) -> tuple[ConditionChe
         checks.append(_regex("station_name", match.station_name, facts.station_name))
     if match.study_date_from is not None or match.study_date_to is not None:
         start, end = match.study_date_from, match.study_date_to
-        day = facts.study_date
+        day = facts.study_day
         passed = day is not None and (start is None or day >= start) and (end is None or day <= end)
         wanted = f"{start or ''} <= StudyDate <= {end or ''}".strip()
         checks.append(ConditionCheck("study_date", wanted, _show(day), passed))
     return tuple(checks)
 
 
-def evaluate(rules: Sequence[RoutingRule], facts: SeriesFacts, uid_root: str) -> RoutingDecision:
+def evaluate(rules: Sequence[RoutingRule], facts: SeriesAttributes, uid_root: str) -> RoutingDecision:
     """Decide what to do with a series: the first rule that matches and is not guarded.
 
     Every rule is checked (for ``--explain``), but only the first applicable one decides.
@@ -285,14 +227,23 @@ def evaluate(rules: Sequence[RoutingRule], facts: SeriesFacts, uid_root: str) ->
     )
 
 
-def format_decision(decision: RoutingDecision, facts: SeriesFacts) -> str:
+def decide(settings: Settings, facts: SeriesAttributes) -> RoutingDecision:
+    """:func:`evaluate` with the node's current rules and UID root (live path and sweep)."""
+    return evaluate(settings.routing, facts, settings.output.uid_root)
+
+
+#: A routing check the sweep applies to what the archive describes (``decide`` bound to settings).
+RouteCheck = Callable[[SeriesAttributes], RoutingDecision]
+
+
+def format_decision(decision: RoutingDecision, facts: SeriesAttributes) -> str:
     """A human-readable explanation: the series, every rule and condition, the outcome."""
     lines = [
         f"series {facts.series_instance_uid or '<no SeriesInstanceUID>'}",
         f"  modality={_show(facts.modality)} body_part={_show(facts.body_part_examined)} "
         f"description={_show(facts.series_description)!r} image_type={_show(facts.image_type)}",
-        f"  slice_thickness={_show(facts.slice_thickness)} instances={facts.instance_count} "
-        f"station={_show(facts.station_name)} study_date={_show(facts.study_date)} "
+        f"  slice_thickness={_show(facts.slice_thickness)} instances={facts.instance_count or 0} "
+        f"station={_show(facts.station_name)} study_date={_show(facts.study_day)} "
         f"calling_ae={_show(facts.calling_ae)}",
     ]
     if decision.guard:

@@ -122,6 +122,13 @@ class StorageNode:
     settings
         The effective configuration; ``node``, ``storage``, ``series``, ``output``
         and ``metrics`` are read.
+    listen
+        Run the listener role: accept associations (and serve metrics). ``False`` in a
+        process that runs series completion only (``radnode serve --roles completion``).
+    complete
+        Run the completion role: the timer that completes series in the shared index.
+        ``False`` when another process on the data folder runs it; that process finds
+        what this one indexed at its next tick.
 
     Examples
     --------
@@ -130,8 +137,10 @@ class StorageNode:
     >>> node.start(); ...; node.stop()          # doctest: +SKIP
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, listen: bool = True, complete: bool = True) -> None:
         self.settings = settings
+        self.listen = listen
+        self.complete = complete
         data_dir = Path(settings.storage.data_dir)
         self.store = InstanceStore(data_dir, settings.storage.min_free_gb)
         self.index = NodeIndex(self.store.data_dir / INDEX_FILE, settings.storage.index_sync)
@@ -162,7 +171,15 @@ class StorageNode:
     # --- life cycle -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recover from a crash, then listen. Returns once the socket is bound."""
+        """Recover from a crash, then listen. Returns once the socket is bound.
+
+        Without the listener role only the completion timer starts.
+        """
+        if not self.listen:
+            if self.complete:
+                self.timer.start()
+            LOGGER.info("series completion running on %s (no listener in this process)", self.store.data_dir)
+            return
         node = self.settings.node
         if _config.STORE_RECV_CHUNKED_DATASET:
             raise RuntimeError(
@@ -207,7 +224,8 @@ class StorageNode:
                     server.unbind(event, handler)
         self._server = server
         self.metrics.active_associations.set_function(lambda: len(server.active_associations))
-        self.timer.start()
+        if self.complete:
+            self.timer.start()
         if self.settings.metrics.enabled:
             self._metrics_server = MetricsServer(
                 self.metrics, self.settings.metrics.host, self.settings.metrics.port, self.health
@@ -282,14 +300,28 @@ class StorageNode:
         """Let another part of the process (the pipeline) report in ``/healthz``."""
         self._health_checks[name] = check
 
-    def health(self) -> tuple[bool, dict[str, Any]]:
-        """``/healthz``: listening, enough disk to accept data, and every added check."""
+    def listener_health(self) -> tuple[bool, dict[str, Any]]:
+        """The listener's own health: listening (with the listener role), enough disk to
+        accept data, and the completion timer alive (with the completion role). What the
+        systemd watchdog of this process follows; the pipeline's parts are not part of it."""
         free = self.store.free_bytes()
         self.metrics.disk_free_bytes.set(free)
-        listening = self._server is not None and not self._stopped.is_set() and not self._closing
         room = free >= self.store.min_free_bytes
-        healthy = listening and room
-        details: dict[str, Any] = {"listening": listening, "disk_ok": room, "free_bytes": free}
+        details: dict[str, Any] = {"disk_ok": room, "free_bytes": free}
+        healthy = room
+        if self.listen:
+            listening = self._server is not None and not self._stopped.is_set() and not self._closing
+            details["listening"] = listening
+            healthy = healthy and listening
+        if self.complete:
+            ticking = self.timer.alive
+            details["completion"] = {"ok": ticking}
+            healthy = healthy and ticking
+        return healthy, details
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """``/healthz``: :meth:`listener_health` and every added check (the pipeline)."""
+        healthy, details = self.listener_health()
         for name, check in self._health_checks.items():
             ok, extra = check()
             healthy = healthy and ok

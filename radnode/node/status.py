@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from pynetdicom.status import code_to_category
+
 # --- C-STORE response statuses (PS3.4 Table B.2-1, PS3.7 Annex C) -----------------------------
 
 #: Success (PS3.7 C.1.1).
@@ -30,6 +32,9 @@ MISSING_ATTRIBUTE = 0xC002
 NONCONFORMANT_META = 0xC003
 #: Failure: Processing failure (PS3.7 C.4.2): an unexpected local error (I/O, database).
 PROCESSING_FAILURE = 0x0110
+#: Failure: the C-STORE handler raised (the code pynetdicom answers with in that case,
+#: PS3.7 Annex C, Cxxx range); the fast receive path answers the same.
+HANDLER_FAILURE = 0xC211
 
 # --- C-MOVE / C-GET response statuses the sweep reads (PS3.4 C.4.2.1.5, C.4.3.1.4) -----------
 
@@ -47,7 +52,24 @@ STATUS_NAMES: dict[int, str] = {
     MISSING_ATTRIBUTE: "missing-attribute",
     NONCONFORMANT_META: "nonconformant-meta",
     PROCESSING_FAILURE: "processing-failure",
+    HANDLER_FAILURE: "handler-failure",
 }
+
+# --- Status categories (PS3.7 Annex C), as :func:`pynetdicom.status.code_to_category` names them
+
+CATEGORY_SUCCESS = "Success"
+CATEGORY_PENDING = "Pending"
+CATEGORY_WARNING = "Warning"
+
+
+def category(code: int) -> str:
+    """The category of a status a peer answered (``Success``, ``Warning``, ``Failure``, ...)."""
+    return str(code_to_category(code))
+
+
+def format_status(code: int | None) -> str:
+    """A DIMSE status as ``0xA700`` (or ``-`` when the peer sent none)."""
+    return "-" if code is None else f"0x{code:04X}"
 
 
 def status_name(code: int) -> str:

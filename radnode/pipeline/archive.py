@@ -26,62 +26,23 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from pynetdicom.status import code_to_category
 
 from radnode.config import Settings
 from radnode.node import status
 from radnode.node.ingest import Ingestor, StoreRequest, local_ingestor
+from radnode.node.series_attributes import SeriesAttributes, element_value, int_value, series_fields, text_value
 from radnode.node.storage import InvalidUIDError, series_dir, validate_uid
 
 log = logging.getLogger(__name__)
 
 #: Modality (0008,0060) the sweep looks for.
 CT_MODALITY = "CT"
-_CATEGORY_SUCCESS = "Success"
-_CATEGORY_PENDING = "Pending"
-_CATEGORY_WARNING = "Warning"
+#: Attributes only an IMAGE-level C-FIND returns (read from one instance of the series).
+_INSTANCE_LEVEL = ("sop_class_uid", "image_type", "slice_thickness", "manufacturer", "software_versions")
 
 
 class SweepError(RuntimeError):
     """The sweep cannot run (no PACS configured, query refused, already running)."""
-
-
-@dataclass(frozen=True)
-class SeriesCandidate:
-    """A CT series as the archive describes it at SERIES level (no patient data)."""
-
-    study_uid: str
-    series_uid: str
-    modality: str
-    study_date: str | None = None
-    series_description: str | None = None
-    body_part: str | None = None
-    series_number: int | None = None
-    instance_count: int | None = None
-    station_name: str | None = None
-    # From one instance (IMAGE-level C-FIND), only when a routing rule needs them.
-    sop_class_uid: str | None = None
-    image_type: tuple[str, ...] = ()
-    slice_thickness: float | None = None
-    manufacturer: str | None = None
-    software_versions: tuple[str, ...] = ()
-
-    def attributes(self) -> dict[str, Any]:
-        """The attributes routing rules test, by DICOM keyword (as the node's index keeps them)."""
-        return {
-            "StudyInstanceUID": self.study_uid,
-            "SeriesInstanceUID": self.series_uid,
-            "Modality": self.modality,
-            "StudyDate": self.study_date,
-            "SeriesDescription": self.series_description,
-            "BodyPartExamined": self.body_part,
-            "StationName": self.station_name,
-            "SOPClassUID": self.sop_class_uid,
-            "ImageType": list(self.image_type),
-            "SliceThickness": self.slice_thickness,
-            "Manufacturer": self.manufacturer,
-            "SoftwareVersions": list(self.software_versions),
-        }
 
 
 @dataclass(frozen=True)
@@ -99,7 +60,7 @@ class RetrieveResult:
 class Retriever(Protocol):
     """Fetches one series from the archive into a folder the job can read."""
 
-    def retrieve(self, candidate: SeriesCandidate) -> RetrieveResult: ...
+    def retrieve(self, candidate: SeriesAttributes) -> RetrieveResult: ...
 
 
 def _da(value: date) -> str:
@@ -108,10 +69,7 @@ def _da(value: date) -> str:
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value).strip() or None
+    return text_value(element_value(ds, keyword))
 
 
 def _uid(ds: Dataset, keyword: str) -> str | None:
@@ -123,14 +81,6 @@ def _uid(ds: Dataset, keyword: str) -> str | None:
         return validate_uid(value, keyword)
     except InvalidUIDError as exc:
         log.warning("archive answered an invalid %s; that match is ignored: %s", keyword, exc)
-        return None
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
         return None
 
 
@@ -169,26 +119,6 @@ def rules_need_instance_level(settings: Settings) -> bool:
     )
 
 
-def _multi(ds: Dataset, keyword: str) -> tuple[str, ...]:
-    value = ds.get(keyword)
-    if value in (None, ""):
-        return ()
-    if isinstance(value, str):
-        return tuple(v.strip() for v in value.split("\\") if v.strip())
-    try:
-        return tuple(str(v).strip() for v in value)
-    except TypeError:
-        return (str(value).strip(),)
-
-
-def _float(ds: Dataset, keyword: str) -> float | None:
-    value = ds.get(keyword)
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
 class ArchiveQuery(_Association):
     """C-FIND against the configured PACS (Study Root, PS3.4 C.6.2).
 
@@ -219,14 +149,8 @@ class ArchiveQuery(_Association):
         matches = self._find(assoc, query)
         if not matches:
             return {}
-        first = matches[0]
-        return {
-            "sop_class_uid": _text(first, "SOPClassUID"),
-            "image_type": _multi(first, "ImageType"),
-            "slice_thickness": _float(first, "SliceThickness"),
-            "manufacturer": _text(first, "Manufacturer"),
-            "software_versions": _multi(first, "SoftwareVersions"),
-        }
+        found = series_fields(matches[0])
+        return {name: found[name] for name in _INSTANCE_LEVEL}
 
     def _find(self, assoc: Any, identifier: Dataset) -> list[Dataset]:
         matches: list[Dataset] = []
@@ -234,14 +158,14 @@ class ArchiveQuery(_Association):
             if "Status" not in response:
                 raise SweepError("C-FIND got no response from the PACS (timeout or abort)")
             code = int(response.Status)
-            category = code_to_category(code)
-            if category == _CATEGORY_PENDING and found is not None:
+            category = status.category(code)
+            if category == status.CATEGORY_PENDING and found is not None:
                 matches.append(found)
-            elif category not in (_CATEGORY_PENDING, _CATEGORY_SUCCESS):
+            elif category not in (status.CATEGORY_PENDING, status.CATEGORY_SUCCESS):
                 raise SweepError(f"C-FIND refused by the PACS with status 0x{code:04X}")
         return matches
 
-    def series(self, date_from: date, date_to: date, modality: str = CT_MODALITY) -> list[SeriesCandidate]:
+    def series(self, date_from: date, date_to: date, modality: str = CT_MODALITY) -> list[SeriesAttributes]:
         """All series of ``modality`` in studies dated within ``[date_from, date_to]``."""
         ae = self.ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
@@ -253,7 +177,7 @@ class ArchiveQuery(_Association):
             study.StudyDate = f"{_da(date_from)}-{_da(date_to)}"
             study.ModalitiesInStudy = modality
             studies = self._find(assoc, study)
-            candidates: list[SeriesCandidate] = []
+            candidates: list[SeriesAttributes] = []
             for found in studies:
                 study_uid = _uid(found, "StudyInstanceUID")
                 if not study_uid:
@@ -275,16 +199,18 @@ class ArchiveQuery(_Association):
                         continue  # an archive that ignores the Modality key still returns others
                     extra = self._instance_facts(assoc, study_uid, series_uid) if self.instance_level else {}
                     candidates.append(
-                        SeriesCandidate(
-                            study_uid=study_uid,
-                            series_uid=series_uid,
+                        SeriesAttributes(
+                            series_instance_uid=series_uid,
+                            study_instance_uid=study_uid,
                             modality=series_modality,
                             study_date=_text(found, "StudyDate"),
                             series_description=_text(series, "SeriesDescription"),
-                            body_part=_text(series, "BodyPartExamined"),
-                            series_number=_int(series, "SeriesNumber"),
-                            instance_count=_int(series, "NumberOfSeriesRelatedInstances"),
+                            body_part_examined=_text(series, "BodyPartExamined"),
+                            series_number=int_value(element_value(series, "SeriesNumber")),
+                            instance_count=int_value(element_value(series, "NumberOfSeriesRelatedInstances")),
                             station_name=_text(series, "StationName"),
+                            # Series the sweep fetches come from the archive: it is their sender.
+                            calling_ae=self.pacs.ae_title,
                             **extra,
                         )
                     )
@@ -294,11 +220,11 @@ class ArchiveQuery(_Association):
         return candidates
 
 
-def _retrieve_identifier(candidate: SeriesCandidate) -> Dataset:
+def _retrieve_identifier(candidate: SeriesAttributes) -> Dataset:
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "SERIES"
-    identifier.StudyInstanceUID = candidate.study_uid
-    identifier.SeriesInstanceUID = candidate.series_uid
+    identifier.StudyInstanceUID = candidate.study_instance_uid
+    identifier.SeriesInstanceUID = candidate.series_instance_uid
     return identifier
 
 
@@ -315,13 +241,13 @@ def _final_status(responses: Iterator[tuple[Dataset, Dataset | None]]) -> tuple[
     return final, completed, failed
 
 
-def _retrieve_outcome(candidate: SeriesCandidate, folder: Path, final: int | None, completed: int, failed: int, verb: str) -> RetrieveResult:
+def _retrieve_outcome(candidate: SeriesAttributes, folder: Path, final: int | None, completed: int, failed: int, verb: str) -> RetrieveResult:
     if final is None:
         return RetrieveResult(False, folder, completed, failed, None, f"{verb}: no response from the PACS (timeout or abort)")
-    category = code_to_category(final)
-    if category == _CATEGORY_SUCCESS or (category == _CATEGORY_WARNING and completed > 0):
+    category = status.category(final)
+    if category == status.CATEGORY_SUCCESS or (category == status.CATEGORY_WARNING and completed > 0):
         if failed:
-            log.warning("%s of series %s: %d sub-operation(s) failed, %d completed", verb, candidate.series_uid, failed, completed)
+            log.warning("%s of series %s: %d sub-operation(s) failed, %d completed", verb, candidate.series_instance_uid, failed, completed)
         return RetrieveResult(True, folder, completed, failed, final)
     hint = " (the PACS does not know radnode's AE title as a move destination)" if final == status.MOVE_DESTINATION_UNKNOWN else ""
     return RetrieveResult(False, folder, completed, failed, final, f"{verb} failed with status 0x{final:04X}{hint}")
@@ -330,8 +256,8 @@ def _retrieve_outcome(candidate: SeriesCandidate, folder: Path, final: int | Non
 class MoveRetriever(_Association):
     """C-MOVE a series to radnode's own AE title (the listener receives it)."""
 
-    def retrieve(self, candidate: SeriesCandidate) -> RetrieveResult:
-        folder = series_dir(self.settings.storage.data_dir, candidate.study_uid, candidate.series_uid)
+    def retrieve(self, candidate: SeriesAttributes) -> RetrieveResult:
+        folder = series_dir(self.settings.storage.data_dir, candidate.study_instance_uid, candidate.series_instance_uid)
         ae = self.ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         try:
@@ -372,8 +298,8 @@ class GetRetriever(_Association):
         super().__init__(settings)
         self._ingestor = ingestor or local_ingestor
 
-    def retrieve(self, candidate: SeriesCandidate) -> RetrieveResult:
-        folder = series_dir(self.settings.storage.data_dir, candidate.study_uid, candidate.series_uid)
+    def retrieve(self, candidate: SeriesAttributes) -> RetrieveResult:
+        folder = series_dir(self.settings.storage.data_dir, candidate.study_instance_uid, candidate.series_instance_uid)
         archive_ae = self.pacs.ae_title
         with self._ingestor(self.settings) as ingestor:
 
@@ -391,10 +317,10 @@ class GetRetriever(_Association):
                         )
                     )
                 if outcome.status == status.SUCCESS:
-                    if outcome.series_instance_uid != candidate.series_uid:
+                    if outcome.series_instance_uid != candidate.series_instance_uid:
                         log.warning(
                             "C-GET of series %s: the archive sent an instance of series %s (stored as such)",
-                            candidate.series_uid, outcome.series_instance_uid,
+                            candidate.series_instance_uid, outcome.series_instance_uid,
                         )
                     return status.SUCCESS
                 response = Dataset()

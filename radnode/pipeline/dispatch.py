@@ -37,17 +37,14 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
-from pynetdicom.status import code_to_category
 
 from radnode.config import Destination, Settings
 from radnode.pipeline.background import BackgroundLoop
-from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, OutboxItem, format_status
+from radnode.node import status as dimse_status
+from radnode.node.status import format_status
+from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
-
-#: Category names returned by :func:`pynetdicom.status.code_to_category`.
-_CATEGORY_SUCCESS = "Success"
-_CATEGORY_WARNING = "Warning"
 
 #: Most items sent on one association per round; the rest follow in the next round.
 DEFAULT_BATCH_LIMIT = 100
@@ -57,10 +54,10 @@ MAX_CONTEXTS = 128
 
 def classify_status(status: int) -> AttemptOutcome:
     """Map a C-STORE response status to the outbox's outcome."""
-    category = code_to_category(status)
-    if category == _CATEGORY_SUCCESS:
+    category = dimse_status.category(status)
+    if category == dimse_status.CATEGORY_SUCCESS:
         return AttemptOutcome.SUCCESS
-    if category == _CATEGORY_WARNING:
+    if category == dimse_status.CATEGORY_WARNING:
         return AttemptOutcome.WARNING
     return AttemptOutcome.REFUSED
 

@@ -1,6 +1,6 @@
 """What a job process tells the worker thread that owns it: one typed message per event.
 
-The chain runs in a spawned child (:mod:`radnode.pipeline.worker`); everything it reports
+The chain runs in a spawned child (:mod:`radnode.pipeline.child`); everything it reports
 crosses the process boundary as one of the frozen dataclasses below, pickled over a pipe.
 Phase, stage state and chain status are enums, so a misspelt name fails in the child (where
 the chain reports it) instead of being silently ignored by the parent.

@@ -14,7 +14,6 @@ yet: a migration never merges two queues.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -46,17 +45,16 @@ class MigrationReport:
 
 
 def _check_node_stopped(data_dir: Path) -> None:
-    from radnode.pipeline.service import LOCK_FILE
+    """Refuse while any radnode process runs a pipeline role on ``data_dir`` (its role locks)."""
+    from radnode.service.roles import PIPELINE_ROLES, RoleBusy, RoleLocks
 
-    lock = data_dir / LOCK_FILE
-    if not lock.exists():
-        return
-    with lock.open("a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            raise MigrationError(f"the node is running on {data_dir} (lock {lock}); stop it first") from exc
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    locks = RoleLocks(data_dir)
+    try:
+        locks.acquire(PIPELINE_ROLES)
+    except RoleBusy as exc:
+        raise MigrationError(f"the node is running on {data_dir}; stop it first ({exc})") from exc
+    finally:
+        locks.release()
 
 
 def migrate_queue(data_dir: Path, url: str, profile_queues: dict[str, str] | None = None, default_queue: str = DEFAULT_QUEUE) -> MigrationReport:

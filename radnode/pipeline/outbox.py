@@ -39,7 +39,8 @@ from pydicom.errors import InvalidDicomError
 
 from radnode import durable
 from radnode.config import Destination, ResultObject
-from radnode.pipeline.sqlite_db import SQLiteDB, in_clause
+from radnode.node.status import format_status
+from radnode.pipeline.sqlite_db import SQLiteDB, in_clause, where
 from radnode.pipeline.jobs import Backoff, Phase, phase_of
 
 log = logging.getLogger(__name__)
@@ -469,7 +470,7 @@ class Outbox:
             log.error(
                 "outbox item %d (%s %s -> %s) failed after %d refused attempts; last status %s: %s",
                 updated.id, updated.object_type, updated.sop_instance_uid, updated.destination,
-                updated.refusals, _hex(status), error,
+                updated.refusals, format_status(status), error,
             )
         return updated
 
@@ -559,22 +560,14 @@ class Outbox:
         limit: int = 1000,
     ) -> list[OutboxItem]:
         """Items, oldest first, optionally filtered."""
-        query = f"{_ITEM_SELECT} WHERE 1 = 1"
-        params: list[Any] = []
-        if job_id is not None:
-            query += " AND o.job_id = ?"
-            params.append(job_id)
-        if states is not None:
-            values = [ItemState(s).value for s in states]
-            if not values:
-                return []
-            clause, values = in_clause("i.state", values)
-            query += clause
-            params += values
-        if destination is not None:
-            query += " AND i.destination = ?"
-            params.append(destination)
-        query += " ORDER BY i.id LIMIT ?"
+        found = where(
+            {"o.job_id": job_id, "i.destination": destination},
+            {"i.state": None if states is None else [ItemState(s).value for s in states]},
+        )
+        if found is None:
+            return []
+        clause, params = found
+        query = f"{_ITEM_SELECT}{clause} ORDER BY i.id LIMIT ?"
         params.append(int(limit))
         with self._db.connect() as conn:
             return [self._item(r) for r in conn.execute(query, params).fetchall()]
@@ -667,10 +660,3 @@ class Outbox:
         return removed
 
 
-def _hex(status: int | None) -> str:
-    return "none" if status is None else f"0x{status:04X}"
-
-
-def format_status(status: int | None) -> str:
-    """A DIMSE status as ``0xA700`` (or ``-`` when the peer sent none)."""
-    return "-" if status is None else f"0x{status:04X}"

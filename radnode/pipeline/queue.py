@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from radnode.pipeline.sqlite_db import SQLiteDB, in_clause
+from radnode.pipeline.sqlite_db import SQLiteDB, where
 from radnode.pipeline.jobs import (
     CANCELLABLE_STATES,
     CLAIMABLE_STATES,
@@ -523,19 +523,13 @@ class SQLiteJobQueue(JobQueue):
         series_uid: str | None = None,
         limit: int = 50,
     ) -> list[Job]:
-        query = "SELECT * FROM jobs WHERE 1 = 1"
-        params: list[Any] = []
-        if states is not None:
-            values = [JobState(s).value for s in states]
-            if not values:
-                return []
-            clause, values = in_clause("state", values)
-            query += clause
-            params += values
-        if series_uid is not None:
-            query += " AND series_uid = ?"
-            params.append(series_uid)
-        query += " ORDER BY id DESC LIMIT ?"
+        found = where(
+            {"series_uid": series_uid}, {"state": None if states is None else [JobState(s).value for s in states]}
+        )
+        if found is None:
+            return []
+        clause, params = found
+        query = f"SELECT * FROM jobs{clause} ORDER BY id DESC LIMIT ?"
         params.append(int(limit))
         with self._db.connect() as conn:
             return [self._row_to_job(r) for r in conn.execute(query, params).fetchall()]

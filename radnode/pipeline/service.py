@@ -24,23 +24,26 @@ the sweep only. With it, the service subscribes to completions and, unless
 ``schedule_completion_checks=False``, runs :meth:`SeriesCompletion.check_due` on its
 scheduler (the listener then needs no timer of its own).
 
-One service per data folder: :meth:`start` takes an exclusive lock on
-``<data_dir>/pipeline.lock``, which is what makes re-queueing every ``running`` job at
-start safe (no other worker of this node can be alive).
+``roles`` (:mod:`radnode.service.roles`) picks the parts this process runs: ``completion``
+(the subscription above), ``scheduler``, ``dispatch`` (outbox and forward jobs) and
+``workers``; the others may run in other processes on the same data folder. Each role runs
+in one process per data folder: :meth:`start` takes the role's lock, which is what makes
+re-queueing every ``running`` job at start safe when this process runs every role that
+claims jobs (otherwise only jobs whose lease expired are re-queued).
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from radnode.config import Destination, Settings
 from radnode.pipeline.dispatch import Dispatcher, DispatchLoop
@@ -73,17 +76,23 @@ from radnode.pipeline.scheduler import (
     interval,
     window_seconds,
 )
-from radnode.node.storage import INCOMING_DIR, series_dir
-from radnode.pipeline.archive import ArchiveQuery, SeriesCandidate, rules_need_instance_level
-from radnode.pipeline.sweep import RouteVerdict, SweepReport, Sweeper
-from radnode.pipeline.worker import HEARTBEAT_SECONDS, LEASE_SECONDS, ChildOutcome, WorkerPool
+from radnode.node.index import NodeIndex
+from radnode.node.storage import INCOMING_DIR, INDEX_FILE, series_dir
+from radnode.service.roles import PIPELINE_ROLES, Role, RoleLocks, format_roles
+from radnode.node.routing import RoutingDecision, decide
+from radnode.pipeline.archive import ArchiveQuery, rules_need_instance_level
+from radnode.pipeline.sweep import SweepReport, Sweeper
+from radnode.pipeline.child import HEARTBEAT_SECONDS, ChildOutcome
+from radnode.pipeline.worker import LEASE_SECONDS, WorkerPool
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "pipeline.lock"
 RESULTS_DIR = "results"
 #: Interval of the dispatch safety-net round (the loop also wakes on new items and due times).
 DISPATCH_RETRY_SECONDS = 15.0
+#: Longest idle wait of the dispatch loop when the workers run in another process, whose
+#: staged results cannot wake it.
+CROSS_PROCESS_POLL_SECONDS = 2.0
 #: Interval of lease recovery (jobs of a worker that vanished without the node restarting).
 LEASE_RECOVERY_SECONDS = 60.0
 #: Seconds a graceful stop waits for running jobs before it kills them (they are re-queued).
@@ -110,47 +119,13 @@ class CompletionSource(Protocol):
     def check_due(self, now: float | None = None) -> list[Any]: ...
 
 
-class PipelineBusy(RuntimeError):
-    """Another pipeline service already runs on this data folder."""
-
-
-def route_series(
-    settings: Settings, attributes: dict[str, Any], calling_ae: str | None, instance_count: int | None
-) -> tuple[str, RouteVerdict]:
-    """Apply the node's routing rules (:mod:`radnode.node.routing`) to a series.
-
-    Returns the action (``process``, ``forward``, ``ignore``) and the verdict with the
-    rule's profile and destinations.
-    """
-    from radnode.node.routing import SeriesFacts, evaluate
-
-    facts = SeriesFacts.from_attributes(attributes, int(instance_count or 0), calling_ae)
-    decision = evaluate(settings.routing, facts, settings.output.uid_root)
-    verdict = RouteVerdict(
-        process=decision.action == "process",
-        reason=decision.reason,
-        profile=decision.profile or "default",
-        destinations=tuple(decision.destinations),
-    )
-    return decision.action, verdict
-
-
 def build_sweeper(settings: Settings, queue: JobQueue, pipeline_version: str | None = None) -> Sweeper:
     """A :class:`Sweeper` on ``queue`` that applies the node's routing rules to candidates."""
-    # Series fetched by the sweep come from the archive: it is their "calling AE".
-    archive_ae = settings.pacs.ae_title if settings.pacs is not None else None
-
-    def route(candidate: SeriesCandidate) -> RouteVerdict:
-        action, verdict = route_series(settings, candidate.attributes(), archive_ae, candidate.instance_count)
-        if action != "process":
-            return RouteVerdict(False, f"{action}: {verdict.reason}")
-        return verdict
-
     return Sweeper(
         settings,
         queue,
         pipeline_version or current_pipeline_version(),
-        route=route,
+        route=lambda candidate: decide(settings, candidate),
         query=ArchiveQuery(settings, instance_level=rules_need_instance_level(settings)),
     )
 
@@ -219,7 +194,7 @@ class PipelineService:
         The listener's completion checker (see the module docstring); ``None`` for a
         pipeline without a listener (tests, ``radnode sweep`` alone).
     chain
-        Import reference of the chain function (test hook, see :mod:`radnode.pipeline.worker`).
+        Import reference of the chain function (test hook, see :mod:`radnode.pipeline.child`).
     schedule_completion_checks
         Run ``completion.check_due`` from the scheduler.
     lease_seconds, heartbeat_seconds
@@ -228,6 +203,11 @@ class PipelineService:
         Retry schedules of jobs and of outbox items.
     poll_seconds
         Idle wait of the workers between claims.
+    roles
+        The pipeline roles this process runs (default: all).
+    take_locks
+        Take the roles' locks in :meth:`start`; ``False`` when the caller holds them
+        (``radnode serve`` takes every role's lock before anything starts).
     """
 
     def __init__(
@@ -243,8 +223,12 @@ class PipelineService:
         dispatch_backoff: Backoff = DEFAULT_BACKOFF,
         dispatch_max_attempts: int | None = None,
         poll_seconds: float = 2.0,
+        roles: Collection[Role] = PIPELINE_ROLES,
+        take_locks: bool = True,
     ) -> None:
         self.settings = settings
+        self.roles = frozenset(roles) & PIPELINE_ROLES
+        self.take_locks = take_locks
         self.data_dir = Path(settings.storage.data_dir).resolve()
         self.completion = completion
         self.schedule_completion_checks = schedule_completion_checks
@@ -261,7 +245,9 @@ class PipelineService:
             outbox_kwargs["max_attempts"] = dispatch_max_attempts
         self.outbox = Outbox(self.data_dir, **outbox_kwargs)
         self.dispatcher = Dispatcher(self.outbox, settings)
-        self.dispatch_loop = DispatchLoop(self.dispatcher)
+        # Staged results wake the dispatcher in-process; from another process they are polled.
+        in_process = Role.WORKERS in self.roles
+        self.dispatch_loop = DispatchLoop(self.dispatcher, **({} if in_process else {"idle_seconds": CROSS_PROCESS_POLL_SECONDS}))
         self.pool = WorkerPool(
             self.queue,
             settings,
@@ -290,53 +276,53 @@ class PipelineService:
             poll_seconds=poll_seconds,
         )
         self.scheduler = PipelineScheduler(self.data_dir)
-        self._lock_handle: IO[str] | None = None
+        self._locks = RoleLocks(self.data_dir)
+        self._index: NodeIndex | None = None
         self._stop = threading.Event()
         self._started = False
         self._finished_listeners: list[Callable[[Job, ChildOutcome], None]] = []
 
     # -- life cycle ---------------------------------------------------------------------
 
-    def _take_lock(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        handle = (self.data_dir / LOCK_FILE).open("a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            handle.close()
-            raise PipelineBusy(
-                f"another radnode pipeline is running on {self.data_dir} (lock {self.data_dir / LOCK_FILE}); "
-                "use a different storage.data_dir or stop the other node"
-            ) from exc
-        self._lock_handle = handle
+    def _has(self, role: Role) -> bool:
+        return role in self.roles
 
     def start(self) -> None:
-        """Recover, then start workers, dispatch and scheduler; replay completed series."""
+        """Recover, then start this process's roles (workers, dispatch, scheduler); replay
+        completed series."""
         if self._started:
             return
-        self._take_lock()
+        if self.take_locks:
+            self._locks.acquire(self.roles)
         self._stop.clear()
-        recovered = self.queue.recover(expired_only=False)
-        if recovered:
-            log.warning("re-queued %d job(s) that were running when the node stopped", len(recovered))
-        # Destinations may have come back while the node was down: try waiting items once now.
-        waiting = self.outbox.retry_now()
-        if waiting:
-            log.info("%d delivery(ies) waiting in the outbox; trying them now", waiting)
-        self.pool.start()
-        if self.remote_link is not None:
-            self.remote_link.announce()
-            self.remote_link.start()
-        self.forwarder.start()
-        self.dispatch_loop.start()
-        self.scheduler.start(self._tasks())
-        if self.completion is not None:
+        if self._has(Role.WORKERS) or self._has(Role.DISPATCH):
+            # Every job left running was this process's only when it runs every claimant.
+            everything = self._has(Role.WORKERS) and self._has(Role.DISPATCH)
+            recovered = self.queue.recover(expired_only=not everything)
+            if recovered:
+                log.warning("re-queued %d job(s) that were running when the node stopped", len(recovered))
+        if self._has(Role.DISPATCH):
+            # Destinations may have come back while the node was down: try waiting items once now.
+            waiting = self.outbox.retry_now()
+            if waiting:
+                log.info("%d delivery(ies) waiting in the outbox; trying them now", waiting)
+            self.forwarder.start()
+            self.dispatch_loop.start()
+            if self.remote_link is not None:  # remote workers' results are staged where dispatch runs
+                self.remote_link.announce()
+                self.remote_link.start()
+        if self._has(Role.WORKERS):
+            self.pool.start()
+        if self._has(Role.SCHEDULER):
+            self.scheduler.start(self._tasks())
+        if self.completion is not None and self._has(Role.COMPLETION):
             self.completion.subscribe(self.on_series_complete)
             self.completion.replay(self.on_series_complete)  # a failure is retried, never lost
         self._started = True
         log.info(
-            "pipeline started on %s: %d worker(s), %d destination(s), pipeline version %s",
-            self.data_dir, self.pool.size, len(self.settings.destinations), self.pipeline_version,
+            "pipeline started on %s (roles %s): %d worker(s), %d destination(s), pipeline version %s",
+            self.data_dir, format_roles(self.roles), self.pool.size if self._has(Role.WORKERS) else 0,
+            len(self.settings.destinations), self.pipeline_version,
         )
 
     def stop(self, timeout: float = 30.0, drain_seconds: float = DRAIN_SECONDS) -> None:
@@ -353,10 +339,10 @@ class PipelineService:
             self.remote_link.stop(timeout)
         self.forwarder.stop(timeout)
         self.dispatch_loop.stop(timeout)
-        if self._lock_handle is not None:
-            fcntl.flock(self._lock_handle.fileno(), fcntl.LOCK_UN)
-            self._lock_handle.close()
-            self._lock_handle = None
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        self._locks.release()
         self._started = False
         log.info("pipeline stopped")
 
@@ -390,10 +376,11 @@ class PipelineService:
 
     def _tasks(self) -> list[ScheduledTask]:
         tasks = [
-            ScheduledTask(TASK_DISPATCH_RETRY, interval(DISPATCH_RETRY_SECONDS), self.dispatch_loop.wake),
             ScheduledTask(TASK_LEASE_RECOVERY, interval(LEASE_RECOVERY_SECONDS), self._recover_leases),
             ScheduledTask(TASK_RETENTION, crontab_trigger(RETENTION_CRON), self.retention_cleanup, misfire_grace_seconds=6 * 3600),
         ]
+        if self._has(Role.DISPATCH):  # a wake-up only reaches a dispatcher in this process
+            tasks.insert(0, ScheduledTask(TASK_DISPATCH_RETRY, interval(DISPATCH_RETRY_SECONDS), self.dispatch_loop.wake))
         if self.completion is not None and self.schedule_completion_checks:
             quiet = self.settings.series.quiet_seconds
             tasks.append(
@@ -443,14 +430,15 @@ class PipelineService:
         """
         series_uid = event.series_instance_uid
         study_uid = event.study_instance_uid
-        attributes = dict(getattr(event, "attributes", {}) or {})
-        attributes.setdefault("Modality", getattr(event, "modality", None))
-        verdict_action, verdict = self._route(attributes, event.calling_ae, event.instance_count)
-        if verdict_action == "ignore":
+        attributes = replace(event.attributes, instance_count=event.instance_count, calling_ae=event.calling_ae)
+        if attributes.modality is None:
+            attributes = replace(attributes, modality=event.modality)
+        verdict = decide(self.settings, attributes)
+        if verdict.action == "ignore":
             log.info("series %s not processed: %s", series_uid, verdict.reason)
             self._mark_processed(series_uid)
             return None
-        if verdict_action == "forward":
+        if verdict.action == "forward":
             return self._forward(event, verdict)
         latest = self.queue.latest_for_series(series_uid, self.pipeline_version)
         is_update = bool(getattr(event, "is_update", False))
@@ -478,7 +466,7 @@ class PipelineService:
                 pipeline_version=self.pipeline_version,
                 priority=Priority.LIVE,
                 source=JobSource.LIVE,
-                profile=verdict.profile,
+                profile=verdict.profile or "default",
                 destinations=verdict.destinations,
                 instance_count=event.instance_count,
                 calling_ae=event.calling_ae,
@@ -486,17 +474,23 @@ class PipelineService:
             )
         )
 
-    def _route(self, attributes: dict[str, Any], calling_ae: str | None, instance_count: int | None) -> tuple[str, RouteVerdict]:
-        return route_series(self.settings, attributes, calling_ae, instance_count)
-
     def _mark_processed(self, series_uid: str) -> None:
-        if self.completion is not None:
-            try:
+        try:
+            if self.completion is not None:
                 self.completion.mark_processed(series_uid)
-            except Exception:
-                log.exception("could not mark series %s processed in the node index", series_uid)
+            elif (index := self._node_index()) is not None:
+                # The listener and completion run in another process: the index is shared.
+                index.mark_processed(series_uid, time.time())
+        except Exception:
+            log.exception("could not mark series %s processed in the node index", series_uid)
 
-    def _forward(self, event: Any, verdict: RouteVerdict) -> Job:
+    def _node_index(self) -> NodeIndex | None:
+        """The node's index when another process on this data folder keeps it, else None."""
+        if self._index is None and (self.data_dir / INDEX_FILE).exists():
+            self._index = NodeIndex(self.data_dir / INDEX_FILE)
+        return self._index
+
+    def _forward(self, event: Any, verdict: RoutingDecision) -> Job:
         """Queue a forward job (action ``forward``): the forwarder stages the received files
         unchanged for the rule's destinations, off the completion thread."""
         series_uid = event.series_instance_uid
@@ -650,9 +644,10 @@ class PipelineService:
         oldest = self.queue.oldest_waiting_since()
         details = {
             "pipeline_started": self._started,
+            "roles": format_roles(self.roles),
             "scheduler_running": self.scheduler.running,
             "jobs": {state.value: n for state, n in counts.items()},
             "queue_age_seconds": round(time.time() - oldest, 1) if oldest is not None else 0.0,
             "busy_workers": len(self.pool.busy()),
         }
-        return self._started and self.scheduler.running, details
+        return self._started and (self.scheduler.running or not self._has(Role.SCHEDULER)), details

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,31 @@ BUSY_TIMEOUT_SECONDS = 30.0
 def in_clause(column: str, values: list[Any]) -> tuple[str, list[Any]]:
     """``" AND column IN (?, …)"`` and its parameters, for filters built from optional arguments."""
     return f" AND {column} IN ({','.join('?' * len(values))})", list(values)
+
+
+def where(equal: Mapping[str, Any], within: Mapping[str, Iterable[Any] | None]) -> tuple[str, list[Any]] | None:
+    """The ``WHERE`` clause of a listing filtered by optional arguments, and its parameters.
+
+    A column in ``equal`` whose value is not None must equal it; a column in ``within``
+    whose values are given must be one of them. ``None`` when a ``within`` set is empty:
+    nothing can match, so the caller returns an empty list without asking the database.
+    """
+    conditions: list[str] = []
+    params: list[Any] = []
+    for column, value in equal.items():
+        if value is not None:
+            conditions.append(f"{column} = ?")
+            params.append(value)
+    for column, values in within.items():
+        if values is None:
+            continue
+        values = list(values)
+        if not values:
+            return None
+        clause, values = in_clause(column, values)
+        conditions.append(clause.removeprefix(" AND "))
+        params += values
+    return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
 class SQLiteDB:

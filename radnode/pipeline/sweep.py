@@ -23,20 +23,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 
 from radnode.config import Settings
+from radnode.node.routing import RouteCheck
+from radnode.node.series_attributes import SeriesAttributes
 from radnode.pipeline.archive import (
     ArchiveQuery,
     GetRetriever,
     MoveRetriever,
     Retriever,
     RetrieveResult,
-    SeriesCandidate,
     SweepError,
     rules_need_instance_level,
 )
@@ -49,10 +50,7 @@ __all__ = [
     "ArchiveQuery",
     "Decision",
     "ItemState",
-    "RouteCheck",
-    "RouteVerdict",
     "RunState",
-    "SeriesCandidate",
     "SweepError",
     "SweepReport",
     "SweepStore",
@@ -67,7 +65,7 @@ log = logging.getLogger(__name__)
 class Decision:
     """What the sweep does with one candidate: take it, or skip it and why."""
 
-    candidate: SeriesCandidate
+    candidate: SeriesAttributes
     take: bool
     reason: str
     profile: str = "default"
@@ -94,20 +92,6 @@ class SweepReport:
     @property
     def skipped(self) -> list[Decision]:
         return [d for d in self.decisions if not d.take]
-
-
-@dataclass(frozen=True)
-class RouteVerdict:
-    """What the routing rules say about a candidate (see :mod:`radnode.node.routing`)."""
-
-    process: bool
-    reason: str
-    profile: str = "default"
-    destinations: tuple[str, ...] = ()
-
-
-#: Routing check on the attributes the archive returned at SERIES level.
-RouteCheck = Callable[[SeriesCandidate], RouteVerdict]
 
 
 class Sweeper:
@@ -150,9 +134,9 @@ class Sweeper:
         self.data_dir = Path(settings.storage.data_dir)
         self.store = store or SweepStore(self.data_dir)
 
-    def decide(self, candidate: SeriesCandidate) -> Decision:
+    def decide(self, candidate: SeriesAttributes) -> Decision:
         """Take a candidate, or say why it is skipped."""
-        latest = self.queue.latest_for_series(candidate.series_uid, self.pipeline_version)
+        latest = self.queue.latest_for_series(candidate.series_instance_uid, self.pipeline_version)
         if latest is not None:
             if latest.state is JobState.DONE:
                 return Decision(candidate, False, f"already processed (job {latest.id}, pipeline {self.pipeline_version})")
@@ -164,9 +148,9 @@ class Sweeper:
                 )
         if self.route is not None:
             verdict = self.route(candidate)
-            if not verdict.process:
-                return Decision(candidate, False, f"routing: {verdict.reason}")
-            return Decision(candidate, True, f"never processed; {verdict.reason}", verdict.profile, verdict.destinations)
+            if verdict.action != "process":
+                return Decision(candidate, False, f"routing: {verdict.action}: {verdict.reason}")
+            return Decision(candidate, True, f"never processed; {verdict.reason}", verdict.profile or "default", verdict.destinations)
         return Decision(candidate, True, "never processed")
 
     def run(
@@ -205,13 +189,13 @@ class Sweeper:
                 log.info("resuming sweep run %d over %s..%s", run_id, date_from, date_to)
             for decision in report.taken:
                 self.store.plan(run_id, decision.candidate)
-            by_uid = {d.candidate.series_uid: d for d in report.taken}
+            by_uid = {d.candidate.series_instance_uid: d for d in report.taken}
             wanted = set(by_uid)
             todo: list[Decision] = []
             for item in self.store.open_items(run_id):
                 if item["series_uid"] not in wanted:
                     # Planned earlier but now handled elsewhere (or gone from the archive).
-                    reason = next((d.reason for d in report.skipped if d.candidate.series_uid == item["series_uid"]), "no longer found")
+                    reason = next((d.reason for d in report.skipped if d.candidate.series_instance_uid == item["series_uid"]), "no longer found")
                     self.store.set_item(run_id, item["series_uid"], ItemState.FAILED, error=f"skipped on resume: {reason}")
                     continue
                 todo.append(by_uid[item["series_uid"]])
@@ -242,22 +226,22 @@ class Sweeper:
                 with lock:
                     report.remaining += 1
                 return
-            self.store.set_item(run_id, candidate.series_uid, ItemState.RETRIEVING)
+            self.store.set_item(run_id, candidate.series_instance_uid, ItemState.RETRIEVING)
             try:
                 result = self.retriever.retrieve(candidate)
             except Exception as exc:  # one bad series must not end the sweep
-                log.exception("sweep: retrieving series %s failed", candidate.series_uid)
+                log.exception("sweep: retrieving series %s failed", candidate.series_instance_uid)
                 result = RetrieveResult(False, self.data_dir, error=f"{type(exc).__name__}: {exc}")
             if not result.ok:
-                self.store.set_item(run_id, candidate.series_uid, ItemState.FAILED, error=result.error)
+                self.store.set_item(run_id, candidate.series_instance_uid, ItemState.FAILED, error=result.error)
                 with lock:
-                    report.failed.append((candidate.series_uid, result.error or "retrieval failed"))
-                log.warning("sweep: series %s not retrieved: %s", candidate.series_uid, result.error)
+                    report.failed.append((candidate.series_instance_uid, result.error or "retrieval failed"))
+                log.warning("sweep: series %s not retrieved: %s", candidate.series_instance_uid, result.error)
                 return
             job = self.queue.enqueue(
                 JobSpec(
-                    series_uid=candidate.series_uid,
-                    study_uid=candidate.study_uid,
+                    series_uid=candidate.series_instance_uid,
+                    study_uid=candidate.study_instance_uid,
                     input_path=result.folder,
                     pipeline_version=self.pipeline_version,
                     priority=Priority.SWEEP,
@@ -268,9 +252,9 @@ class Sweeper:
                     max_attempts=self.settings.pipeline.max_attempts,
                 )
             )
-            self.store.set_item(run_id, candidate.series_uid, ItemState.QUEUED, job_id=job.id)
+            self.store.set_item(run_id, candidate.series_instance_uid, ItemState.QUEUED, job_id=job.id)
             with lock:
-                report.queued.append((candidate.series_uid, job.id))
+                report.queued.append((candidate.series_instance_uid, job.id))
 
         workers = max(1, min(self.settings.sweep.max_concurrent_retrievals, len(batch) or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="radnode-sweep") as pool:

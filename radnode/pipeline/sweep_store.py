@@ -16,7 +16,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from radnode.pipeline.archive import SeriesCandidate, SweepError
+from radnode.node.series_attributes import SeriesAttributes
+from radnode.pipeline.archive import SweepError
 from radnode.pipeline.sqlite_db import SQLiteDB
 
 SWEEP_DB = "sweep.sqlite"
@@ -99,13 +100,13 @@ class SweepStore:
             conn.execute("COMMIT")
             return int(cursor.lastrowid or 0), False
 
-    def plan(self, run_id: int, candidate: SeriesCandidate) -> None:
+    def plan(self, run_id: int, candidate: SeriesAttributes) -> None:
         """Add a series to a run (kept as it is when the run already has it)."""
         with self._db.connect() as conn:
             conn.execute(
                 "INSERT OR IGNORE INTO items (run_id, series_uid, study_uid, instance_count, state, updated_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, candidate.series_uid, candidate.study_uid, candidate.instance_count, ItemState.PLANNED.value, self._clock()),
+                (run_id, candidate.series_instance_uid, candidate.study_instance_uid, candidate.instance_count, ItemState.PLANNED.value, self._clock()),
             )
 
     def set_item(self, run_id: int, series_uid: str, state: ItemState, job_id: int | None = None, error: str | None = None) -> None:

@@ -13,9 +13,11 @@ no-op that returns ``False``; a failed send is logged and never raised, because 
 notification must not take the DICOM listener down.
 
 The watchdog pings from its own thread at half of ``$WATCHDOG_USEC`` (the interval
-``sd_watchdog_enabled(3)`` recommends), and only while the node's liveness check passes: a
-node whose listener or job queue stopped answering falls silent, and systemd restarts it
-(``Restart=on-failure``) after ``WatchdogSec=``.
+``sd_watchdog_enabled(3)`` recommends), and only while the process's liveness check passes:
+``radnode serve`` feeds it the listener's own health (listening, completion timer alive;
+:func:`radnode.cli.serve_cmd.watchdog_liveness`), so a listener that stopped answering
+falls silent and systemd restarts it (``Restart=on-failure``) after ``WatchdogSec=``, while
+a stalled scheduler or worker never restarts the listener.
 """
 
 from __future__ import annotations
@@ -294,10 +296,10 @@ class WatchdogThread(threading.Thread):
 
 
 def liveness_from_health(health: HealthCheck) -> Liveness:
-    """Watchdog liveness from the node's ``/healthz`` check, without the disk-space part.
+    """Watchdog liveness from a health check, without the disk-space part.
 
-    Alive means the listener is listening and every part that reports an ``ok`` (the
-    pipeline: workers, scheduler, job queue answering) says so. Free disk space is left
+    Alive means the listener is listening (when the check reports it) and every part that
+    reports an ``ok`` says so. Free disk space is left
     out on purpose: below ``storage.min_free_gb`` the node keeps running and answers
     C-STORE with "Out of Resources"; restarting it would not free a byte.
     """

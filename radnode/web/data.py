@@ -12,6 +12,7 @@ import json
 import shutil
 from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,8 @@ def results_folder(settings: Settings, job_id: int) -> Path:
 def job_detail(settings: Settings, job_id: int) -> dict[str, Any]:
     """One job: its record, attempts, deliveries, result.json and which overlay PNGs exist."""
     from radnode.dicom_io.overlays import OVERLAY_DIR, OVERLAY_NAMES
-    from radnode.pipeline.outbox import OUTBOX_DB, Outbox, format_status
+    from radnode.node.status import format_status
+    from radnode.pipeline.outbox import OUTBOX_DB, Outbox
     from radnode.pipeline.queue import QUEUE_FILE, JobNotFound, SQLiteJobQueue, open_queue
 
     path = data_dir(settings) / QUEUE_FILE
@@ -278,19 +280,18 @@ def explain_upload(settings: Settings, content: bytes, calling_ae: str | None = 
     from pydicom.errors import InvalidDicomError
 
     from radnode.node.header import InstanceHeader
-    from radnode.node.routing import SeriesFacts
 
     try:
         header = InstanceHeader.from_dataset(dcmread(io.BytesIO(content), stop_before_pixels=True))
     except (InvalidDicomError, OSError, ValueError, AttributeError, EOFError) as exc:
         raise ValueError(f"not a readable DICOM file: {exc}") from None
-    return _decision(settings, SeriesFacts.from_header(header, 1, calling_ae or None))
+    return _decision(settings, replace(header, instance_count=1, calling_ae=calling_ae or None))
 
 
 def explain_series(settings: Settings, series_uid: str) -> dict[str, Any]:
     """``route --explain`` for a series the node received (facts as the index kept them)."""
     from radnode.node.index import NodeIndex
-    from radnode.node.routing import SeriesFacts
+    from radnode.node.series_attributes import SeriesAttributes
     from radnode.node.storage import INDEX_FILE
 
     path = data_dir(settings) / INDEX_FILE
@@ -303,7 +304,7 @@ def explain_series(settings: Settings, series_uid: str) -> dict[str, Any]:
             index.close()
     if record is None:
         raise NotFound(f"no received series {series_uid}")
-    facts = SeriesFacts.from_attributes(record.attributes, record.instance_count, record.calling_ae)
+    facts = SeriesAttributes.from_json(record.attributes, record.instance_count, record.calling_ae)
     return _decision(settings, facts)
 
 
