@@ -72,3 +72,25 @@ def test_heartbeat_while_the_database_is_down_keeps_the_job_and_then_reconnects(
     assert queue.heartbeat(job.id, "w", 60) is True  # a new connection after the restart
     assert queue.heartbeat(job.id, "someone-else", 60) is False
     assert queue.complete(job.id, "w", {}).state is JobState.DONE
+
+
+def test_jobs_cli_reads_and_steers_the_shared_queue(pg_url: str, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path / "d")}, "database": {"url": pg_url}}))
+    job = PostgresJobQueue(pg_url).enqueue(spec("5.1", tmp_path))
+
+    def radnode(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "radnode", "--config", str(config), "jobs", *args],
+                              capture_output=True, text=True, timeout=120)
+
+    listed = radnode("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [j["id"] for j in json.loads(listed.stdout)] == [job.id]
+    assert radnode("cancel", str(job.id)).returncode == 0
+    assert PostgresJobQueue(pg_url).get(job.id).state is JobState.CANCELLED
