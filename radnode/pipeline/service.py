@@ -57,6 +57,7 @@ from radnode.pipeline.jobs import (
 )
 from radnode.pipeline.outbox import DEFAULT_BACKOFF, Outbox
 from radnode.pipeline.queue import JobQueue, SQLiteJobQueue
+from radnode.pipeline.notify import Notifier
 from radnode.pipeline.review import contour_counts, stage_phase
 from radnode.pipeline.scheduler import (
     TASK_COMPLETION_CHECK,
@@ -164,8 +165,8 @@ class PipelineCollector:
     ``radnode_outbox_items{destination,state}`` and
     ``radnode_dispatch_attempts_total{destination,outcome}`` (failures are the outcomes
     ``refused``, ``unreachable`` and ``local_error``) and ``radnode_tumour_contours{quality}``
-    (``uncertain``: flagged "tumour contour uncertain — review required"; held deliveries
-    are ``radnode_outbox_items{state="held"}``).
+    (``uncertain``: flagged "tumour contour uncertain — review required"; deliveries waiting
+    for a reviewer are ``radnode_outbox_items{state="awaiting_review"}``).
     """
 
     def __init__(self, queue: JobQueue, outbox: Outbox) -> None:
@@ -254,6 +255,7 @@ class PipelineService:
         self.outbox = Outbox(self.data_dir, **outbox_kwargs)
         self.dispatcher = Dispatcher(self.outbox, settings)
         self.dispatch_loop = DispatchLoop(self.dispatcher)
+        self.notifier = Notifier(settings.review)  # results awaiting review: webhook / e-mail
         self.pool = WorkerPool(
             self.queue,
             settings,
@@ -533,7 +535,8 @@ class PipelineService:
         Each destination's ``uncertain_contour`` policy applies when the contour is flagged.
         """
         items = stage_phase(
-            self.outbox, files, self.job_destinations(job), out_dir, phase, job_id=job.id, source_series_uid=job.series_uid
+            self.outbox, files, self.job_destinations(job), out_dir, phase, job_id=job.id, source_series_uid=job.series_uid,
+            on_awaiting=self.notifier.awaiting_review,
         )
         self.dispatch_loop.wake()
         return len({item.sop_instance_uid for item in items})
