@@ -115,6 +115,7 @@ def stage_phase(
                 log.error("job %s: no lungs-only objects in %s for %s; nothing staged for them",
                           job_id, out_dir, ", ".join(d.name for d in group))
         items += outbox.stage(chosen, group, hold=hold, **common)
+    items = list({i.id: i for i in items}.values())  # each call returns the object's items so far
     if uncertain:
         log.warning(
             "job %s: tumour contour uncertain — review required; phase %s: %s", job_id, phase.value,
