@@ -290,8 +290,11 @@ class Outbox:
         self._clock = clock
         self.folder.mkdir(parents=True, exist_ok=True)
         self._db = SQLiteDB(self.db_path, _SCHEMA)
-        with self._db.write() as conn:  # items of a node from before the review gate
-            conn.execute("UPDATE items SET state = ? WHERE state = 'held'", (ItemState.AWAITING_REVIEW.value,))
+        with self._db.connect() as conn:  # items of a node from before the review gate (read first: status is read-only)
+            held = conn.execute("SELECT 1 FROM items WHERE state = 'held' LIMIT 1").fetchone() is not None
+        if held:
+            with self._db.write() as conn:
+                conn.execute("UPDATE items SET state = ? WHERE state = 'held'", (ItemState.AWAITING_REVIEW.value,))
 
     # -- connection ---------------------------------------------------------------------
 

@@ -195,14 +195,14 @@ def approve(
     now = clock()
     when = datetime.datetime.fromtimestamp(now)
     copies: dict[str, Path] = {}
-    for number, (uid, ds) in enumerate(sorted(datasets.items()), start=1):
+    for uid, ds in sorted(datasets.items()):
         here = [n for n in left_out if n in roi_names(ds)]
         try:
             approved = approved_rtstruct(ds, reviewer, when, here, _text(comment), uid_root)
         except ApprovalError as exc:  # every structure of this one left out: it is not sent
             log.info("job %d: RTSTRUCT %s not approved: %s", job_id, uid, exc)
             continue
-        path = Path(results_dir) / APPROVED_DIR / f"RTSTRUCT-{number}.dcm"
+        path = Path(results_dir) / APPROVED_DIR / f"RTSTRUCT-{approved.SOPInstanceUID}.dcm"  # never one of another
         path.parent.mkdir(parents=True, exist_ok=True)
         with durable.replacing(path) as tmp:
             approved.save_as(tmp, enforce_file_format=True)
@@ -211,7 +211,15 @@ def approve(
         job_id=job_id, decision="approved", reviewer=reviewer, decided_at=now, comment=_text(comment),
         approved_structures=tuple(n for n in names if n not in left_out), rejected_structures=tuple(left_out),
     )
-    outbox.decide(decision, copies)
+    try:
+        outbox.decide(decision, copies)
+    except ReviewError:  # another reviewer was faster: keep only the copies their decision sent
+        earlier = outbox.review(job_id)
+        sent = set(earlier.approved_objects) if earlier else set()
+        for path in copies.values():
+            if path.stem.removeprefix("RTSTRUCT-") not in sent:
+                path.unlink(missing_ok=True)
+        raise
     recorded = outbox.review(job_id)
     assert recorded is not None
     return recorded
