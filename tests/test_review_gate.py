@@ -81,6 +81,16 @@ def test_gate_and_uncertain_hold_share_one_state_and_one_decision(tmp_path: Path
     health = {h.name: h for h in outbox.health()}
     assert health["tps"].rejected == 3 and health["tps"].awaiting_review == 1  # job 2's SEG
 
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from radnode.pipeline.service import PipelineCollector
+
+    registry = CollectorRegistry()
+    registry.register(PipelineCollector(SQLiteJobQueue.in_data_dir(tmp_path / "data"), outbox))
+    metrics = generate_latest(registry).decode()
+    assert 'radnode_outbox_items{destination="tps",state="awaiting_review"} 1.0' in metrics
+    assert 'radnode_outbox_items{destination="tps",state="rejected"} 3.0' in metrics
+
 
 def test_an_sr_staged_after_a_full_approval_goes(tmp_path: Path, shared_data: Path) -> None:
     settings = _settings(tmp_path)

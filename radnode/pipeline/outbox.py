@@ -172,13 +172,13 @@ class DestinationHealth:
     pending: int
     sent: int
     failed: int
-    awaiting_review: int = 0
+    held: int = 0  # items awaiting review (the field keeps its first name)
     rejected: int = 0
 
     @property
-    def held(self) -> int:
-        """The earlier name of :attr:`awaiting_review`."""
-        return self.awaiting_review
+    def awaiting_review(self) -> int:
+        """Items waiting for a reviewer (:attr:`ItemState.AWAITING_REVIEW`)."""
+        return self.held
 
 
 @dataclass(frozen=True)
@@ -814,7 +814,7 @@ class Outbox:
                     pending=per[ItemState.PENDING],
                     sent=per[ItemState.SENT],
                     failed=per[ItemState.FAILED],
-                    awaiting_review=per[ItemState.AWAITING_REVIEW],
+                    held=per[ItemState.AWAITING_REVIEW],
                     rejected=per[ItemState.REJECTED],
                 )
             )

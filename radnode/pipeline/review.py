@@ -44,6 +44,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
@@ -146,7 +147,7 @@ def _waiting_rtstructs(outbox: Outbox, job_id: int) -> dict[str, OutboxItem]:
     }
 
 
-def awaiting(outbox: Outbox, job_id: int) -> dict[str, object]:
+def awaiting(outbox: Outbox, job_id: int) -> dict[str, Any]:
     """What waits for review in a job: destinations, items and the structures one may reject."""
     items = outbox.items(job_id=job_id, states=[ItemState.AWAITING_REVIEW])
     structures: list[str] = []
