@@ -16,7 +16,7 @@ import SimpleITK as sitk
 from radnode.dicom_io.approval import ApprovalError, approved_rtstruct, roi_names
 from radnode.dicom_io.regions import AlgorithmInfo, Region, RegionKind
 from radnode.dicom_io.rtstruct_read import UnknownRoiError, rasterise_roi, read_rtstruct_rois
-from radnode.dicom_io.rtstruct_writer import build_rtstruct
+from radnode.dicom_io.rtstruct_writer import REVIEW_LABEL, build_rtstruct
 from radnode.dicom_io.series import load_series
 from radnode.phantom.generate import generate_phantom
 
@@ -104,6 +104,20 @@ def test_the_same_approval_is_the_same_instance_and_a_different_one_is_not(case:
     assert roi_names(first) == roi_names(original)
     out = case["root"] / "approved_all.dcm"
     first.save_as(out, enforce_file_format=True)
+    assert _dciodvfy_errors(out) == []
+
+
+def test_an_approved_uncertain_tumour_is_labelled_reviewed(case: dict) -> None:
+    regions = [Region.of_kind(RegionKind.TUMOUR, case["masks"]["Tumour"], name="Tumour (uncertain)",
+                              review_note="tumour contour uncertain - review required (quality score 0.41 < 0.6)")]
+    flagged = build_rtstruct(case["series"], regions, ALGORITHM)
+    assert flagged.RTROIObservationsSequence[0].ROIObservationLabel == REVIEW_LABEL
+    approved = approved_rtstruct(flagged, "dr.ada", WHEN)
+    (obs,) = approved.RTROIObservationsSequence
+    assert obs.ROIObservationLabel == "REVIEWED" and obs.RTROIInterpretedType == "GTV"
+    assert obs.ROIObservationDescription.startswith("approved at review by dr.ada; was: tumour contour uncertain")
+    out = case["root"] / "approved_flagged.dcm"
+    approved.save_as(out, enforce_file_format=True)
     assert _dciodvfy_errors(out) == []
 
 

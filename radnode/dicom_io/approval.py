@@ -7,7 +7,8 @@ Approval module (PS3.3 C.8.8.16) says APPROVED with Review Date, Review Time and
 Name. Structures the reviewer rejected are left out consistently: their Structure Set ROI
 item, ROI Contour item and every RT ROI Observation that refers to them (PS3.3 C.8.8.5,
 C.8.8.6, C.8.8.8), also as a related ROI. The reviewer's comment and the left-out names
-go into Structure Set Description; each kept ROI's ROI Interpreter is the reviewer.
+go into Structure Set Description; each kept ROI's ROI Interpreter is the reviewer, and a
+kept structure flagged "REVIEW REQUIRED" (an uncertain tumour) is labelled "REVIEWED".
 
 The new SOP Instance UID is derived from the original's, the reviewer and the kept
 structures: writing the same approval again (a retry after a crash) gives the same
@@ -27,6 +28,8 @@ from radnode.dicom_io.uids import derive_uid
 
 #: Approval Status (PS3.3 C.8.8.16.1) of a reviewed and accepted structure set.
 APPROVED = "APPROVED"
+#: ROI Observation Label (SH) of a flagged structure a reviewer approved.
+REVIEWED_LABEL = "REVIEWED"
 #: PS3.5 Table 6.2-1: ST holds at most 1024 characters.
 ST_MAX_LENGTH = 1024
 
@@ -63,6 +66,8 @@ def approved_rtstruct(
     Raises :class:`ApprovalError` for a rejected name the RTSTRUCT does not have, or when
     every structure is rejected (that is a rejection, not an approval).
     """
+    from radnode.dicom_io.rtstruct_writer import REVIEW_LABEL  # here: that module loads highdicom (a second)
+
     names = roi_names(original)
     left_out = list(dict.fromkeys(rejected))
     unknown = [n for n in left_out if n not in names]
@@ -87,6 +92,10 @@ def approved_rtstruct(
             else:
                 del obs.RTRelatedROISequence
         obs.ROIInterpreter = reviewer
+        if obs.get("ROIObservationLabel") == REVIEW_LABEL:  # the doubt was looked at: say so
+            obs.ROIObservationLabel = REVIEWED_LABEL
+            was = obs.get("ROIObservationDescription", "")
+            obs.ROIObservationDescription = f"approved at review by {reviewer}; was: {was}"[:ST_MAX_LENGTH]
     ds.RTROIObservationsSequence = observations
 
     sop_uid = derive_uid(uid_root, "approved-rtstruct", str(original.SOPInstanceUID), reviewer, *sorted(kept_names))
