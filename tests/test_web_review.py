@@ -147,6 +147,8 @@ def test_approve_on_the_job_page_leaving_out_the_tumour(client: TestClient, node
     decided = shown.output.split("Review decisions")[1]
     assert f" {job} " in decided
     assert "approved" in decided and "reviewer" in decided and "Tumour" in decided
+    listed = CliRunner().invoke(app, ["--config", str(config), "jobs", "list"])
+    assert listed.exit_code == 0 and "approved by reviewer" in listed.output
     released = CliRunner().invoke(app, ["--config", str(config), "jobs", "release", str(job)])
     assert released.exit_code == 1  # nothing left waiting; the gated destination is never released as is
 

@@ -48,14 +48,18 @@ def _job_or_exit(queue: JobQueue, job_id: int) -> Job:
 
 
 def _review_cell(job: Job, outbox: Outbox) -> str:
-    """``uncertain`` when the job's tumour contour needs review, with its held deliveries."""
+    """``uncertain`` when the job's tumour contour needs review, deliveries awaiting review, the decision."""
     from radnode.pipeline.outbox import ItemState
     from radnode.pipeline.review import job_review
 
-    if not job_review(job).get("required"):
-        return ""
-    held = len(outbox.items(job_id=job.id, states=[ItemState.HELD]))
-    return f"uncertain, {held} held" if held else "uncertain"
+    parts = ["uncertain"] if job_review(job).get("required") else []
+    held = len(outbox.items(job_id=job.id, states=[ItemState.AWAITING_REVIEW]))
+    if held:
+        parts.append(f"{held} held")
+    decision = outbox.review(job.id)
+    if decision is not None:
+        parts.append(f"{decision.decision} by {decision.reviewer}")
+    return ", ".join(parts)
 
 
 def register(app: typer.Typer) -> None:
