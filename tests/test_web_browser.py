@@ -74,3 +74,88 @@ def test_log_in_open_a_finished_job_and_see_its_overlays(tmp_path: Path) -> None
     for png in (job_png, overview_png):
         assert _not_blank(png) > 5.0, png  # a blank page is one flat colour
     print(f"\nscreenshots: {job_png} {overview_png}; overlay widths {widths}")
+
+
+def test_a_reviewer_approves_for_the_planning_system_and_rejects_another_job(tmp_path: Path) -> None:
+    """Orthanc stands in for the TPS (``requires_approval``) and the PACS: the reviewer leaves
+    the tumour out and approves one job, rejects another; the TPS then holds exactly one
+    RTSTRUCT, APPROVED by the reviewer, without the tumour."""
+    import io
+
+    import pydicom
+
+    from radnode.pipeline.dispatch import Dispatcher
+    from radnode.pipeline.jobs import JobSpec
+    from radnode.pipeline.outbox import Outbox
+    from radnode.pipeline.queue import SQLiteJobQueue
+    from radnode.testing.orthanc import OrthancServer
+    from web_support import stage_for_review
+
+    with OrthancServer(aet="PACS") as pacs, OrthancServer(aet="TPS") as tps:
+        destinations = [
+            {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port},
+            {"name": "tps", "ae_title": tps.aet, "host": "127.0.0.1", "port": tps.dicom_port, "objects": ["RTSTRUCT", "SEG"],
+             "requires_approval": True},
+        ]
+        node = make_node_data(tmp_path, dashboard={"host": "127.0.0.1", "port": free_port()}, destinations=destinations)
+        other = SQLiteJobQueue.in_data_dir(node.data_dir).enqueue(
+            JobSpec(series_uid=node.series_uid, input_path=node.phantom / "ct", pipeline_version="other"))
+        original = stage_for_review(node)
+        stage_for_review(node, other.id)
+        dispatcher = Dispatcher(Outbox(node.data_dir), node.settings)
+        dispatcher.run_once()
+
+        def tps_rtstructs() -> list[pydicom.Dataset]:
+            found = [pydicom.dcmread(io.BytesIO(tps.instance_file(i["MainDicomTags"]["SOPInstanceUID"])))
+                     for i in tps.instances()]
+            return [ds for ds in found if ds.Modality == "RTSTRUCT"]
+
+        assert tps_rtstructs() == [] and len(pacs.instances()) == 4  # the PACS is not gated
+
+        server = DashboardServer(node.settings)
+        server.start()
+        browser = _browser(tmp_path / "chromium-profile")
+        try:
+            wait = WebDriverWait(browser, 20)
+            browser.get(server.url + f"jobs/{node.done_job}")
+            wait.until(EC.presence_of_element_located((By.ID, "username"))).send_keys("reviewer")
+            browser.find_element(By.ID, "password").send_keys(PASSWORD)
+            browser.find_element(By.ID, "login").click()
+            wait.until(EC.presence_of_element_located((By.ID, "review-form")))
+            images = browser.find_elements(By.CSS_SELECTOR, "img.overlay")
+            wait.until(lambda b: all(b.execute_script("return arguments[0].complete", img) for img in images))
+            assert images and all(browser.execute_script("return arguments[0].naturalWidth", i) > 0 for i in images)
+            review_png = tmp_path / "job-review.png"
+            browser.save_screenshot(str(review_png))
+            tumour = browser.find_element(By.CSS_SELECTOR, "input[name=reject][value=Tumour]")
+            tumour.click()
+            browser.find_element(By.ID, "comment").send_keys("lungs fine; GTV redrawn by hand")
+            browser.find_element(By.ID, "approve").click()
+            decision = wait.until(EC.presence_of_element_located((By.ID, "review-decision"))).text
+            assert "approved by reviewer" in decision and "left out: Tumour" in decision
+            approved_png = tmp_path / "job-approved.png"
+            browser.save_screenshot(str(approved_png))
+
+            browser.get(server.url + f"jobs/{other.id}")
+            wait.until(EC.presence_of_element_located((By.ID, "comment"))).send_keys("motion artefact")
+            browser.find_element(By.ID, "reject").click()
+            assert "motion artefact" in wait.until(EC.presence_of_element_located((By.ID, "review-decision"))).text
+
+            browser.get(server.url)
+            wait.until(EC.presence_of_element_located((By.ID, "live")))
+            overview_png = tmp_path / "overview-reviewed.png"
+            browser.save_screenshot(str(overview_png))
+        finally:
+            browser.quit()
+            server.stop()
+        for _ in range(2):
+            dispatcher.run_once()
+        (sent,) = tps_rtstructs()
+        assert sent.ApprovalStatus == "APPROVED" and str(sent.ReviewerName) == "reviewer"
+        assert sent.SOPInstanceUID != original["RTSTRUCT"]
+        assert [str(r.ROIName) for r in sent.StructureSetROISequence] == ["Lung right", "Lung left"]
+        assert "GTV redrawn by hand" in sent.StructureSetDescription
+        assert len(tps.instances()) == 1  # the SEG carries the rejected tumour: withheld; the rejected job: nothing
+    for png in (review_png, approved_png, overview_png):
+        assert _not_blank(png) > 5.0, png
+    print(f"\nscreenshots: {review_png} {approved_png} {overview_png}")

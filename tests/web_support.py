@@ -50,13 +50,13 @@ class NodeData:
     result: dict
 
 
-def make_node_data(root: Path, dashboard: dict | None = None) -> NodeData:
+def make_node_data(root: Path, dashboard: dict | None = None, destinations: list[dict] | None = None) -> NodeData:
     phantom = root / "phantom"
     generate_phantom(phantom, seed=3, slices=24, tumors=1, matrix=128, tumor_types=["solid"])
     data_dir = root / "data"
     settings = settings_from_mapping(
         {"storage": {"data_dir": str(data_dir)}, "dashboard": dashboard or {},
-         "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11999}]},
+         "destinations": destinations or [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 11999}]},
         source="test",
     )
     data_dir.mkdir(parents=True)
@@ -144,3 +144,36 @@ def csrf_of(html: str) -> str:
     assert match, html[:500]
     return match.group(1)
 
+
+
+def stage_for_review(node: NodeData, job_id: int | None = None) -> dict[str, str]:
+    """Write the done job's real RTSTRUCT (lungs + tumour of the phantom) and a SEG header into
+    its results and stage them as the node does; returns SOP Instance UIDs by modality.
+
+    Destinations with ``requires_approval`` get the items ``awaiting_review``.
+    """
+    from radnode.dicom_io.regions import AlgorithmInfo
+    from radnode.dicom_io.rtstruct_writer import build_rtstruct
+    from radnode.pipeline.jobs import Phase
+    from radnode.pipeline.outbox import Outbox
+    from radnode.pipeline.review import stage_phase
+
+    from pipeline_support import write_result_objects
+
+    job_id = node.done_job if job_id is None else job_id
+    out = node.data_dir / RESULTS_DIR / str(job_id)
+    out.mkdir(parents=True, exist_ok=True)
+    series = load_series(node.phantom / "ct")
+    lungs = sitk.GetArrayFromImage(sitk.ReadImage(str(node.phantom / "truth" / "lungs.nii.gz")))
+    tumour = sitk.GetArrayFromImage(sitk.ReadImage(str(node.phantom / "truth" / "tumor.nii.gz"))) > 0
+    regions = [Region.of_kind(RegionKind.LUNG_RIGHT, lungs == 1), Region.of_kind(RegionKind.LUNG_LEFT, lungs == 2),
+               Region.of_kind(RegionKind.TUMOUR, tumour)]
+    rt = build_rtstruct(series, regions, AlgorithmInfo(name="raseg-demo", version=f"0.3.{job_id}", model_versions={}, demo=True),
+                        node.settings.output)
+    rt_path = out / "RTSTRUCT.dcm"
+    rt.save_as(rt_path, enforce_file_format=True)
+    (seg_path,) = write_result_objects(dcmread(sorted((node.phantom / "ct").rglob("*.dcm"))[0], stop_before_pixels=True),
+                                       out, ["SEG"], version=f"web-{job_id}")
+    stage_phase(Outbox(node.data_dir), [seg_path, rt_path], node.settings.destinations, out, Phase.CONTOURS,
+                job_id=job_id, source_series_uid=node.series_uid)
+    return {"RTSTRUCT": str(rt.SOPInstanceUID), "SEG": str(dcmread(seg_path, stop_before_pixels=True).SOPInstanceUID)}

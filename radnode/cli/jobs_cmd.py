@@ -48,14 +48,18 @@ def _job_or_exit(queue: JobQueue, job_id: int) -> Job:
 
 
 def _review_cell(job: Job, outbox: Outbox) -> str:
-    """``uncertain`` when the job's tumour contour needs review, with its held deliveries."""
+    """``uncertain`` when the job's tumour contour needs review, deliveries awaiting review, the decision."""
     from radnode.pipeline.outbox import ItemState
     from radnode.pipeline.review import job_review
 
-    if not job_review(job).get("required"):
-        return ""
-    held = len(outbox.items(job_id=job.id, states=[ItemState.HELD]))
-    return f"uncertain, {held} held" if held else "uncertain"
+    parts = ["uncertain"] if job_review(job).get("required") else []
+    held = len(outbox.items(job_id=job.id, states=[ItemState.AWAITING_REVIEW]))
+    if held:
+        parts.append(f"{held} held")
+    decision = outbox.review(job.id)
+    if decision is not None:
+        parts.append(f"{decision.decision} by {decision.reviewer}")
+    return ", ".join(parts)
 
 
 def register(app: typer.Typer) -> None:
@@ -159,12 +163,18 @@ def register(app: typer.Typer) -> None:
 
     @jobs_app.command("release")
     def release(ctx: typer.Context, job_id: Annotated[int, typer.Argument(metavar="ID")]) -> None:
-        """Send a job's held deliveries (its tumour contour was flagged uncertain and a person reviewed it)."""
+        """Send a job's held deliveries as they are (uncertain_contour: hold; a person looked at them).
+
+        Destinations with requires_approval keep waiting: they get only a reviewer's approved
+        copy (dashboard job page or /api/jobs/ID/approve).
+        """
         queue, outbox = _stores(ctx)
         job = _job_or_exit(queue, job_id)
-        released = outbox.release(job.id)
+        gated = [d.name for d in get_settings(ctx).destinations if d.requires_approval]
+        released = outbox.release(job.id, except_destinations=gated)
         if not released:
-            fail(f"job {job.id} has no held delivery", code=1)
+            fail(f"job {job.id} has no held delivery"
+                 + (f" (those for {', '.join(gated)} need a reviewer's approval in the dashboard)" if gated else ""), code=1)
         typer.echo(f"job {job.id}: {released} held delivery(ies) released; the running node sends them within 30 s")
 
     @jobs_app.command("cancel")

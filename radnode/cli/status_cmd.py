@@ -146,6 +146,9 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
                 "sent": h.sent if h else 0,
                 "failed": h.failed if h else 0,
                 "held": h.held if h else 0,
+                "awaiting_review": h.awaiting_review if h else 0,
+                "rejected": h.rejected if h else 0,
+                "requires_approval": dest.requires_approval if dest else False,
                 "uncertain_contour": dest.uncertain_contour.value if dest else None,
                 "consecutive_failures": h.consecutive_failures if h else 0,
                 "last_success_at": h.last_success_at if h else None,
@@ -169,6 +172,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
             )
     status["destinations"] = destinations
     status["failed_deliveries"] = failed_items
+    status["reviews"] = review_gate(outbox, limit)
 
     status["schedule"] = [
         {"task": r.name, "trigger": r.trigger, "next_run": r.next_run.isoformat() if r.next_run else None}
@@ -178,6 +182,27 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     status["last_sweep"] = runs[0] if runs else None
     status["scaleout"] = scaleout_status.collect(settings)
     return status
+
+
+def review_gate(outbox: Any, limit: int) -> dict[str, list[dict[str, Any]]]:
+    """Jobs whose deliveries await a reviewer, and the latest review decisions (newest first)."""
+    from radnode.pipeline.outbox import ItemState
+
+    if outbox is None:
+        return {"awaiting": [], "decided": []}
+    waiting: dict[int, dict[str, Any]] = {}
+    for item in outbox.items(states=[ItemState.AWAITING_REVIEW], limit=10000):
+        row = waiting.setdefault(item.job_id or 0, {
+            "job_id": item.job_id, "series_uid": item.source_series_uid, "destinations": [], "objects": [],
+            "items": 0, "since": item.created_at,
+        })
+        row["items"] += 1
+        row["since"] = min(row["since"], item.created_at)
+        for key, value in (("destinations", item.destination), ("objects", item.object_type)):
+            if value not in row[key]:
+                row[key].append(value)
+    awaiting = sorted(waiting.values(), key=lambda r: r["since"])[:limit]
+    return {"awaiting": awaiting, "decided": [d.to_dict() for d in outbox.reviews(limit)]}
 
 
 def review_required(queue: Any, outbox: Any, limit: int) -> list[dict[str, Any]]:
@@ -277,13 +302,36 @@ def render(status: dict[str, Any], console: Console) -> None:
                     ", ".join(row["reasons"]), ", ".join(row["held"]) or "-", _ago(row["finished_at"], now))
         console.print(table)
 
+    reviews = status.get("reviews") or {}
+    if reviews.get("awaiting"):
+        table = Table(title="Awaiting review (approve or reject on the dashboard's job page)", title_justify="left")
+        for column in ("Job", "Series UID", "Destinations", "Objects", "Items", "Waiting since"):
+            table.add_column(column)
+        for row in reviews["awaiting"]:
+            add_row(table, str(row["job_id"]), row["series_uid"] or "-", ", ".join(row["destinations"]),
+                    ", ".join(row["objects"]), str(row["items"]), _ago(row["since"], now))
+        console.print(table)
+    if reviews.get("decided"):
+        table = Table(title="Review decisions", title_justify="left")
+        for column in ("Job", "Decision", "Reviewer", "When", "Approved", "Rejected", "Destinations", "Comment / reason"):
+            table.add_column(column)
+        for row in reviews["decided"]:
+            colour = "green" if row["decision"] == "approved" else "red"
+            add_row(table, str(row["job_id"]), Text(row["decision"], style=colour), row["reviewer"],
+                    _when(row["decided_at"]), ", ".join(row["approved_structures"]) or "-",
+                    ", ".join(row["rejected_structures"]) or "-", ", ".join(row["destinations"]),
+                    _short(row["comment"], 50))
+        console.print(table)
+
     table = Table(title="Destinations", title_justify="left")
-    for column in ("Name", "Address", "Objects", "Health", "Pending", "Held", "Sent", "Failed", "Last success", "Last error"):
+    for column in ("Name", "Address", "Objects", "Health", "Pending", "Awaiting review", "Sent", "Failed", "Last success",
+                   "Last error"):
         table.add_column(column)
     for dest in status["destinations"]:
         colour = {"up": "green", "down": "red"}.get(dest["state"], "yellow")
         add_row(table, 
-            dest["name"], dest["address"], ",".join(dest["objects"]), Text(dest["state"], style=colour),
+            dest["name"] + (" (review)" if dest.get("requires_approval") else ""), dest["address"],
+            ",".join(dest["objects"]), Text(dest["state"], style=colour),
             str(dest["pending"]), str(dest.get("held", 0)), str(dest["sent"]), str(dest["failed"]),
             _ago(dest["last_success_at"], now), _short(dest["last_error"], 50),
         )

@@ -277,6 +277,11 @@ class Destination(_Section):
         description="send (flagged), hold (wait for radnode jobs release) or skip_tumour (lungs only) "
         "when the tumour contour's quality score is below its model's threshold",
     )
+    requires_approval: bool = Field(
+        default=False,
+        description="Objects wait in the outbox (awaiting_review) until a reviewer approves them in the dashboard; "
+        "the RTSTRUCT sent is then a new, approved instance (e.g. for a planning system).",
+    )
 
 
 class PACSSettings(_Section):
@@ -553,6 +558,18 @@ class DashboardSettings(_Section):
     )
 
 
+class ReviewSettings(_Section):
+    """Who is told that results await review (destinations with ``requires_approval``); no PHI is sent."""
+
+    webhook_url: str | None = Field(default=None, description="POSTed JSON: job id, series UID, destinations.")
+    smtp_host: str | None = Field(default=None, description="Mail server for the e-mail notice (plain SMTP, STARTTLS if offered).")
+    smtp_port: Port = 25
+    mail_from: str = "radnode@localhost"
+    mail_to: list[str] = Field(default_factory=list)
+    dashboard_url: str | None = Field(default=None, description="Base URL put in notices (e.g. https://radnode.hospital/).")
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+
+
 class LoggingSettings(_Section):
     """Log verbosity and format."""
 
@@ -585,6 +602,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod

@@ -18,18 +18,25 @@ items and reports every attempt back here. The rules this module enforces:
   failure (PS3.4 B.2.3, e.g. 0xA700 out of resources, 0xA900 data set does not match SOP
   class, 0xCxxx cannot understand) counts towards ``max_attempts``, after which the item
   is ``failed``, visible in ``radnode status`` and re-armed by ``radnode jobs retry``;
-* **every attempt is persisted** with its outcome and the peer's status code.
+* **every attempt is persisted** with its outcome and the peer's status code;
+* **a reviewed destination gets only what a reviewer let go**: items staged
+  ``awaiting_review`` (a destination with ``requires_approval``, or ``uncertain_contour:
+  hold`` on an uncertain contour) are never due; :meth:`Outbox.decide` records the one
+  decision per job and, in the same transaction, puts the approved RTSTRUCT copy in place
+  of the original (``replaced``), lets the other objects go or marks them ``rejected``
+  (see :mod:`radnode.pipeline.review`).
 
 All outbox SQL lives in this module.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -66,7 +73,47 @@ class ItemState(StrEnum):
     PENDING = "pending"
     SENT = "sent"
     FAILED = "failed"
-    HELD = "held"  # waits for a person (an uncertain tumour contour, ``uncertain_contour: hold``)
+    #: Waits for a reviewer: a destination with ``requires_approval``, or ``uncertain_contour:
+    #: hold`` when the tumour contour is uncertain. One state for both: one review decides.
+    AWAITING_REVIEW = "awaiting_review"
+    REJECTED = "rejected"  # a reviewer rejected it (or a structure it carries): never sent
+    REPLACED = "replaced"  # an RTSTRUCT whose approved copy goes instead: never sent
+    HELD = "awaiting_review"  # the earlier name of AWAITING_REVIEW (an alias)
+
+
+#: Item states that never change again (kept as the proof of what was, or was not, sent).
+FINAL_STATES = (ItemState.SENT, ItemState.REJECTED, ItemState.REPLACED)
+
+
+class ReviewError(ValueError):
+    """A review decision the outbox refuses (nothing awaits review, or the job was decided)."""
+
+
+@dataclass(frozen=True)
+class ReviewDecision:
+    """A reviewer's decision on one job's contours, for every destination that waits for it."""
+
+    job_id: int
+    decision: str  # "approved" or "rejected"
+    reviewer: str
+    decided_at: float
+    comment: str = ""
+    approved_structures: tuple[str, ...] = ()
+    rejected_structures: tuple[str, ...] = ()
+    destinations: tuple[str, ...] = ()
+    approved_objects: tuple[str, ...] = ()
+
+    @property
+    def approved(self) -> bool:
+        return self.decision == "approved"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "decision": self.decision, "reviewer": self.reviewer, "decided_at": self.decided_at,
+            "comment": self.comment, "approved_structures": list(self.approved_structures),
+            "rejected_structures": list(self.rejected_structures), "destinations": list(self.destinations),
+            "approved_objects": list(self.approved_objects),
+        }
 
 
 class AttemptOutcome(StrEnum):
@@ -126,7 +173,13 @@ class DestinationHealth:
     pending: int
     sent: int
     failed: int
-    held: int = 0
+    held: int = 0  # items awaiting review (the field keeps its first name)
+    rejected: int = 0
+
+    @property
+    def awaiting_review(self) -> int:
+        """Items waiting for a reviewer (:attr:`ItemState.AWAITING_REVIEW`)."""
+        return self.held
 
 
 @dataclass(frozen=True)
@@ -179,6 +232,17 @@ CREATE TABLE IF NOT EXISTS attempts (
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_item ON attempts (item_id);
+CREATE TABLE IF NOT EXISTS reviews (
+    job_id              INTEGER PRIMARY KEY,
+    decision            TEXT NOT NULL,
+    reviewer            TEXT NOT NULL,
+    decided_at          REAL NOT NULL,
+    comment             TEXT NOT NULL DEFAULT '',
+    approved_structures TEXT NOT NULL DEFAULT '[]',
+    rejected_structures TEXT NOT NULL DEFAULT '[]',
+    destinations        TEXT NOT NULL DEFAULT '[]',
+    approved_objects    TEXT NOT NULL DEFAULT '[]'
+);
 CREATE TABLE IF NOT EXISTS destinations (
     name                 TEXT PRIMARY KEY,
     state                TEXT NOT NULL,
@@ -227,6 +291,11 @@ class Outbox:
         self._clock = clock
         self.folder.mkdir(parents=True, exist_ok=True)
         self._db = SQLiteDB(self.db_path, _SCHEMA)
+        with self._db.connect() as conn:  # items of a node from before the review gate (read first: status is read-only)
+            held = conn.execute("SELECT 1 FROM items WHERE state = 'held' LIMIT 1").fetchone() is not None
+        if held:
+            with self._db.write() as conn:
+                conn.execute("UPDATE items SET state = ? WHERE state = 'held'", (ItemState.AWAITING_REVIEW.value,))
 
     # -- connection ---------------------------------------------------------------------
 
@@ -319,8 +388,10 @@ class Outbox:
         only_phase
             Stage only the objects of this delivery phase (the others are not complete yet).
         hold
-            Create the new items ``held``: they wait until :meth:`release` (a person
-            reviews an uncertain contour first); items that exist already keep their state.
+            Create the new items ``awaiting_review``: they wait for :meth:`decide` (or
+            :meth:`release`); items that exist already keep their state. When the job was
+            decided already (a report phase staged after the review), the decision applies
+            to them at once.
 
         Returns
         -------
@@ -367,9 +438,13 @@ class Outbox:
                     conn.execute(
                         "INSERT OR IGNORE INTO items (sop_instance_uid, destination, state, next_attempt_at, "
                         "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        (header.sop_instance_uid, name, (ItemState.HELD if hold else ItemState.PENDING).value,
-                         now, now, now),
+                        (header.sop_instance_uid, name,
+                         (ItemState.AWAITING_REVIEW if hold else ItemState.PENDING).value, now, now, now),
                     )
+                if hold and job_id is not None:
+                    decided = self._review_row(conn, job_id)
+                    if decided is not None:
+                        self._apply_decision(conn, decided, {}, now)
             staged_uids.append(header.sop_instance_uid)
             log.info(
                 "staged %s %s (job %s) for %s",
@@ -529,15 +604,130 @@ class Outbox:
         with self._db.write() as conn:
             return conn.execute(query, params).rowcount
 
-    def release(self, job_id: int) -> int:
-        """Let a job's held items go (``radnode jobs release``): they become due now; returns how many."""
+    def release(self, job_id: int, except_destinations: Iterable[str] = ()) -> int:
+        """Let a job's items awaiting review go as they are (``radnode jobs release``): due now.
+
+        ``except_destinations`` (those with ``requires_approval``) keep waiting: they get
+        only an approved copy, through :meth:`decide`. Returns how many items were released.
+        """
         now = self._clock()
+        query = (
+            "UPDATE items SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ? AND "
+            "sop_instance_uid IN (SELECT sop_instance_uid FROM objects WHERE job_id = ?)"
+        )
+        params: list[Any] = [ItemState.PENDING.value, now, now, ItemState.AWAITING_REVIEW.value, job_id]
+        kept = list(except_destinations)
+        if kept:
+            query += f" AND destination NOT IN ({','.join('?' * len(kept))})"
+            params += kept
         with self._db.write() as conn:
-            return conn.execute(
-                "UPDATE items SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ? AND "
-                "sop_instance_uid IN (SELECT sop_instance_uid FROM objects WHERE job_id = ?)",
-                (ItemState.PENDING.value, now, now, ItemState.HELD.value, job_id),
-            ).rowcount
+            return conn.execute(query, params).rowcount
+
+    # -- review -------------------------------------------------------------------------
+
+    @staticmethod
+    def _decision(row: sqlite3.Row) -> ReviewDecision:
+        return ReviewDecision(
+            job_id=row["job_id"], decision=row["decision"], reviewer=row["reviewer"], decided_at=row["decided_at"],
+            comment=row["comment"], approved_structures=tuple(json.loads(row["approved_structures"])),
+            rejected_structures=tuple(json.loads(row["rejected_structures"])),
+            destinations=tuple(json.loads(row["destinations"])), approved_objects=tuple(json.loads(row["approved_objects"])),
+        )
+
+    def _review_row(self, conn: sqlite3.Connection, job_id: int) -> ReviewDecision | None:
+        row = conn.execute("SELECT * FROM reviews WHERE job_id = ?", (job_id,)).fetchone()
+        return self._decision(row) if row is not None else None
+
+    def review(self, job_id: int) -> ReviewDecision | None:
+        """The recorded decision on a job, or ``None``."""
+        with self._db.connect() as conn:
+            return self._review_row(conn, job_id)
+
+    def reviews(self, limit: int = 100) -> list[ReviewDecision]:
+        """The latest decisions, newest first."""
+        with self._db.connect() as conn:
+            rows = conn.execute("SELECT * FROM reviews ORDER BY decided_at DESC, job_id DESC LIMIT ?", (int(limit),))
+            return [self._decision(r) for r in rows.fetchall()]
+
+    def decide(self, decision: ReviewDecision, approved_copies: dict[str, Path] | None = None) -> list[OutboxItem]:
+        """Record the decision on a job and apply it to its items awaiting review, atomically.
+
+        ``approved_copies`` maps each awaiting RTSTRUCT's SOP Instance UID to its approved
+        copy (written by :mod:`radnode.dicom_io.approval`): every destination that waited
+        for the original gets the copy (``pending``) and the original becomes ``replaced``.
+        An RTSTRUCT without a copy, every object of a rejected job and, when a structure was
+        rejected, the SEG and SR (they carry it) become ``rejected``; otherwise they go.
+        Raises :class:`ReviewError` when the job was decided already or nothing awaits review.
+        """
+        now = self._clock()
+        copies = dict(approved_copies or {})
+        headers = {uid: self._read_header(path) for uid, path in copies.items()}
+        stored = {uid: self._copy_in(path, headers[uid].sop_instance_uid) for uid, path in copies.items()}
+        with self._db.write() as conn:
+            if self._review_row(conn, decision.job_id) is not None:
+                raise ReviewError(f"job {decision.job_id} was reviewed already")
+            waiting = [self._item(r) for r in conn.execute(
+                f"{_ITEM_SELECT} WHERE o.job_id = ? AND i.state = ? ORDER BY i.id",
+                (decision.job_id, ItemState.AWAITING_REVIEW.value)).fetchall()]
+            if not waiting:
+                raise ReviewError(f"job {decision.job_id} has nothing awaiting review")
+            new_objects = []
+            for original, header in headers.items():
+                source = next((i for i in waiting if i.sop_instance_uid == original), None)
+                if source is None:
+                    raise ReviewError(f"RTSTRUCT {original} of job {decision.job_id} is not awaiting review")
+                conn.execute(
+                    "INSERT OR IGNORE INTO objects (sop_instance_uid, sop_class_uid, transfer_syntax_uid, object_type, "
+                    "phase, study_uid, series_uid, source_series_uid, job_id, path, staged_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (header.sop_instance_uid, header.sop_class_uid, header.transfer_syntax_uid, source.object_type,
+                     source.phase, header.study_uid, header.series_uid, source.source_series_uid, decision.job_id,
+                     str(stored[original]), now),
+                )
+                new_objects.append(header.sop_instance_uid)
+            recorded = replace(
+                decision, destinations=tuple(sorted({i.destination for i in waiting})), approved_objects=tuple(new_objects)
+            )
+            conn.execute(
+                "INSERT INTO reviews (job_id, decision, reviewer, decided_at, comment, approved_structures, "
+                "rejected_structures, destinations, approved_objects) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (recorded.job_id, recorded.decision, recorded.reviewer, recorded.decided_at, recorded.comment,
+                 json.dumps(list(recorded.approved_structures)), json.dumps(list(recorded.rejected_structures)),
+                 json.dumps(list(recorded.destinations)), json.dumps(list(recorded.approved_objects))),
+            )
+            self._apply_decision(conn, recorded, {k: h.sop_instance_uid for k, h in headers.items()}, now)
+            rows = conn.execute(f"{_ITEM_SELECT} WHERE o.job_id = ? ORDER BY i.id", (decision.job_id,)).fetchall()
+        log.info("job %d reviewed: %s by a dashboard user; %d destination(s)", decision.job_id, recorded.decision,
+                 len(recorded.destinations))
+        return [self._item(r) for r in rows]
+
+    def _apply_decision(
+        self, conn: sqlite3.Connection, decision: ReviewDecision, copies: dict[str, str], now: float
+    ) -> None:
+        """Move a job's ``awaiting_review`` items according to ``decision`` (see :meth:`decide`)."""
+        waiting = [self._item(r) for r in conn.execute(
+            f"{_ITEM_SELECT} WHERE o.job_id = ? AND i.state = ?", (decision.job_id, ItemState.AWAITING_REVIEW.value)
+        ).fetchall()]
+        update = ("UPDATE items SET state = ?, next_attempt_at = ?, updated_at = ?, last_error = ? WHERE id = ?")
+        who = f"at review by {decision.reviewer}"
+        for item in waiting:
+            if item.sop_instance_uid in copies:
+                conn.execute(
+                    "INSERT OR IGNORE INTO items (sop_instance_uid, destination, state, next_attempt_at, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (copies[item.sop_instance_uid], item.destination, ItemState.PENDING.value, now, now, now),
+                )
+                state, note = ItemState.REPLACED, f"replaced {who} by approved {copies[item.sop_instance_uid]}"
+            elif not decision.approved:
+                state, note = ItemState.REJECTED, f"rejected {who}: {decision.comment or 'no reason given'}"
+            elif item.object_type == "RTSTRUCT":
+                state, note = ItemState.REJECTED, f"not reviewed (no approved copy) {who}"
+            elif decision.rejected_structures:
+                state = ItemState.REJECTED
+                note = f"withheld {who}: carries rejected {', '.join(decision.rejected_structures)}"
+            else:
+                state, note = ItemState.PENDING, None
+            conn.execute(update, (state.value, now, now, note, item.id))
 
     def retry_now(self, destination: str | None = None) -> int:
         """Make pending items due immediately (after an operator fixed a destination)."""
@@ -617,7 +807,8 @@ class Outbox:
                     pending=per[ItemState.PENDING],
                     sent=per[ItemState.SENT],
                     failed=per[ItemState.FAILED],
-                    held=per[ItemState.HELD],
+                    held=per[ItemState.AWAITING_REVIEW],
+                    rejected=per[ItemState.REJECTED],
                 )
             )
         return result
@@ -639,7 +830,8 @@ class Outbox:
     # -- retention ----------------------------------------------------------------------
 
     def purge_delivered(self, older_than_seconds: float) -> int:
-        """Delete outbox files whose every item was sent more than ``older_than_seconds`` ago.
+        """Delete outbox files whose every item is final (sent, or rejected / replaced at review)
+        since more than ``older_than_seconds``.
 
         The database rows stay (they are the proof of delivery and keep "exactly once"
         true if the same object is staged again).
@@ -649,8 +841,8 @@ class Outbox:
         with self._db.connect() as conn:
             rows = conn.execute(
                 "SELECT o.sop_instance_uid, o.path FROM objects o WHERE NOT EXISTS (SELECT 1 FROM items i "
-                "WHERE i.sop_instance_uid = o.sop_instance_uid AND (i.state != ? OR i.sent_at >= ?))",
-                (ItemState.SENT.value, cutoff),
+                "WHERE i.sop_instance_uid = o.sop_instance_uid AND (i.state NOT IN (?, ?, ?) OR i.updated_at >= ?))",
+                (*(s.value for s in FINAL_STATES), cutoff),
             ).fetchall()
         for row in rows:
             path = Path(row["path"])

@@ -60,6 +60,7 @@ from radnode.pipeline.jobs import (
     current_pipeline_version,
 )
 from radnode.pipeline.outbox import DEFAULT_BACKOFF, Outbox
+from radnode.pipeline.notify import Notifier
 from radnode.pipeline.queue import JobQueue, SQLiteJobQueue, open_queue
 from radnode.pipeline.remote_link import RemoteLink, pg_queue_options
 from radnode.pipeline.review import contour_counts, stage_phase
@@ -141,8 +142,8 @@ class PipelineCollector:
     ``radnode_outbox_items{destination,state}`` and
     ``radnode_dispatch_attempts_total{destination,outcome}`` (failures are the outcomes
     ``refused``, ``unreachable`` and ``local_error``) and ``radnode_tumour_contours{quality}``
-    (``uncertain``: flagged "tumour contour uncertain — review required"; held deliveries
-    are ``radnode_outbox_items{state="held"}``).
+    (``uncertain``: flagged "tumour contour uncertain — review required"; deliveries waiting
+    for a reviewer are ``radnode_outbox_items{state="awaiting_review"}``).
     """
 
     def __init__(self, queue: JobQueue, outbox: Outbox) -> None:
@@ -248,6 +249,7 @@ class PipelineService:
         # Staged results wake the dispatcher in-process; from another process they are polled.
         in_process = Role.WORKERS in self.roles
         self.dispatch_loop = DispatchLoop(self.dispatcher, **({} if in_process else {"idle_seconds": CROSS_PROCESS_POLL_SECONDS}))
+        self.notifier = Notifier(settings.review)  # results awaiting review: webhook / e-mail
         self.pool = WorkerPool(
             self.queue,
             settings,
@@ -546,7 +548,8 @@ class PipelineService:
         Each destination's ``uncertain_contour`` policy applies when the contour is flagged.
         """
         items = stage_phase(
-            self.outbox, files, self.job_destinations(job), out_dir, phase, job_id=job.id, source_series_uid=job.series_uid
+            self.outbox, files, self.job_destinations(job), out_dir, phase, job_id=job.id, source_series_uid=job.series_uid,
+            on_awaiting=self.notifier.awaiting_review,
         )
         self.dispatch_loop.wake()
         return len({item.sop_instance_uid for item in items})

@@ -87,6 +87,49 @@ async def steer(request: Request, action: str) -> str:
     return message
 
 
+async def review_action(request: Request, action: str) -> dict[str, Any]:
+    """Approve or reject (reviewer role, CSRF): the decision; 404 unknown job, 400 bad input, 409 not allowed.
+
+    Fields (form or JSON): ``reject`` (structure names left out of an approval), ``comment``
+    (approval) or ``reason`` (rejection; ``comment`` is accepted too).
+    """
+    from radnode.pipeline.outbox import ReviewError
+
+    user = await authorise(request, "reviewer")
+    job_id = request.path_params["job_id"]
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise HTTPException(400, "the body must be a JSON object")
+        raw = body.get("reject") or []
+        raw = raw if isinstance(raw, list) else [raw]
+        text = body.get("reason") or body.get("comment") or ""
+    else:
+        form = await request.form()
+        raw = form.getlist("reject")
+        text = form.get("reason") or form.get("comment") or ""
+    try:
+        rejected = data.structure_names(raw)
+        if not isinstance(text, str):
+            raise ValueError("comment and reason must be text")
+        decision = data.review_decide(settings_of(request), job_id, user, action, rejected, text)
+    except data.NotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except ReviewError as exc:
+        audit(request, f"review_{action}", "refused", user.name, job_id=job_id, reason=str(exc))
+        raise HTTPException(409, str(exc)) from None
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    audit(request, f"review_{action}", "done", user.name, job_id=job_id, decision=decision["decision"],
+          approved=decision["approved_structures"], rejected=decision["rejected_structures"],
+          destinations=decision["destinations"], comment=decision["comment"],
+          approved_objects=decision["approved_objects"])
+    return decision
+
+
 async def route_test(request: Request) -> dict[str, Any]:
     """The rule tester: a multipart ``file`` (one DICOM instance) or a ``series_uid`` the node received."""
     await authorise(request, "viewer")
@@ -133,6 +176,14 @@ async def api_cancel(request: Request) -> DumpResponse:
     return DumpResponse({"message": await steer(request, "cancel")})
 
 
+async def api_approve(request: Request) -> DumpResponse:
+    return DumpResponse(await review_action(request, "approve"))
+
+
+async def api_reject(request: Request) -> DumpResponse:
+    return DumpResponse(await review_action(request, "reject"))
+
+
 async def api_rules(request: Request) -> DumpResponse:
     require(request, "viewer")
     return DumpResponse(data.rules(settings_of(request)))
@@ -168,6 +219,8 @@ routes = [
     Route("/api/jobs/{job_id:int}/overlays/{name}", overlay_response),
     Route("/api/jobs/{job_id:int}/retry", api_retry, methods=["POST"]),
     Route("/api/jobs/{job_id:int}/cancel", api_cancel, methods=["POST"]),
+    Route("/api/jobs/{job_id:int}/approve", api_approve, methods=["POST"]),
+    Route("/api/jobs/{job_id:int}/reject", api_reject, methods=["POST"]),
     Route("/api/rules", api_rules),
     Route("/api/rules/test", api_rules_test, methods=["POST"]),
     Route("/api/audit", api_audit),

@@ -194,6 +194,7 @@ def job_detail(settings: Settings, job_id: int) -> dict[str, Any]:
                 }
             )
     detail["deliveries"] = deliveries
+    detail["review"] = review_state(settings, job.id)
     folder = results_folder(settings, job.id)
     result_path = folder / RESULT_FILE
     try:
@@ -219,6 +220,61 @@ def overlay_file(settings: Settings, job_id: int, name: str) -> Path:
     if path.parent != folder or not path.is_file():
         raise NotFound(f"job {job_id} has no overlay {name}")
     return path
+
+
+def review_state(settings: Settings, job_id: int) -> dict[str, Any] | None:
+    """What awaits review in a job (destinations, structures) and the decision, if any."""
+    from radnode.pipeline.outbox import OUTBOX_DB, Outbox
+    from radnode.pipeline.review import awaiting
+
+    if not (data_dir(settings) / OUTBOX_DB).exists():
+        return None
+    outbox = Outbox(data_dir(settings))
+    decision = outbox.review(job_id)
+    return {"awaiting": awaiting(outbox, job_id), "decision": decision.to_dict() if decision else None}
+
+
+#: Most structures one decision may name (an RTSTRUCT of radnode's has three).
+MAX_STRUCTURES = 100
+
+
+def structure_names(values: Iterable[object]) -> list[str]:
+    """Structure names from a request: strings of 1-64 characters (ROI Name is LO), at most 100."""
+    names = [v for v in values if v != ""]
+    if len(names) > MAX_STRUCTURES or not all(isinstance(v, str) and 0 < len(v) <= 64 for v in names):
+        raise ValueError(f"structures must be at most {MAX_STRUCTURES} names of 1-64 characters")
+    return [str(v) for v in names]
+
+
+def review_decide(
+    settings: Settings, job_id: int, user: User, decision: str, rejected: list[str], comment: str
+) -> dict[str, Any]:
+    """Approve (leaving out ``rejected``) or reject a job's deliveries awaiting review.
+
+    ``NotFound`` for an unknown job, ``ValueError`` for a structure the job's RTSTRUCT lacks,
+    :class:`radnode.pipeline.outbox.ReviewError` when nothing awaits or it was decided.
+    """
+    from radnode.pipeline.outbox import Outbox
+    from radnode.pipeline.queue import JobNotFound, open_queue
+    from radnode.pipeline.review import approve, awaiting, reject
+
+    try:
+        open_queue(data_dir(settings)).get(job_id)
+    except JobNotFound as exc:
+        raise NotFound(str(exc)) from None
+    if decision == "reject" and not comment.strip():
+        raise ValueError("a rejection needs a reason (field 'reason')")
+    outbox = Outbox(data_dir(settings))
+    known = awaiting(outbox, job_id)["structures"]
+    unknown = [n for n in rejected if n not in known]
+    if unknown:
+        raise ValueError(f"job {job_id} has no structure awaiting review called {', '.join(map(repr, unknown))}")
+    if decision == "approve":
+        result = approve(outbox, job_id, user.name, results_folder(settings, job_id), rejected=rejected,
+                         comment=comment, uid_root=settings.output.uid_root)
+    else:
+        result = reject(outbox, job_id, user.name, comment)
+    return result.to_dict()
 
 
 def retry(settings: Settings, job_id: int) -> str:

@@ -13,7 +13,9 @@ from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
 from radnode.web import data
-from radnode.web.api import int_param, job_or_404, jobs_query, overlay_response, route_test, settings_of, steer
+from radnode.web.api import (
+    int_param, job_or_404, jobs_query, overlay_response, review_action, route_test, settings_of, steer,
+)
 from radnode.web.auth import audit, check_csrf, csrf_token, current_user, log_in, log_out, users
 from radnode.web.users import User
 
@@ -119,12 +121,18 @@ async def job_page(request: Request) -> Response:
 
 async def job_action(request: Request) -> Response:
     action = request.path_params["action"]
-    if action not in ("retry", "cancel"):
+    if action not in ("retry", "cancel", "approve", "reject"):
         raise HTTPException(404, "unknown action")
     try:
-        message = await steer(request, action)
+        if action in ("approve", "reject"):
+            decision = await review_action(request, action)
+            left_out = decision["rejected_structures"] if decision["decision"] == "approved" else []
+            message = (f"job {decision['job_id']} {decision['decision']} by {decision['reviewer']} for "
+                       f"{', '.join(decision['destinations'])}" + (f"; left out: {', '.join(left_out)}" if left_out else ""))
+        else:
+            message = await steer(request, action)
     except HTTPException as exc:
-        if exc.status_code != 409:
+        if exc.status_code not in (400, 409):
             raise
         message = str(exc.detail)
     request.session["flash"] = message
