@@ -88,6 +88,7 @@ def run_node(settings: Settings, reload: Callable[[], Settings], *, chain: str |
         node.stop()
         fail(str(exc), code=1)
     dashboard = _start_dashboard(settings, node, pipeline)
+    dicomweb = _start_dicomweb(settings, node, pipeline)
     notifier.ready(
         f"{settings.node.ae_title} listening on {settings.node.host}:{node.port}",
         liveness=liveness_from_health(node.health),
@@ -103,6 +104,8 @@ def run_node(settings: Settings, reload: Callable[[], Settings], *, chain: str |
     notifier.stopping()
     if dashboard is not None:
         dashboard.stop()
+    if dicomweb is not None:
+        dicomweb.stop()
     # The pipeline first: it finishes or re-queues jobs while the node's index is open.
     pipeline.stop()
     node.stop(grace_seconds=SHUTDOWN_GRACE_SECONDS)
@@ -123,6 +126,20 @@ def _start_dashboard(settings: Settings, node: Any, pipeline: Any) -> Any:
         node.stop()
         fail(f"cannot serve the dashboard on {settings.dashboard.host}:{settings.dashboard.port}: {exc.strerror or exc}", code=1)
     return dashboard
+
+
+def _start_dicomweb(settings: Settings, node: Any, pipeline: Any) -> Any:
+    """Start the STOW-RS receiver (radnode.web.dicomweb) on the node's ingest when enabled."""
+    if not settings.dicomweb.enabled:
+        return None
+    from radnode.web.dicomweb import start_dicomweb
+
+    try:
+        return start_dicomweb(settings, node.ingestor)
+    except OSError as exc:
+        pipeline.stop()
+        node.stop()
+        fail(f"cannot serve DICOMweb on {settings.dicomweb.host}:{settings.dicomweb.port}: {exc.strerror or exc}", code=1)
 
 
 def register(app: typer.Typer) -> None:
