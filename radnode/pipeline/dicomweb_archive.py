@@ -52,6 +52,8 @@ SERIES_FIELDS = [
 ]
 #: Attributes of one instance for routing rules that test them (as the DIMSE client's IMAGE level).
 INSTANCE_FIELDS = ["SOPClassUID", "ImageType", "SliceThickness", "Manufacturer", "SoftwareVersions"]
+#: Matches asked for per QIDO-RS request.
+QIDO_PAGE = 200
 #: WADO-RS: the instances as stored (PS3.18 §8.7.3.5.2, transfer-syntax=*).
 STORED_TRANSFER_SYNTAX = (("application/dicom", "*"),)
 
@@ -104,6 +106,21 @@ class QidoArchiveQuery(_DicomWebArchive):
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise SweepError(f"PACS {self.url} is unreachable ({type(exc).__name__})") from None
 
+    def _search_all(self, what: str, page: Callable[[int, int], list[dict[str, Any]]], key: str) -> list[Dataset]:
+        """Every match, page by page (limit/offset, PS3.18 §8.3.4.4); stops when a page is short,
+        or brings nothing new (an archive that ignores offset would otherwise be asked forever)."""
+        found: list[Dataset] = []
+        seen: set[str] = set()
+        offset = 0
+        while True:
+            matches = self._search(what, lambda: page(QIDO_PAGE, offset))
+            fresh = [m for m in matches if str(m.get(key, "")) not in seen]
+            found += fresh
+            seen.update(str(m.get(key, "")) for m in fresh)
+            if len(matches) < QIDO_PAGE or not fresh:
+                return found
+            offset += len(matches)
+
     def _instance_facts(self, study_uid: str, series_uid: str) -> dict[str, Any]:
         found = self._search(
             "instances",
@@ -124,25 +141,28 @@ class QidoArchiveQuery(_DicomWebArchive):
 
     def series(self, date_from: date, date_to: date, modality: str = CT_MODALITY) -> list[SeriesCandidate]:
         """All series of ``modality`` in studies dated within ``[date_from, date_to]``."""
-        studies = self._search(
+        studies = self._search_all(
             "studies",
-            lambda: self.client.search_for_studies(
+            lambda limit, offset: self.client.search_for_studies(
                 search_filters={"StudyDate": f"{_da(date_from)}-{_da(date_to)}", "ModalitiesInStudy": modality},
                 fields=["StudyInstanceUID", "StudyDate"],
-                get_remaining=True,
+                limit=limit,
+                offset=offset,
             ),
+            "StudyInstanceUID",
         )
         candidates: list[SeriesCandidate] = []
         for found in studies:
             study_uid = _uid(found, "StudyInstanceUID")
             if not study_uid:
                 continue
-            matches = self._search(
+            matches = self._search_all(
                 "series",
-                lambda: self.client.search_for_series(
+                lambda limit, offset: self.client.search_for_series(
                     study_instance_uid=study_uid, search_filters={"Modality": modality}, fields=SERIES_FIELDS,
-                    get_remaining=True,
+                    limit=limit, offset=offset,
                 ),
+                "SeriesInstanceUID",
             )
             for series in matches:
                 series_uid = _uid(series, "SeriesInstanceUID")
