@@ -11,6 +11,8 @@ PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install $(if $(W
 # Debian packages of the real peers the tests talk to: command -> package.
 DEBIAN_TOOLS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools plastimatch:plastimatch \
   strace:strace systemd-analyze:systemd chromium:chromium chromedriver:chromium-driver
+# Libraries and plugins (no command to look for): file path -> package.
+DEBIAN_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 PYTEST_ARGS ?=
 
 .PHONY: run test install debian-tools clean-venv
@@ -43,6 +45,9 @@ $(VENV)/.installed: pyproject.toml
 debian-tools:
 	@missing=""; for pair in $(DEBIAN_TOOLS); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
+	done; \
+	for pair in $(DEBIAN_FILES); do \
+	  test -e "$${pair%%:*}" || missing="$$missing $${pair##*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
