@@ -6,6 +6,7 @@ loopback), so the token, the Store Instances response and its per-instance lists
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -104,3 +105,35 @@ def test_a_wrong_token_keeps_items_waiting_and_the_right_one_delivers_once(
     assert set(received.values()) == {"RADNODE1"}
     # Nothing is due any more: a third round sends nothing.
     assert dispatcher.run_once().sent == 0
+
+
+def test_over_tls_the_certificate_is_checked_against_verify_tls(tmp_path: Path, shared_data: Path) -> None:
+    cert, key = tmp_path / "srv.crt", tmp_path / "srv.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    settings = node_settings(
+        tmp_path / "recipient",
+        dicomweb={
+            "enabled": True, "host": "127.0.0.1", "port": free_port(), "tokens": {"RADNODE1": TOKEN},
+            "tls": {"enabled": True, "cert_file": str(cert), "key_file": str(key)},
+        },
+    )
+    with running_node(settings) as node:
+        server = DicomWebServer(settings, node.ingestor)
+        server.start()
+        try:
+            assert server.url.startswith("https://")
+            outbox, dispatcher, _objects, sender_settings = sender(tmp_path, shared_data, server.url, TOKEN)
+            # The system CAs do not know a self-signed certificate: the destination is down, nothing lost.
+            untrusted = dispatcher.run_once()
+            assert untrusted.destinations_down == ["peer"] and untrusted.sent == 0
+            assert "SSLError" in (outbox.health(["peer"])[0].last_error or "")
+            sender_settings.destinations[0].auth.verify_tls = cert
+            outbox.retry_now("peer")
+            assert dispatcher.run_once().sent == 3
+            assert sum(node.index.file_counts_by_series().values()) == 3
+        finally:
+            server.stop()

@@ -9,6 +9,7 @@ retries and backoff, so an attempt is one HTTP request and its outcome is record
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import requests
 from dicomweb_client import DICOMwebClient
@@ -19,9 +20,23 @@ from radnode.config.model import DicomWebAuth
 DEFAULT_TIMEOUT = (10.0, 120.0)
 
 
+class _Session(requests.Session):
+    """A session whose configured certificate check wins over REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE.
+
+    requests lets those variables override ``Session.verify``; a CA bundle or ``false`` set
+    for one peer in radnode's settings must not be replaced by the machine's default bundle.
+    """
+
+    def merge_environment_settings(self, url: Any, proxies: Any, stream: Any, verify: Any, cert: Any) -> dict[str, Any]:
+        merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
+        if self.verify is not True:
+            merged["verify"] = self.verify
+        return merged
+
+
 def dicomweb_client(url: str, auth: DicomWebAuth, timeout: tuple[float, float] = DEFAULT_TIMEOUT) -> DICOMwebClient:
     """A client for the service root ``url`` with ``auth``'s credentials and certificate check."""
-    session = requests.Session()
+    session = _Session()
     if auth.token:
         session.headers["Authorization"] = f"Bearer {auth.token}"
     elif auth.username and auth.password:
