@@ -225,3 +225,25 @@ def test_the_access_rules_apply_to_the_token_name(node_and_url: tuple[Any, str],
     assert refused.value.response.status_code == 403
     assert "CTSCANNER" in refused.value.response.text
     assert node.index.file_counts_by_series() == {}
+
+
+def test_config_check_warns_about_a_receiver_without_tokens_or_open_without_tls(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from radnode.cli import app
+
+    quiet = {"node": {"host": "127.0.0.1", "strict": True, "allowed_calling_aes": ["CT1"]}, "dashboard": {"enabled": False}}
+    cases = (
+        ({"enabled": False}, []),
+        ({"enabled": True, "tokens": {"CT1": TOKEN}}, []),
+        ({"enabled": True}, ["tokens is empty"]),
+        ({"enabled": True, "host": "0.0.0.0", "tokens": {"CT1": TOKEN}}, ["without TLS"]),
+    )
+    for dicomweb, expected in cases:
+        path = tmp_path / "radnode.yaml"
+        path.write_text(yaml.safe_dump({**quiet, "dicomweb": dicomweb}))
+        result = CliRunner().invoke(app, ["config", "check", str(path)])
+        assert result.exit_code == 0, result.output
+        warned = [line for line in result.output.splitlines() if "DICOMweb" in line or "dicomweb" in line]
+        assert len(warned) == len(expected) and all(any(e in w for w in warned) for e in expected), result.output

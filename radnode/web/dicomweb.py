@@ -127,6 +127,22 @@ def create_dicomweb_app(settings: Settings, ingestor: Ingestor) -> Starlette:
     return app
 
 
+def dicomweb_warnings(settings: Settings) -> list[str]:
+    """Start-up (and ``radnode config check``) warnings for an enabled STOW-RS receiver."""
+    dw = settings.dicomweb
+    if not dw.enabled:
+        return []
+    warnings = []
+    if not dw.tokens:
+        warnings.append("dicomweb.tokens is empty: every STOW-RS request is refused (401); add NAME: TOKEN pairs")
+    if not (is_loopback(dw.host) or dw.tls.enabled):
+        warnings.append(
+            f"DICOMweb bound to {dw.host}:{dw.port} without TLS: bearer tokens and images cross the network in "
+            "clear text; set dicomweb.tls (cert_file, key_file) or bind to 127.0.0.1 behind a TLS proxy"
+        )
+    return warnings
+
+
 class DicomWebServer:
     """The STOW-RS app served by uvicorn on a background thread (bound in :meth:`start`)."""
 
@@ -176,10 +192,8 @@ class DicomWebServer:
             target=lambda: asyncio.run(self._server.serve(sockets=[sock])), name="radnode-dicomweb", daemon=True
         )
         self._thread.start()
-        if not dw.tokens:
-            LOGGER.warning("dicomweb.tokens is empty: every STOW-RS request is refused (401)")
-        if not (is_loopback(dw.host) or dw.tls.enabled):
-            LOGGER.warning("DICOMweb bound to %s:%d without TLS: bearer tokens and images cross the network in clear text", dw.host, self.port)
+        for warning in dicomweb_warnings(self.settings):
+            LOGGER.warning("%s", warning)
         LOGGER.info("DICOMweb STOW-RS on %s/studies", self.url)
 
     def stop(self, timeout: float = 5.0) -> None:
