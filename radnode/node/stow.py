@@ -130,9 +130,9 @@ class StowBody:
 
     def _headers_finished(self) -> None:
         if self._part_type != DICOM_MEDIA_TYPE:
-            shown = self._part_type or "no Content-Type"
+            shown = f"is {self._part_type}" if self._part_type else "has no Content-Type"
             raise StowRequestError(
-                415, f"part {len(self.parts)} is {shown}, not {DICOM_MEDIA_TYPE}: STOW-RS takes DICOM instances only"
+                415, f"part {len(self.parts)} {shown}, not {DICOM_MEDIA_TYPE}: STOW-RS takes DICOM instances only"
             )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
