@@ -12,6 +12,8 @@ PIP_INSTALL := $(BIN)/python -m pip --disable-pip-version-check install $(if $(W
 DEBIAN_TOOLS := storescu:dcmtk Orthanc:orthanc dciodvfy:dicom3tools plastimatch:plastimatch \
   strace:strace systemd-analyze:systemd chromium:chromium chromedriver:chromium-driver
 # PostgreSQL (initdb:postgresql) is checked by path below: Debian keeps initdb off PATH.
+# Libraries and plugins (no command to look for): file path -> package.
+DEBIAN_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 PYTEST_ARGS ?=
 
 .PHONY: run test install debian-tools clean-venv
@@ -46,6 +48,9 @@ debian-tools:
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; \
 	done; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	for pair in $(DEBIAN_FILES); do \
+	  test -e "$${pair%%:*}" || missing="$$missing $${pair##*:}"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \

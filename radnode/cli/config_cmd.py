@@ -49,7 +49,10 @@ def register(app: typer.Typer) -> None:
         from radnode.web.server import exposure_warning
 
         dashboard_warning = exposure_warning(settings) if settings.dashboard.enabled else None
-        for warning in [*exposure_warnings(settings.node), *([dashboard_warning] if dashboard_warning else [])]:
+        from radnode.web.dicomweb import dicomweb_warnings
+
+        dashboard_warnings = [dashboard_warning] if dashboard_warning else []
+        for warning in [*exposure_warnings(settings.node), *dashboard_warnings, *dicomweb_warnings(settings)]:
             err_console.print(f"[bold yellow]warning:[/] {escape(warning)}", markup=True, highlight=False, soft_wrap=True)
         typer.echo(f"{file}: configuration is valid")
 

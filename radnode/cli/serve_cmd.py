@@ -120,6 +120,7 @@ def run_node(
         stop_all()
         fail(f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror or exc}", code=1)
     dashboard = _start_dashboard(settings, node, stop_all) if node is not None and listen else None
+    dicomweb = _start_dicomweb(settings, node, stop_all) if node is not None and listen else None
     notifier.ready(_ready_status(settings, node, roles), liveness=watchdog_liveness(node, pipeline))
     while not stop.wait(1.0):
         if reload_requested.is_set():
@@ -132,6 +133,8 @@ def run_node(
     notifier.stopping()
     if dashboard is not None:
         dashboard.stop()
+    if dicomweb is not None:
+        dicomweb.stop()
     # The pipeline first: it finishes or re-queues jobs while the node's index is open.
     stop_all()
     notifier.close()
@@ -173,6 +176,19 @@ def _start_dashboard(settings: Settings, node: Any, stop_all: Callable[[], None]
         stop_all()
         fail(f"cannot serve the dashboard on {settings.dashboard.host}:{settings.dashboard.port}: {exc.strerror or exc}", code=1)
     return dashboard
+
+
+def _start_dicomweb(settings: Settings, node: Any, stop_all: Callable[[], None]) -> Any:
+    """Start the STOW-RS receiver (radnode.web.dicomweb) on the node's ingest when enabled."""
+    if not settings.dicomweb.enabled:
+        return None
+    from radnode.web.dicomweb import start_dicomweb
+
+    try:
+        return start_dicomweb(settings, node.ingestor)
+    except OSError as exc:
+        stop_all()
+        fail(f"cannot serve DICOMweb on {settings.dicomweb.host}:{settings.dicomweb.port}: {exc.strerror or exc}", code=1)
 
 
 def register(app: typer.Typer) -> None:

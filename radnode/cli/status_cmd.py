@@ -139,7 +139,8 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
         destinations.append(
             {
                 "name": name,
-                "address": f"{dest.ae_title}@{dest.host}:{dest.port}" if dest else "(no longer configured)",
+                "address": (dest.url if dest.type == "dicomweb" else f"{dest.ae_title}@{dest.host}:{dest.port}")
+                if dest else "(no longer configured)",
                 "objects": [o.value for o in dest.objects] if dest else [],
                 "state": h.state.value if h else "unknown",
                 "pending": h.pending if h else 0,

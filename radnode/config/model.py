@@ -261,13 +261,48 @@ def _default_rules() -> list[RoutingRule]:
     ]
 
 
+class DicomWebAuth(_Section):
+    """Credentials for a DICOMweb peer: a bearer token, or user and password (HTTP Basic)."""
+
+    token: str | None = None
+    username: str | None = None
+    password: str | None = None
+    verify_tls: bool | Path = Field(
+        default=True, description="Check the peer's certificate (true), against this CA bundle (a path), or not (false)."
+    )
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> DicomWebAuth:
+        if self.token and (self.username or self.password):
+            raise ValueError("auth: give either token or username/password, not both")
+        if bool(self.username) != bool(self.password):
+            raise ValueError("auth: username and password go together")
+        return self
+
+
+def _check_peer_address(
+    what: str, kind: str, ae_title: str | None, host: str | None, port: int | None, url: str | None
+) -> None:
+    """A DIMSE peer needs ae_title, host and port; a DICOMweb peer an http(s) URL."""
+    if kind == "dimse":
+        missing = [k for k, v in (("ae_title", ae_title), ("host", host), ("port", port)) if v is None]
+        if missing:
+            raise ValueError(f"{what}: a DIMSE peer needs {', '.join(missing)}")
+    elif not url or not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"{what}: a DICOMweb peer needs url (http:// or https://), got {url!r}")
+
+
 class Destination(_Section):
-    """A DICOM peer that receives results (an archive, a planning system)."""
+    """A DICOM peer that receives results (an archive, a planning system): by C-STORE
+    (``type: dimse``: ae_title, host, port) or by STOW-RS (``type: dicomweb``: url, auth)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: AETitle
-    host: str
-    port: Port
+    type: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: AETitle | None = None
+    host: str | None = None
+    port: Port | None = None
+    url: str | None = Field(default=None, description="DICOMweb service root (type dicomweb), e.g. https://pacs/dicom-web.")
+    auth: DicomWebAuth = Field(default_factory=lambda: DicomWebAuth())
     objects: list[ResultObject] = Field(
         default_factory=lambda: [ResultObject.SEG, ResultObject.RTSTRUCT, ResultObject.SR]
     )
@@ -283,14 +318,28 @@ class Destination(_Section):
         "the RTSTRUCT sent is then a new, approved instance (e.g. for a planning system).",
     )
 
+    @model_validator(mode="after")
+    def _address_of_its_type(self) -> Destination:
+        _check_peer_address(f"destination {self.name!r}", self.type, self.ae_title, self.host, self.port, self.url)
+        return self
+
 
 class PACSSettings(_Section):
-    """The archive radnode queries and retrieves from (nightly sweep)."""
+    """The archive radnode queries and retrieves from (nightly sweep): C-FIND and C-MOVE/C-GET
+    (``protocol: dimse``), or QIDO-RS and WADO-RS (``protocol: dicomweb``: url, auth)."""
 
-    ae_title: AETitle
-    host: str
-    port: Port
+    protocol: Literal["dimse", "dicomweb"] = "dimse"
+    ae_title: AETitle = Field(description="The archive's AE title; with dicomweb only its name in routing and audit.")
+    host: str | None = None
+    port: Port | None = None
     retrieve: Literal["move", "get"] = "move"
+    url: str | None = Field(default=None, description="DICOMweb service root (protocol dicomweb).")
+    auth: DicomWebAuth = Field(default_factory=lambda: DicomWebAuth())
+
+    @model_validator(mode="after")
+    def _address_of_its_protocol(self) -> PACSSettings:
+        _check_peer_address("pacs", self.protocol, self.ae_title, self.host, self.port, self.url)
+        return self
 
 
 class SweepSettings(_Section):
@@ -570,6 +619,26 @@ class ReviewSettings(_Section):
     timeout_seconds: float = Field(default=10.0, gt=0, le=120)
 
 
+class DicomWebSettings(_Section):
+    """DICOMweb STOW-RS receiver (``POST /dicomweb/studies``) served by ``radnode serve``.
+
+    Off by default: ``make run`` opens no extra port, and with no tokens every request is refused anyway.
+    """
+
+    enabled: bool = False
+    host: str = Field(default="127.0.0.1", description="Bind address; elsewhere without TLS warns at start.")
+    port: Port = 8112
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    tokens: dict[AETitle, Annotated[str, Field(min_length=16)]] = Field(
+        default_factory=dict,
+        description="Client name -> bearer token. The name is the caller's identity (calling AE title in "
+        "routing rules, access rules and audit); empty = every request refused (401).",
+    )
+    max_request_mb: int = Field(
+        default=1024, ge=1, le=1_000_000, description="Largest STOW-RS request body; larger ones get 413 unread."
+    )
+
+
 class LoggingSettings(_Section):
     """Log verbosity and format."""
 
@@ -603,6 +672,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @classmethod

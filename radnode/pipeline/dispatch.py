@@ -148,15 +148,21 @@ class Dispatcher:
             summary.unreachable += 1
         delay = self.outbox.defer_destination(dest.name)
         summary.destinations_down.append(dest.name)
+        address = dest.url if dest.type == "dicomweb" else f"{dest.ae_title}@{dest.host}:{dest.port}"
         log.warning(
-            "destination %s (%s@%s:%d) unreachable: %s; %d item(s) wait, next try in %.0f s",
-            dest.name, dest.ae_title, dest.host, dest.port, reason, len(items), delay,
+            "destination %s (%s) unreachable: %s; %d item(s) wait, next try in %.0f s",
+            dest.name, address, reason, len(items), delay,
         )
 
     def send(self, dest: Destination, items: Sequence[OutboxItem]) -> DispatchSummary:
         """Send ``items`` to ``dest`` over one association and record every attempt."""
         summary = DispatchSummary()
         if not items:
+            return summary
+        if dest.type == "dicomweb":
+            from radnode.pipeline.dicomweb_send import DicomWebSender
+
+            DicomWebSender(self.outbox, self._down).send(dest, items, summary)
             return summary
         node = self.settings.node
         ae = AE(ae_title=node.ae_title)

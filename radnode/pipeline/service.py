@@ -127,8 +127,17 @@ def build_sweeper(settings: Settings, queue: JobQueue, pipeline_version: str | N
         queue,
         pipeline_version or current_pipeline_version(),
         route=lambda candidate: decide(settings, candidate),
-        query=ArchiveQuery(settings, instance_level=rules_need_instance_level(settings)),
+        query=_archive_query(settings),
     )
+
+
+def _archive_query(settings: Settings) -> Any:
+    """The archive's query client: C-FIND, or QIDO-RS with ``pacs.protocol: dicomweb``."""
+    if settings.pacs is not None and settings.pacs.protocol == "dicomweb":
+        from radnode.pipeline.dicomweb_archive import QidoArchiveQuery
+
+        return QidoArchiveQuery(settings, instance_level=rules_need_instance_level(settings))
+    return ArchiveQuery(settings, instance_level=rules_need_instance_level(settings))
 
 
 #: Job duration buckets (seconds): a CPU job takes tens of seconds to tens of minutes.

@@ -127,6 +127,11 @@ class Sweeper:
         self.queue = queue
         self.pipeline_version = pipeline_version
         self.route = route
+        if settings.pacs.protocol == "dicomweb" and (query is None or retriever is None):
+            from radnode.pipeline.dicomweb_archive import archive_clients
+
+            default_query, default_retriever = archive_clients(settings)
+            query, retriever = query or default_query, retriever or default_retriever  # type: ignore[assignment]
         self.query = query or ArchiveQuery(settings)
         if retriever is None:
             retriever = GetRetriever(settings) if settings.pacs.retrieve == "get" else MoveRetriever(settings)
