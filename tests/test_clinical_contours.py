@@ -55,9 +55,10 @@ def truth(phantom: Path) -> np.ndarray:
 def quick_profiles(folder: Path) -> dict[str, str]:
     """Radiomics profiles that keep the test short: shape of tumour and ring, first order of the lung."""
     shape = folder / "shape.yaml"
-    shape.write_text("imageType: {Original: {}}\nfeatureClass: {shape: []}\n")
+    meta = "radnode: {name: quick, version: 1, description: test}\n"
+    shape.write_text(meta + "imageType: {Original: {}}\nfeatureClass: {shape: []}\n")
     first = folder / "firstorder.yaml"
-    first.write_text("imageType: {Original: {}}\nfeatureClass: {firstorder: [Mean]}\n")
+    first.write_text(meta + "imageType: {Original: {}}\nfeatureClass: {firstorder: [Mean]}\n")
     return {"tumour": str(shape), "ring": str(shape), "lung": str(first)}
 
 
