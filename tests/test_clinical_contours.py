@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from radnode.pipeline.chain import run_chain
 from radnode.pipeline.clinical_contours import find_clinician_gtv, select_gtv
 
 from node_support import dataset_bytes
+from test_air_conformance import ALLOWED_WARNINGS
 
 CLINIC = WriterOptions(manufacturer="Clinic TPS", series_description_prefix="planning")
 
@@ -186,6 +188,10 @@ def test_chain_uses_the_clinician_gtv_and_compares_its_own_tumour(phantom: Path,
     assert any("ROI 'GTV-1'" in t and clinician["sop_instance_uid"] in t for t in texts)
     sources = [v for v in _walk(sr, "ConceptCodeSequence") if v.CodeValue in ("CSCLINICIAN", "CSMODEL")]
     assert {s.CodeValue for s in sources} == {"CSCLINICIAN", "CSMODEL"}
+    checked = subprocess.run(["dciodvfy", str(out / "SR.dcm")], capture_output=True, text=True, timeout=300, check=False)
+    lines = (checked.stdout + checked.stderr).splitlines()
+    assert [line for line in lines if line.startswith("Error")] == []
+    assert [w for w in lines if w.startswith("Warning") and not any(a in w for a in ALLOWED_WARNINGS)] == []
 
     # The per-model summary survives a new store object (a restart) and reaches /metrics.
     assert AgreementStore(settings.storage.data_dir).record_result(out / "result.json", job_id=7)
