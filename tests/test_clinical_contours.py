@@ -255,3 +255,42 @@ def _walk(ds: pydicom.Dataset, keyword: str) -> list[Any]:
             found.append(value[0] if isinstance(value, pydicom.Sequence) else value)
         found.extend(_walk(item, keyword))
     return found
+
+
+def test_live_ct_asks_the_pacs_for_the_clinician_rtstruct(phantom: Path, truth: np.ndarray, tmp_path: Path) -> None:
+    from radnode.testing.orthanc import OrthancServer, free_port
+
+    series = load_series(phantom / "ct")
+    rtstruct = clinician_rtstruct(series, truth, tmp_path / "rs" / "gtv.dcm")
+    port = free_port()
+    with OrthancServer(aet="PACS", workdir=tmp_path / "orthanc", modalities={"radnode": ("RADNODE", "127.0.0.1", port)}) as orthanc:
+        orthanc.upload(rtstruct.read_bytes())  # the archive has the plan; the CT arrives live
+        settings = settings_for(
+            tmp_path / "data", radiomics={"enabled": False}, node={"ae_title": "RADNODE", "port": port},
+            pacs={"ae_title": "PACS", "host": "127.0.0.1", "port": orthanc.dicom_port, "retrieve": "get"},
+        )
+        ingest(settings, sorted((phantom / "ct").glob("*.dcm")))
+        result = run_chain(ct_folder(settings, series), tmp_path / "out", settings)
+    assert result.status == "done", result.error
+    assert result.tumour_source == "clinician"
+    assert result.clinician_contour["sop_instance_uid"] == pydicom.dcmread(rtstruct).SOPInstanceUID
+    assert result.clinician_contour["pacs"]["queried"] and result.clinician_contour["pacs"]["error"] is None
+
+
+def test_an_unreachable_pacs_never_blocks_the_job(phantom: Path, tmp_path: Path) -> None:
+    from radnode.testing.orthanc import free_port
+
+    settings = settings_for(
+        tmp_path / "data", radiomics={"enabled": False},
+        pacs={"ae_title": "PACS", "host": "127.0.0.1", "port": free_port()},  # nobody listens
+        clinical_contours={"pacs_timeout_seconds": 5},
+    )
+    series = load_series(phantom / "ct")
+    ingest(settings, sorted((phantom / "ct").glob("*.dcm")))
+    result = run_chain(ct_folder(settings, series), tmp_path / "out", settings)
+    assert result.status == "done", result.error
+    assert result.tumour_source == "model"
+    pacs = result.clinician_contour["pacs"]
+    assert pacs["queried"] and "unreachable" in pacs["error"]
+    waited = next(s.seconds for s in result.stages if s.name == "clinician_contour")
+    assert waited < 5.5
