@@ -617,11 +617,12 @@ def run_chain(
                     search.contour.mask, lungs.lungs, zyx_spacing(series), ring_width_mm=settings.radiomics.ring_width_mm
                 )
                 result.tumour_source = SOURCE_CLINICIAN
-                result.clinician_contour.update({
-                    **search.contour.describe(),
-                    "agreement": agreement(regions.tumour, search.contour.mask, zyx_spacing(series)),
-                    "model": {"name": tumour.method, "version": tumour.version},
-                })
+                result.clinician_contour.update(search.contour.describe())
+                if tumour.method != NO_MODEL:  # no tumour model ran: nothing of radnode's to compare
+                    result.clinician_contour.update({
+                        "agreement": agreement(regions.tumour, search.contour.mask, zyx_spacing(series)),
+                        "model": {"name": tumour.method, "version": tumour.version},
+                    })
         if outcome.error:
             result.clinician_contour = {"found": False, "error": outcome.error}
         radiomics = None
@@ -639,11 +640,11 @@ def run_chain(
             tumour_name = next(r.name for r in written if r.kind is RegionKind.TUMOUR)
             clinician = None
             if search.contour is not None:
-                agreed = result.clinician_contour["agreement"]
+                agreed = result.clinician_contour.get("agreement") or {}
                 clinician = ClinicianContourReport(
                     roi_name=search.contour.roi_name, rtstruct=search.contour.dataset,
                     regions=clinician_measurements(series, analysis, written, radiomics),
-                    dice=agreed["dice"], hd95_mm=agreed["hd95_mm"], volume_ratio=agreed["volume_ratio"],
+                    dice=agreed.get("dice"), hd95_mm=agreed.get("hd95_mm"), volume_ratio=agreed.get("volume_ratio"),
                 )
             content = measurement_set(
                 stats, {} if clinician else radiomics_for_sr(radiomics, written), mutations,
