@@ -244,6 +244,11 @@ def test_sweep_retrieves_the_clinician_rtstruct_with_the_ct(phantom: Path, truth
     found = find_clinician_gtv(load_series(job.input_path), settings)
     assert found.contour is not None and found.contour.sop_instance_uid == pydicom.dcmread(rtstruct).SOPInstanceUID
     assert dice(found.contour.mask, truth) > 0.9
+    # The queued job's chain (the archive is gone by now: no further lookup is needed) uses it.
+    offline = settings.model_copy(update={"pacs": None, "radiomics": settings.radiomics.model_copy(update={"enabled": False})})
+    result = run_chain(job.input_path, tmp_path / "out", offline)
+    assert result.status == "done", result.error
+    assert result.tumour_source == "clinician" and result.clinician_contour["roi_name"] == "GTV-1"
 
 
 def _walk(ds: pydicom.Dataset, keyword: str) -> list[Any]:
