@@ -67,7 +67,7 @@ def test_result_json_names_stages_models_and_outputs(chain_run: tuple[Path, list
     assert payload["pipeline_version"] == PIPELINE_VERSION
     assert [s["name"] for s in payload["stages"]] == [
         "models", "load_and_qc", "lung_mask", "tumour", "regions", "measurements", "write_contours",
-        "radiomics", "mutations", "write_report", "overlays",
+        "clinician_contour", "radiomics", "mutations", "write_report", "overlays",
     ]
     # Without a tumour, radiomics runs on the whole lung and says why the others were skipped.
     regions = payload["radiomics"]["regions"]

@@ -182,6 +182,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     runs = SweepStore(data_dir).runs(1) if (data_dir / SWEEP_DB).exists() else []
     status["last_sweep"] = runs[0] if runs else None
     status["scaleout"] = scaleout_status.collect(settings)
+    status["contour_agreement"] = contour_agreement(data_dir, limit)
     return status
 
 
@@ -204,6 +205,16 @@ def review_gate(outbox: Any, limit: int) -> dict[str, list[dict[str, Any]]]:
                 row[key].append(value)
     awaiting = sorted(waiting.values(), key=lambda r: r["since"])[:limit]
     return {"awaiting": awaiting, "decided": [d.to_dict() for d in outbox.reviews(limit)]}
+
+
+def contour_agreement(data_dir: Path, limit: int) -> dict[str, Any]:
+    """Agreement of radnode's tumour contours with clinicians' GTVs: per model, and the newest cases."""
+    from radnode.pipeline.agreement import AgreementStore
+
+    store = AgreementStore.existing(data_dir)
+    if store is None:
+        return {"models": [], "recent": []}
+    return {"models": [m.to_dict() for m in store.summary()], "recent": store.cases(limit)}
 
 
 def review_required(queue: Any, outbox: Any, limit: int) -> list[dict[str, Any]]:
@@ -369,6 +380,25 @@ def render(status: dict[str, Any], console: Console) -> None:
             f"{sweep['queued']} queued, {sweep['failed']} failed"
         )
         console.print(line, markup=False, highlight=False)
+    render_agreement(status.get("contour_agreement") or {}, console)
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_agreement(agreement: dict[str, Any], console: Console) -> None:
+    """The per-model summary of agreement with clinicians' GTVs (nothing when no case had one)."""
+    if not agreement.get("models"):
+        console.print("tumour contour vs clinician GTV: no case with a clinician RTSTRUCT yet")
+        return
+    table = Table(title="Tumour contour vs clinician GTV (per model)", title_justify="left")
+    for column in ("Model", "Version", "Cases", "Dice mean", "Dice median", "HD95 mean (mm)", "Volume ratio mean"):
+        table.add_column(column)
+    for row in agreement["models"]:
+        add_row(table, row["model"], row["version"], str(row["cases"]), _fmt(row["dice_mean"]), _fmt(row["dice_median"]),
+                _fmt(row["hd95_mean_mm"], 1), _fmt(row["volume_ratio_mean"]))
+    console.print(table)
 
 
 def stdout_console() -> Console:

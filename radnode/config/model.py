@@ -639,6 +639,25 @@ class DicomWebSettings(_Section):
     )
 
 
+class ClinicalContourSettings(_Section):
+    """A clinician's RTSTRUCT for the same CT: its GTV drives radiomics and predictions,
+    and radnode's own tumour contour is compared with it (agreement per model)."""
+
+    enabled: bool = True
+    gtv_names: list[str] = Field(
+        default_factory=lambda: ["GTV-1", "GTVp", "GTV*"],
+        min_length=1,
+        description="ROI name patterns (fnmatch, case-insensitive) in order of preference; "
+        "RT ROI Interpreted Type GTV is preferred among one pattern's matches.",
+    )
+    query_pacs: bool = Field(
+        default=True, description="For a live-received CT, C-FIND the configured PACS for the study's RTSTRUCTs."
+    )
+    pacs_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="Bound on that query and retrieval; it never blocks the job."
+    )
+
+
 class LoggingSettings(_Section):
     """Log verbosity and format."""
 
@@ -674,6 +693,7 @@ class Settings(BaseSettings):
     review: ReviewSettings = Field(default_factory=ReviewSettings)
     dicomweb: DicomWebSettings = Field(default_factory=DicomWebSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    clinical_contours: ClinicalContourSettings = Field(default_factory=ClinicalContourSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -103,6 +103,14 @@ CONTOUR_QUALITY = Code("CONTQUAL", RADNODE_SCHEME, "Contour quality assessment")
 CONTOUR_UNCERTAIN = Code("CQUNCERTAIN", RADNODE_SCHEME, "Contour uncertain, review required")
 CONTOUR_ACCEPTABLE = Code("CQACCEPTABLE", RADNODE_SCHEME, "Contour quality acceptable")
 CONTOUR_QUALITY_SCORE = Code("CQSCORE", RADNODE_SCHEME, "Contour quality score")
+#: Which contour a group's measurements were made on: the clinician's GTV or radnode's own.
+CONTOUR_SOURCE = Code("CSOURCE", RADNODE_SCHEME, "Source of segmentation")
+CLINICIAN_CONTOUR = Code("CSCLINICIAN", RADNODE_SCHEME, "Clinician contour (RT Structure Set)")
+MODEL_CONTOUR = Code("CSMODEL", RADNODE_SCHEME, "Automatic contour (radnode model)")
+#: Agreement of radnode's tumour contour with the clinician's GTV.
+AGREEMENT_DICE = Code("AGDICE", RADNODE_SCHEME, "Dice coefficient with clinician contour")
+AGREEMENT_HD95 = Code("AGHD95", RADNODE_SCHEME, "95th percentile Hausdorff distance to clinician contour")
+AGREEMENT_VOLUME_RATIO = Code("AGVOLRATIO", RADNODE_SCHEME, "Volume ratio model to clinician contour")
 
 # --- units (UCUM, CID 7181) ---------------------------------------------------------------
 UNIT_ML = Code("ml", "UCUM", "milliliter")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.sr.coding import Code
+from pydicom.dataset import Dataset
 
 from radnode import __version__
 from radnode.config.model import OutputSettings
@@ -235,11 +236,36 @@ class ContourQualityFinding:
 
 
 @dataclass(frozen=True)
+class ClinicianContourReport:
+    """A clinician's GTV whose regions the SR's radiomics and predictions were computed on.
+
+    ``regions`` are measured on the clinician's GTV (and its ring); ``rtstruct`` is the
+    clinician's structure set (listed as SR evidence); the agreement values compare
+    radnode's own tumour contour with the GTV (``None``: not computable).
+    """
+
+    roi_name: str
+    rtstruct: Dataset
+    regions: Sequence[tuple[RegionKind, RegionMeasurements]] = ()
+    dice: float | None = None
+    hd95_mm: float | None = None
+    volume_ratio: float | None = None
+
+    @property
+    def text(self) -> str:
+        return (
+            f"measured on the clinician's contour: ROI '{self.roi_name}' of RT Structure Set "
+            f"{self.rtstruct.SOPInstanceUID}"
+        )
+
+
+@dataclass(frozen=True)
 class MeasurementSet:
-    """Everything the SR reports."""
+    """Everything the SR reports (``clinician``: the contour the radiomics used, when not radnode's)."""
 
     regions: Sequence[RegionMeasurements] = ()
     predictions: Sequence[Prediction] = ()
+    clinician: ClinicianContourReport | None = None
 
 
 #: ``AlgorithmInfo.model_versions`` key suffix of a model's weights checksum ("<model> sha256").

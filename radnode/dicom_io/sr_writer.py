@@ -90,9 +90,12 @@ from radnode.dicom_io.provenance import (
     ihe_coding_scheme,
 )
 from radnode.dicom_io.regions import (
+    KIND_DEFAULTS,
     AlgorithmInfo,
+    ClinicianContourReport,
     MeasurementSet,
     Prediction,
+    RegionKind,
     RegionMeasurements,
     WriterOptions,
     as_writer_options,
@@ -344,17 +347,25 @@ def _detection_group(
     return group
 
 
-def _quality_evaluation(region: RegionMeasurements) -> list[QualitativeEvaluation] | None:
-    """The TID 1411 qualitative finding "contour quality" of a region that was assessed."""
+def _quality_evaluation(region: RegionMeasurements, name_source: bool = False) -> list[QualitativeEvaluation] | None:
+    """The TID 1411 qualitative findings of radnode's own region: "contour quality" when it
+    was assessed, and, beside a clinician's contour (``name_source``), "Source of
+    segmentation" = automatic contour."""
+    found: list[QualitativeEvaluation] = []
     quality = region.contour_quality
-    if quality is None:
-        return None
-    value = codes.CONTOUR_UNCERTAIN if quality.uncertain else codes.CONTOUR_ACCEPTABLE
-    return [QualitativeEvaluation(codes.CONTOUR_QUALITY, value)]
+    if quality is not None:
+        value = codes.CONTOUR_UNCERTAIN if quality.uncertain else codes.CONTOUR_ACCEPTABLE
+        found.append(QualitativeEvaluation(codes.CONTOUR_QUALITY, value))
+    if name_source:
+        found.append(QualitativeEvaluation(codes.CONTOUR_SOURCE, codes.MODEL_CONTOUR))
+    return found or None
 
 
 def _qualitative_container(
-    tumour_found: bool, demo: bool, uncertain: list[RegionMeasurements] | None = None
+    tumour_found: bool,
+    demo: bool,
+    uncertain: list[RegionMeasurements] | None = None,
+    clinician: ClinicianContourReport | None = None,
 ) -> ContainerContentItem:
     container = ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
@@ -382,12 +393,65 @@ def _qualitative_container(
             TextContentItem(name=COMMENT, value=f"{region.region_name}: {region.contour_quality.text}",
                             relationship_type=RelationshipTypeValues.CONTAINS)
         )
+    if clinician is not None:
+        container.ContentSequence.append(
+            CodeContentItem(name=codes.CONTOUR_SOURCE, value=codes.CLINICIAN_CONTOUR,
+                            relationship_type=RelationshipTypeValues.CONTAINS)
+        )
+        container.ContentSequence.append(
+            TextContentItem(name=COMMENT, value=f"Radiomics and predictions {clinician.text}",
+                            relationship_type=RelationshipTypeValues.CONTAINS)
+        )
     if demo:
         container.ContentSequence.append(
             TextContentItem(name=COMMENT, value=codes.DEMO_TEXT,
                             relationship_type=RelationshipTypeValues.CONTAINS)
         )
     return container
+
+
+def _clinician_groups(
+    clinician: ClinicianContourReport,
+    segments: dict[str, Dataset],
+    algorithm: AlgorithmInfo,
+    opts: WriterOptions,
+    sop_uid: str,
+    images: Sequence[SourceImageForMeasurementGroup],
+) -> list[_Group]:
+    """TID 1501 groups of the regions measured on a clinician's GTV (on the CT images).
+
+    Not TID 1411: the clinician's contour is an RT Structure Set, not a SEG segment, so
+    the groups name it by the qualitative finding "Source of segmentation" = clinician
+    contour and a comment with the ROI name and the structure set's UID (which the SR
+    lists as evidence). The tumour group also carries the agreement of radnode's own
+    tumour contour with the GTV.
+    """
+    groups: list[_Group] = []
+    for kind, region in clinician.regions:
+        segment = segments.get(region.region_name)
+        defaults = KIND_DEFAULTS[kind]
+        items = _region_measurements(region, opts.sr_features)
+        if kind is RegionKind.TUMOUR:
+            for name, value, unit in (
+                (codes.AGREEMENT_DICE, clinician.dice, codes.UNIT_NONE),
+                (codes.AGREEMENT_HD95, clinician.hd95_mm, codes.UNIT_MM),
+                (codes.AGREEMENT_VOLUME_RATIO, clinician.volume_ratio, codes.UNIT_NONE),
+            ):
+                if _num(value) is not None:
+                    items.append(Measurement(name=name, value=float(value), unit=unit))  # type: ignore[arg-type]
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(opts.uid_root, sop_uid, f"{region.region_name} (clinician contour)"),
+            finding_category=_coded(segment.SegmentedPropertyCategoryCodeSequence[0]) if segment else defaults.category,
+            finding_type=_coded(segment.SegmentedPropertyTypeCodeSequence[0]) if segment else defaults.property_type,
+            finding_sites=[FindingSite(codes.LUNG)],
+            algorithm_id=_algorithm(algorithm),
+            measurements=items or None,
+            qualitative_evaluations=[QualitativeEvaluation(codes.CONTOUR_SOURCE, codes.CLINICIAN_CONTOUR)],
+            source_images=list(images) or None,
+        )
+        _add_text(group, clinician.text)
+        groups.append(group)
+    return groups
 
 
 def build_sr(
@@ -456,7 +520,7 @@ def build_sr(
             finding_sites=[FindingSite(codes.LUNG)],
             algorithm_id=_algorithm(algorithm),
             measurements=_region_measurements(region, opts.sr_features) or None,
-            qualitative_evaluations=_quality_evaluation(region),
+            qualitative_evaluations=_quality_evaluation(region, measurements.clinician is not None),
         )
         if region.contour_quality is not None and region.contour_quality.uncertain:
             _add_text(group, region.contour_quality.text)
@@ -465,8 +529,17 @@ def build_sr(
     tumour_labels = [label for label, item in segments.items() if _is_tumour(item)]
     tumour_found = bool(tumour_labels)
     tumour_reference = reference(tumour_labels[0]) if tumour_found else None
+    clinician = measurements.clinician
+    if clinician is not None:
+        groups.extend(_clinician_groups(clinician, segments, algorithm, opts, sop_uid, images))
     for prediction in measurements.predictions:
-        groups.append(_prediction_group(prediction, tumour_reference, opts.uid_root, sop_uid, images))
+        # Predictions from the clinician's GTV do not describe radnode's tumour segment.
+        group = _prediction_group(
+            prediction, None if clinician is not None else tumour_reference, opts.uid_root, sop_uid, images
+        )
+        if clinician is not None:
+            _add_text(group, f"inputs {clinician.text}")
+        groups.append(group)
     groups.append(_detection_group(tumour_reference, algorithm, opts.uid_root, sop_uid, images))
 
     observer = ObserverContext(
@@ -483,11 +556,13 @@ def build_sr(
         procedure_reported=codes.PROCEDURE_CT_CHEST,
         imaging_measurements=groups,
     )
-    report[0].ContentSequence.append(_qualitative_container(tumour_found, demo, uncertain))
+    report[0].ContentSequence.append(_qualitative_container(tumour_found, demo, uncertain, clinician))
     equipment = contributing_equipment([*algorithm.contributors, *classifiers], opts.institution_name)
     evidence = [fill_type2(ds) for ds in datasets]
     if seg is not None:
         evidence.append(seg)
+    if clinician is not None:
+        evidence.append(clinician.rtstruct)
     with quiet_name_warnings():
         sr = hd.sr.Comprehensive3DSR(
             evidence=evidence,

@@ -261,6 +261,18 @@ class NodeIndex:
             ).fetchall()
         return [InstanceRecord(*row) for row in rows]
 
+    def study_instances(self, study_instance_uid: str, sop_class_uid: str) -> list[InstanceRecord]:
+        """The newest version of each instance of one SOP class in a study, newest first
+        (the chain looks up a clinician's RT Structure Set for the CT it processes)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances i WHERE study_instance_uid = ? AND sop_class_uid = ? "
+                "AND version = (SELECT MAX(version) FROM instances j WHERE j.sop_instance_uid = i.sop_instance_uid) "
+                "ORDER BY received_at DESC",
+                (study_instance_uid, sop_class_uid),
+            ).fetchall()
+        return [InstanceRecord(*row) for row in rows]
+
     def instance_paths(self, series_instance_uid: str) -> set[str]:
         """Relative paths of the indexed files of a series."""
         with self._lock:

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
+    RTStructureSetStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -219,6 +220,29 @@ class ArchiveQuery(_Association):
         log.info("sweep C-FIND %s..%s: %d study(ies), %d CT series", date_from, date_to, len(studies), len(candidates))
         return candidates
 
+    def study_series(self, study_uid: str, modality: str) -> list[SeriesCandidate]:
+        """C-FIND (SERIES level) the series of one modality in one study, e.g. a clinician's
+        RTSTRUCTs for a CT; one association, the node's timeouts."""
+        ae = self.ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = self.open(ae)
+        try:
+            query = Dataset()
+            query.QueryRetrieveLevel = "SERIES"
+            query.StudyInstanceUID = study_uid
+            query.SeriesInstanceUID = ""
+            query.Modality = modality
+            query.NumberOfSeriesRelatedInstances = ""
+            found = self._find(assoc, query)
+        finally:
+            assoc.release()
+        return [
+            SeriesCandidate(study_uid=study_uid, series_uid=uid, modality=modality,
+                            instance_count=_int(ds, "NumberOfSeriesRelatedInstances"))
+            for ds in found
+            if (uid := _uid(ds, "SeriesInstanceUID")) and (_text(ds, "Modality") or "").upper() == modality
+        ]
+
 
 def _retrieve_identifier(candidate: SeriesAttributes) -> Dataset:
     identifier = Dataset()
@@ -332,10 +356,10 @@ class GetRetriever(_Association):
             ae = self.ae()
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
             ae.add_requested_context(CTImageStorage)
+            ae.add_requested_context(RTStructureSetStorage)  # a clinician's contours for the CT
             try:
-                assoc = self.open(
-                    ae, ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=[(evt.EVT_C_STORE, on_store)]
-                )
+                roles = [build_role(CTImageStorage, scp_role=True), build_role(RTStructureSetStorage, scp_role=True)]
+                assoc = self.open(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
             except SweepError as exc:
                 return RetrieveResult(False, folder, error=str(exc))
             try:

@@ -31,6 +31,7 @@ from radnode.dicom_io.regions import (
     AlgorithmInfo,
     ContourQualityFinding,
     MeasurementSet,
+    ClinicianContourReport,
     Prediction,
     Region,
     RegionKind,
@@ -45,6 +46,15 @@ from radnode.models.lungmask import LungMaskResult, segment_lungs
 from radnode.models.mutation import MutationResult, deep_feature_columns, flat_features, predict_endpoints
 from radnode.models.radiomics import RadiomicsResult, extract_regions
 from radnode.models.regions import Regions, RegionStats, build_regions, region_statistics
+from radnode.pipeline.clinical_contours import (
+    SOURCE_CLINICIAN,
+    SOURCE_MODEL,
+    ContourSearch,
+    PacsContourLookup,
+    agreement,
+    find_clinician_gtv,
+    indexed_rtstructs,
+)
 from radnode.pipeline.review import LUNGS_ONLY_DIR, QUALITY_FILE
 from radnode.pipeline.version import PIPELINE_VERSION
 from radnode.models.quality import UNCERTAIN_SUFFIX, UNCERTAIN_TEXT, UNCERTAIN_TEXT_ASCII
@@ -95,6 +105,8 @@ class ChainResult:
     warnings: list[str] = field(default_factory=list)
     phases: list[str] = field(default_factory=list)
     review: dict[str, Any] = field(default_factory=dict)
+    tumour_source: str = SOURCE_MODEL
+    clinician_contour: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -112,6 +124,8 @@ class ChainResult:
             "mutations": self.mutations,
             "warnings": self.warnings,
             "review": self.review,
+            "tumour_source": self.tumour_source,
+            "clinician_contour": self.clinician_contour,
             "stages": [vars(s) for s in self.stages],
             "phases": self.phases,
             "outputs": self.outputs,
@@ -362,6 +376,54 @@ def report_algorithm(algorithm: AlgorithmInfo, radiomics: RadiomicsResult | None
     return AlgorithmInfo(model_versions=versions, demo=algorithm.demo, contributors=contributors)
 
 
+def start_pacs_lookup(series: CTSeries, settings: Settings) -> PacsContourLookup | None:
+    """Ask the PACS for the study's clinician RTSTRUCTs while the CT is segmented.
+
+    Only when a PACS is configured, the query is on, and the node holds no RTSTRUCT of
+    the study yet (a push that included one, or the sweep, already brought it).
+    """
+    if not PacsContourLookup.wanted(settings):
+        return None
+    try:
+        if indexed_rtstructs(settings, series.study_instance_uid):
+            return None
+    except Exception:
+        log.exception("node index not readable for the RTSTRUCT lookup; asking the PACS")
+    return PacsContourLookup(settings, series.study_instance_uid).start()
+
+
+def find_clinician_contour(
+    series: CTSeries, settings: Settings, lookup: PacsContourLookup | None, started: float
+) -> tuple[ContourSearch, dict[str, Any]]:
+    """The clinician's GTV for the series (after the PACS lookup, waited for within its bound)."""
+    pacs: dict[str, Any] = {}
+    if lookup is not None:
+        remaining = settings.clinical_contours.pacs_timeout_seconds - (time.monotonic() - started)
+        finished = lookup.wait(remaining)
+        pacs = {"queried": True, "finished": finished, "retrieved_series": lookup.retrieved, "error": lookup.error}
+    return find_clinician_gtv(series, settings), pacs
+
+
+def clinician_measurements(
+    series: CTSeries, analysis: Regions, written: list[Region], radiomics: RadiomicsResult | None
+) -> list[tuple[RegionKind, RegionMeasurements]]:
+    """The clinician GTV's tumour and ring as the SR reports them (named like radnode's segments)."""
+    names = {r.kind: r.name for r in written}
+    out: list[tuple[RegionKind, RegionMeasurements]] = []
+    for region, kind, mask in (("tumour", RegionKind.TUMOUR, analysis.tumour), ("ring", RegionKind.PERITUMORAL_RING, analysis.ring)):
+        stats = region_statistics(mask, series.array, zyx_spacing(series), name=names[kind])
+        if stats.empty:
+            continue
+        found = radiomics.regions.get(region) if radiomics is not None else None
+        features = {k: v for k, v in found.features.items() if math.isfinite(v)} if found and found.status == "done" else {}
+        out.append((kind, RegionMeasurements(
+            region_name=stats.name, volume_ml=stats.volume_ml, mean_hu=stats.hu_mean, min_hu=stats.hu_min,
+            max_hu=stats.hu_max, longest_diameter_mm=stats.max_diameter_mm, sphericity=stats.sphericity,
+            features=features,
+        )))
+    return out
+
+
 def save_dataset(dataset: Dataset, path: Path) -> Path:
     """Write a DICOM object as a Part 10 file, durably (see :mod:`radnode.durable`)."""
     with durable.replacing(path) as tmp:
@@ -388,10 +450,12 @@ def measurement_set(
     features: dict[str, dict[str, float]],
     mutations: MutationResult,
     quality: dict[str, ContourQualityFinding] | None = None,
+    clinician: ClinicianContourReport | None = None,
 ) -> MeasurementSet:
     """Region statistics, radiomic features and predictions as the SR's content (empty regions left out).
 
-    ``quality`` maps a region name to its contour quality finding (the tumour's).
+    ``quality`` maps a region name to its contour quality finding (the tumour's);
+    ``clinician`` is the clinician's GTV the features were computed on, if any.
     """
     quality = quality or {}
     return MeasurementSet(
@@ -411,6 +475,7 @@ def measurement_set(
             if not s.empty
         ],
         predictions=[Prediction(**vars(p)) for p in mutations.predictions],
+        clinician=clinician,
     )
 
 
@@ -507,6 +572,8 @@ def run_chain(
                 raise
         result.series = describe_series(series)
         result.qc = series.qc.to_dict()
+        lookup_started = time.monotonic()
+        lookup = start_pacs_lookup(series, settings)  # overlaps segmentation; never blocks the job
         with stages.stage("lung_mask"):
             lungs = find_lungs(series)
         result.models["lung_mask"] = {"method": LUNG_MASK_METHOD, "version": LUNG_MASK_VERSION, **lungs.summary()}
@@ -539,10 +606,29 @@ def run_chain(
                 result.outputs.update({f"{k}_lungs_only": str(p.relative_to(out_dir)) for k, p in lungs_only.items()})
         _record_phase(result, "contours", files, out_dir, on_phase)
         # Phase 2: a failure here is recorded and the SR still goes out; phase 1 stands.
+        # A clinician's GTV, when the archive holds one, is the region radiomics and
+        # predictions use; radnode's own contour (sent above) is compared with it.
+        search, analysis = ContourSearch(), regions
+        with stages.stage("clinician_contour", required=False) as outcome:
+            search, pacs = find_clinician_contour(series, settings, lookup, lookup_started)
+            result.clinician_contour = {"found": search.contour is not None, "ignored": search.ignored, **({"pacs": pacs} if pacs else {})}
+            if search.contour is not None:
+                analysis = build_regions(
+                    search.contour.mask, lungs.lungs, zyx_spacing(series), ring_width_mm=settings.radiomics.ring_width_mm
+                )
+                result.tumour_source = SOURCE_CLINICIAN
+                result.clinician_contour.update(search.contour.describe())
+                if tumour.method != NO_MODEL:  # no tumour model ran: nothing of radnode's to compare
+                    result.clinician_contour.update({
+                        "agreement": agreement(regions.tumour, search.contour.mask, zyx_spacing(series)),
+                        "model": {"name": tumour.method, "version": tumour.version},
+                    })
+        if outcome.error:
+            result.clinician_contour = {"found": False, "error": outcome.error}
         radiomics = None
         if settings.radiomics.enabled:
             with stages.stage("radiomics", required=False) as outcome:
-                radiomics = compute_radiomics(series, regions, settings)
+                radiomics = compute_radiomics(series, analysis, settings)
             result.radiomics = radiomics.to_dict() if radiomics is not None else {"error": outcome.error}
         with stages.stage("mutations", required=False) as outcome:
             mutations = predict_mutations(radiomics, settings, tumour.deep_features)
@@ -552,8 +638,17 @@ def run_chain(
         with stages.stage("write_report"):
             finding = contour_quality_finding(tumour)
             tumour_name = next(r.name for r in written if r.kind is RegionKind.TUMOUR)
+            clinician = None
+            if search.contour is not None:
+                agreed = result.clinician_contour.get("agreement") or {}
+                clinician = ClinicianContourReport(
+                    roi_name=search.contour.roi_name, rtstruct=search.contour.dataset,
+                    regions=clinician_measurements(series, analysis, written, radiomics),
+                    dice=agreed.get("dice"), hd95_mm=agreed.get("hd95_mm"), volume_ratio=agreed.get("volume_ratio"),
+                )
             content = measurement_set(
-                stats, radiomics_for_sr(radiomics, written), mutations, {tumour_name: finding} if finding else None
+                stats, {} if clinician else radiomics_for_sr(radiomics, written), mutations,
+                {tumour_name: finding} if finding else None, clinician,
             )
             files = write_report(series, seg, content, report_algorithm(algorithm, radiomics), options, out_dir)
         _record_phase(result, "report", files, out_dir, on_phase)

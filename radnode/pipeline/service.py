@@ -370,6 +370,9 @@ class PipelineService:
         from prometheus_client import Histogram
 
         registry.register(PipelineCollector(self.queue, self.outbox))
+        from radnode.pipeline.agreement import AgreementCollector
+
+        registry.register(AgreementCollector(self.data_dir))
         histogram = Histogram(
             "radnode_job_duration_seconds",
             "Wall time of job attempts, by how they ended.",
@@ -574,6 +577,7 @@ class PipelineService:
             self._mark_processed(job.series_uid)
         if job.state is JobState.DONE:
             self._record_features(job)
+            self._record_agreement(job)
         for listener in self._finished_listeners:
             try:
                 listener(job, outcome)
@@ -592,6 +596,17 @@ class PipelineService:
                 log.info("job %d series %s: %d region row(s) added to the feature database", job.id, job.series_uid, rows)
         except Exception:
             log.exception("job %d series %s: features not added to the feature database", job.id, job.series_uid)
+
+    def _record_agreement(self, job: Job) -> None:
+        """Add the job's agreement with a clinician's GTV, if it had one, to the per-model summary."""
+        from radnode.pipeline.agreement import AgreementStore
+
+        result_json = self.pool.out_dir(job) / "result.json"
+        try:
+            if result_json.is_file() and AgreementStore(self.data_dir).record_result(result_json, job.id):
+                log.info("job %d series %s: tumour agreement with the clinician's GTV recorded", job.id, job.series_uid)
+        except Exception:
+            log.exception("job %d series %s: agreement with the clinician's GTV not recorded", job.id, job.series_uid)
 
     # -- sweep --------------------------------------------------------------------------
 

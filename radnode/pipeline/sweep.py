@@ -215,6 +215,19 @@ class Sweeper:
         )
         return report
 
+    def _fetch_clinical_contours(self, candidate: SeriesCandidate) -> None:
+        """Retrieve the study's RTSTRUCT series (a clinician's GTV for the chain) through the
+        same retriever, before the CT's job is queued; a failure is logged, never fatal."""
+        if not self.settings.clinical_contours.enabled:
+            return
+        try:
+            for rtstruct in self.query.study_series(candidate.study_uid, "RTSTRUCT"):
+                result = self.retriever.retrieve(rtstruct)
+                if not result.ok:
+                    log.warning("sweep: RTSTRUCT series %s not retrieved: %s", rtstruct.series_uid, result.error)
+        except Exception as exc:
+            log.warning("sweep: RTSTRUCTs of study %s not looked up: %s", candidate.study_uid, exc)
+
     def _retrieve_all(
         self,
         run_id: int,
@@ -243,6 +256,7 @@ class Sweeper:
                     report.failed.append((candidate.series_instance_uid, result.error or "retrieval failed"))
                 log.warning("sweep: series %s not retrieved: %s", candidate.series_instance_uid, result.error)
                 return
+            self._fetch_clinical_contours(candidate)
             job = self.queue.enqueue(
                 JobSpec(
                     series_uid=candidate.series_instance_uid,
