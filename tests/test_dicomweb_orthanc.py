@@ -15,11 +15,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
-from typing import Any
 
 import pydicom
 import pytest
@@ -146,7 +144,7 @@ def test_sweep_over_qido_and_wado_finds_fetches_and_processes_a_series(
     try:
         sweeper = service.sweeper()
         preview = sweeper.run(date(2024, 3, 1), date(2024, 3, 31), dry_run=True)
-        assert [(d.candidate.series_uid, d.take) for d in preview.decisions] == [(series_uid, True)]
+        assert [(d.candidate.series_instance_uid, d.take) for d in preview.decisions] == [(series_uid, True)]
         assert preview.decisions[0].candidate.instance_count == 60
         assert sweeper.run(date(2023, 1, 1), date(2023, 12, 31), dry_run=True).decisions == []
 

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 #: Modality (0008,0060) the sweep looks for.
 CT_MODALITY = "CT"
 #: Attributes only an IMAGE-level C-FIND returns (read from one instance of the series).
-_INSTANCE_LEVEL = ("sop_class_uid", "image_type", "slice_thickness", "manufacturer", "software_versions")
+INSTANCE_LEVEL_FIELDS = ("sop_class_uid", "image_type", "slice_thickness", "manufacturer", "software_versions")
 
 
 class SweepError(RuntimeError):
@@ -151,7 +151,7 @@ class ArchiveQuery(_Association):
         if not matches:
             return {}
         found = series_fields(matches[0])
-        return {name: found[name] for name in _INSTANCE_LEVEL}
+        return {name: found[name] for name in INSTANCE_LEVEL_FIELDS}
 
     def _find(self, assoc: Any, identifier: Dataset) -> list[Dataset]:
         matches: list[Dataset] = []
@@ -220,7 +220,7 @@ class ArchiveQuery(_Association):
         log.info("sweep C-FIND %s..%s: %d study(ies), %d CT series", date_from, date_to, len(studies), len(candidates))
         return candidates
 
-    def study_series(self, study_uid: str, modality: str) -> list[SeriesCandidate]:
+    def study_series(self, study_uid: str, modality: str) -> list[SeriesAttributes]:
         """C-FIND (SERIES level) the series of one modality in one study, e.g. a clinician's
         RTSTRUCTs for a CT; one association, the node's timeouts."""
         ae = self.ae()
@@ -237,8 +237,9 @@ class ArchiveQuery(_Association):
         finally:
             assoc.release()
         return [
-            SeriesCandidate(study_uid=study_uid, series_uid=uid, modality=modality,
-                            instance_count=_int(ds, "NumberOfSeriesRelatedInstances"))
+            SeriesAttributes(series_instance_uid=uid, study_instance_uid=study_uid, modality=modality,
+                             instance_count=int_value(element_value(ds, "NumberOfSeriesRelatedInstances")),
+                             calling_ae=self.pacs.ae_title)
             for ds in found
             if (uid := _uid(ds, "SeriesInstanceUID")) and (_text(ds, "Modality") or "").upper() == modality
         ]

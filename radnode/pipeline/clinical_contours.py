@@ -266,9 +266,9 @@ class PacsContourLookup:
             for candidate in found:
                 result = retriever.retrieve(candidate)
                 if result.ok:
-                    self.retrieved.append(candidate.series_uid)
+                    self.retrieved.append(candidate.series_instance_uid)
                 else:
-                    log.warning("RTSTRUCT series %s not retrieved: %s", candidate.series_uid, result.error)
+                    log.warning("RTSTRUCT series %s not retrieved: %s", candidate.series_instance_uid, result.error)
         except Exception as exc:  # the archive is optional here: log and go on
             self.error = f"{type(exc).__name__}: {exc}"
             log.warning("PACS lookup of clinician RTSTRUCTs for study %s failed: %s", self.study_uid, self.error)

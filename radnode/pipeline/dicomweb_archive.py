@@ -1,7 +1,7 @@
 """The archive over DICOMweb: QIDO-RS to find CT series, WADO-RS to fetch one (``pacs.protocol: dicomweb``).
 
 The same interface as the DIMSE client in :mod:`radnode.pipeline.archive` --
-:meth:`QidoArchiveQuery.series` returns :class:`~radnode.pipeline.archive.SeriesCandidate`
+:meth:`QidoArchiveQuery.series` returns :class:`~radnode.pipeline.archive.SeriesAttributes`
 objects, :meth:`WadoRetriever.retrieve` a :class:`~radnode.pipeline.archive.RetrieveResult`
 -- so :class:`~radnode.pipeline.sweep.Sweeper` runs unchanged on either. QIDO-RS answers are
 DICOM JSON (PS3.18 Annex F), read into pydicom data sets and treated as the untrusted input
@@ -27,17 +27,15 @@ from pydicom.dataset import Dataset
 
 from radnode.config import Settings
 from radnode.node.ingest import Ingestor, local_ingestor
+from radnode.node.series_attributes import SeriesAttributes, element_value, int_value, series_fields
 from radnode.node.storage import series_dir
 from radnode.node.stow import StowReceiver
 from radnode.pipeline.archive import (
     CT_MODALITY,
+    INSTANCE_LEVEL_FIELDS,
     RetrieveResult,
-    SeriesCandidate,
     SweepError,
     _da,
-    _float,
-    _int,
-    _multi,
     _text,
     _uid,
 )
@@ -130,16 +128,10 @@ class QidoArchiveQuery(_DicomWebArchive):
         )
         if not found:
             return {}
-        first = found[0]
-        return {
-            "sop_class_uid": _text(first, "SOPClassUID"),
-            "image_type": _multi(first, "ImageType"),
-            "slice_thickness": _float(first, "SliceThickness"),
-            "manufacturer": _text(first, "Manufacturer"),
-            "software_versions": _multi(first, "SoftwareVersions"),
-        }
+        facts = series_fields(found[0])
+        return {name: facts[name] for name in INSTANCE_LEVEL_FIELDS}
 
-    def series(self, date_from: date, date_to: date, modality: str = CT_MODALITY) -> list[SeriesCandidate]:
+    def series(self, date_from: date, date_to: date, modality: str = CT_MODALITY) -> list[SeriesAttributes]:
         """All series of ``modality`` in studies dated within ``[date_from, date_to]``."""
         studies = self._search_all(
             "studies",
@@ -151,7 +143,7 @@ class QidoArchiveQuery(_DicomWebArchive):
             ),
             "StudyInstanceUID",
         )
-        candidates: list[SeriesCandidate] = []
+        candidates: list[SeriesAttributes] = []
         for found in studies:
             study_uid = _uid(found, "StudyInstanceUID")
             if not study_uid:
@@ -171,16 +163,18 @@ class QidoArchiveQuery(_DicomWebArchive):
                     continue  # an archive that ignores the Modality filter still returns others
                 extra = self._instance_facts(study_uid, series_uid) if self.instance_level else {}
                 candidates.append(
-                    SeriesCandidate(
-                        study_uid=study_uid,
-                        series_uid=series_uid,
+                    SeriesAttributes(
+                        series_instance_uid=series_uid,
+                        study_instance_uid=study_uid,
                         modality=series_modality,
                         study_date=_text(found, "StudyDate"),
                         series_description=_text(series, "SeriesDescription"),
-                        body_part=_text(series, "BodyPartExamined"),
-                        series_number=_int(series, "SeriesNumber"),
-                        instance_count=_int(series, "NumberOfSeriesRelatedInstances"),
+                        body_part_examined=_text(series, "BodyPartExamined"),
+                        series_number=int_value(element_value(series, "SeriesNumber")),
+                        instance_count=int_value(element_value(series, "NumberOfSeriesRelatedInstances")),
                         station_name=_text(series, "StationName"),
+                        # Series the sweep fetches come from the archive: it is their sender.
+                        calling_ae=self.pacs.ae_title,
                         **extra,
                     )
                 )
@@ -204,15 +198,15 @@ class WadoRetriever(_DicomWebArchive):
         super().__init__(settings)
         self._ingestor = ingestor or local_ingestor
 
-    def retrieve(self, candidate: SeriesCandidate) -> RetrieveResult:
-        folder = series_dir(self.settings.storage.data_dir, candidate.study_uid, candidate.series_uid)
+    def retrieve(self, candidate: SeriesAttributes) -> RetrieveResult:
+        folder = series_dir(self.settings.storage.data_dir, candidate.study_instance_uid, candidate.series_instance_uid)
         completed = failed = 0
         peer = urlsplit(self.url).hostname or self.url
         with self._ingestor(self.settings) as ingestor:
             receiver = StowReceiver(ingestor)
             try:
                 for ds in self.client.iter_series(
-                    candidate.study_uid, candidate.series_uid, media_types=STORED_TRANSFER_SYNTAX
+                    candidate.study_instance_uid, candidate.series_instance_uid, media_types=STORED_TRANSFER_SYNTAX
                 ):
                     part = ingestor.store.tmp_dir / f"{uuid.uuid4().hex}.wado-part"
                     try:
@@ -230,7 +224,7 @@ class WadoRetriever(_DicomWebArchive):
         if completed == 0:
             return RetrieveResult(False, folder, completed, failed, None, f"WADO-RS: no instance stored ({failed} refused)")
         if failed:
-            log.warning("WADO-RS of series %s: %d instance(s) refused, %d stored", candidate.series_uid, failed, completed)
+            log.warning("WADO-RS of series %s: %d instance(s) refused, %d stored", candidate.series_instance_uid, failed, completed)
         return RetrieveResult(True, folder, completed, failed)
 
 

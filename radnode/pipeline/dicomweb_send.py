@@ -31,7 +31,8 @@ from pydicom.errors import InvalidDicomError
 
 from radnode.config import Destination
 from radnode.pipeline.dicomweb_http import dicomweb_client
-from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, OutboxItem, format_status
+from radnode.node.status import format_status
+from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, OutboxItem
 
 log = logging.getLogger(__name__)
 

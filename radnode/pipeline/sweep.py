@@ -215,18 +215,18 @@ class Sweeper:
         )
         return report
 
-    def _fetch_clinical_contours(self, candidate: SeriesCandidate) -> None:
+    def _fetch_clinical_contours(self, candidate: SeriesAttributes) -> None:
         """Retrieve the study's RTSTRUCT series (a clinician's GTV for the chain) through the
         same retriever, before the CT's job is queued; a failure is logged, never fatal."""
         if not self.settings.clinical_contours.enabled:
             return
         try:
-            for rtstruct in self.query.study_series(candidate.study_uid, "RTSTRUCT"):
+            for rtstruct in self.query.study_series(candidate.study_instance_uid, "RTSTRUCT"):
                 result = self.retriever.retrieve(rtstruct)
                 if not result.ok:
                     log.warning("sweep: RTSTRUCT series %s not retrieved: %s", rtstruct.series_uid, result.error)
         except Exception as exc:
-            log.warning("sweep: RTSTRUCTs of study %s not looked up: %s", candidate.study_uid, exc)
+            log.warning("sweep: RTSTRUCTs of study %s not looked up: %s", candidate.study_instance_uid, exc)
 
     def _retrieve_all(
         self,
