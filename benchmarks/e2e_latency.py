@@ -7,8 +7,8 @@ association), and measures from the moment storescu has its last acknowledgement
 * phase 1: SEG and RTSTRUCT stored in Orthanc (what a planning system waits for);
 * phase 2: the SR stored in Orthanc (after radiomics and classifiers).
 
-Without a configured segmentation bundle the tumour stage is empty, so radiomics runs
-on the whole lung only; the figure names that. Usage::
+The node runs with its default settings, so the tumour is segmented by the bundled demo
+model (``models.segmentation_bundle: demo``); the figure names the bundle. Usage::
 
     .venv/bin/python benchmarks/e2e_latency.py [--slices 100] [--quiet 1.0]
 """
@@ -28,6 +28,7 @@ import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from radnode.config.model import Settings
 from radnode.phantom import generate_phantom
 from radnode.testing.orthanc import OrthancServer, free_port
 
@@ -101,7 +102,8 @@ def main() -> None:
             node.terminate()
             node.wait(60)
             log.close()
-    print(f"{args.slices} slices 512x512, quiet_seconds {args.quiet}, no segmentation bundle (radiomics on the whole lung)")
+    bundle = Settings().models.segmentation_bundle
+    print(f"{args.slices} slices 512x512, quiet_seconds {args.quiet}, segmentation bundle {bundle}, {os.cpu_count()} CPU(s)")
     print(f"last instance acknowledged -> SEG+RTSTRUCT in Orthanc: {contours - last_in:6.1f} s  (phase 1)")
     print(f"last instance acknowledged -> SR in Orthanc:           {report - last_in:6.1f} s  (phase 2)")
 

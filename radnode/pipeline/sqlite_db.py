@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from radnode.sqlstore import Dialect
+
 log = logging.getLogger(__name__)
 
 #: How long a writer waits for another writer's transaction before giving up.
@@ -52,7 +54,9 @@ def where(equal: Mapping[str, Any], within: Mapping[str, Iterable[Any] | None]) 
 
 
 class SQLiteDB:
-    """A WAL-mode SQLite file with its schema applied on open."""
+    """A WAL-mode SQLite file with its schema applied on open (the embedded :class:`~radnode.sqlstore.SQLStore`)."""
+
+    dialect = Dialect.SQLITE
 
     def __init__(self, path: Path | str, schema: str) -> None:
         self.path = Path(path)
@@ -62,6 +66,9 @@ class SQLiteDB:
             if str(mode).lower() != "wal":
                 log.warning("%s could not switch to WAL (mode %s)", self.path, mode)
             conn.executescript(schema)
+
+    def describe(self) -> str:
+        return str(self.path)
 
     @contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -85,3 +92,6 @@ class SQLiteDB:
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+    #: SQLite has one writer at a time anyway: a plain transaction is the exclusive one.
+    transaction = write
