@@ -21,7 +21,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,8 +58,9 @@ def free_port() -> int:
 class PgCluster:
     """One initdb'd cluster: start, stop, restart, and a fresh database per test."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, server_options: str = "") -> None:
         self.bin = find_pg_bin()
+        self.server_options = server_options
         self.root = root
         self.data = root / "data"
         self.log = root / "server.log"
@@ -89,6 +90,7 @@ class PgCluster:
     def start(self) -> None:
         """Start the server on ``127.0.0.1:port`` without a Unix socket, and wait for it."""
         options = f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c fsync=off -c max_connections=200"
+        options = f"{options} {self.server_options}".strip()
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:
@@ -114,12 +116,25 @@ class PgCluster:
         return self.url(name)
 
 
-def start_cluster() -> tuple[PgCluster, Path]:
-    """Create and start a cluster in a fresh temp folder (see the module docstring for why there)."""
+def give_to_server(path: Path, mode: int = 0o600) -> None:
+    """Make ``path`` readable by the server process only (its key files must be private)."""
+    if os.geteuid() == 0:
+        user = pwd.getpwnam(SUPERUSER)
+        os.chown(path, user.pw_uid, user.pw_gid)
+    os.chmod(path, mode)
+
+
+def start_cluster(server_options: str = "", configure: Callable[[PgCluster], None] | None = None) -> tuple[PgCluster, Path]:
+    """Create and start a cluster in a fresh temp folder (see the module docstring for why there).
+
+    ``configure`` runs between initdb and the first start (certificates, ``pg_hba.conf``).
+    """
     root = Path(tempfile.mkdtemp(prefix="radnode-pg-"))
     os.chmod(root, 0o755)
-    cluster = PgCluster(root / "cluster")
+    cluster = PgCluster(root / "cluster", server_options=server_options)
     cluster.init()
+    if configure is not None:
+        configure(cluster)
     cluster.start()
     return cluster, root
 

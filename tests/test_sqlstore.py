@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pg_support import PgCluster, pg_cluster  # noqa: F401  (session fixture)
+from pg_support import pg_cluster  # noqa: F401  (session fixture)
 from radnode.sqlstore import Dialect, open_store, postgres_schema, pyformat
 
 SCHEMA = """
