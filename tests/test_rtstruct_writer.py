@@ -21,7 +21,7 @@ from radnode.dicom_io.regions import AlgorithmInfo, Region, WriterOptions
 from radnode.dicom_io.rtstruct_read import rasterise_roi, read_rtstruct_rois
 from radnode.dicom_io.rtstruct_writer import build_rtstruct, format_ds
 from radnode.dicom_io.series import CTSeries, load_series
-from radnode.dicom_io.uids import derive_uid
+from series_support import coronal_copy
 
 ALGORITHM = AlgorithmInfo(name="radnode-seg", version="1.2.3", model_versions={"unet": "0.4"})
 CONTOUR_DATA = 0x30060050
@@ -227,17 +227,7 @@ def test_bad_shape_one_voxel_and_border(ibsi: tuple[CTSeries, np.ndarray]) -> No
 
 def test_non_axial_series(ibsi: tuple[CTSeries, np.ndarray], tmp_path: Path) -> None:
     series, gtv = ibsi
-    out = tmp_path / "coronal"
-    out.mkdir()
-    for k, path in enumerate(series.files):
-        ds = pydicom.dcmread(path)
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
-        ds.ImagePositionPatient = [-174.3945, -50.0 + 3.0 * k, 80.0]
-        for keyword in ("SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
-            setattr(ds, keyword, derive_uid("2.25", str(ds[keyword].value), "coronal"))
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(out / f"{k:03d}.dcm")
-    coronal = load_series(out)
+    coronal = coronal_copy(series, tmp_path / "coronal")
     rt = _reread(build_rtstruct(coronal, [Region.of_kind("tumour", gtv)], ALGORITHM))
     y_of = {ds.SOPInstanceUID: float(ds.ImagePositionPatient[1]) for ds in coronal.datasets}
     for item in rt.ROIContourSequence[0].ContourSequence:

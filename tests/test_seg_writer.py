@@ -10,7 +10,6 @@ import copy
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -21,7 +20,7 @@ from radnode.dicom_io.regions import AlgorithmInfo, Region, WriterOptions
 from radnode.dicom_io.rtstruct_read import rasterise_roi
 from radnode.dicom_io.seg_writer import build_seg, seg_to_masks
 from radnode.dicom_io.series import CTSeries, load_series
-from radnode.dicom_io.uids import derive_uid
+from series_support import coronal_copy
 
 ALGORITHM = AlgorithmInfo(name="radnode-seg", version="1.2.3", model_versions={"unet": "0.4"})
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -171,23 +170,9 @@ def test_one_voxel_tumour_and_border_touching_mask(ibsi: tuple[CTSeries, np.ndar
     assert int(seg.NumberOfFrames) == 1 + 3
 
 
-def _coronal_series(series: CTSeries, out: Path) -> CTSeries:
-    """The phantom's files re-labelled as a coronal stack (normal +y), loaded again."""
-    out.mkdir()
-    for k, path in enumerate(series.files):
-        ds = pydicom.dcmread(path)
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
-        ds.ImagePositionPatient = [-174.3945, -50.0 + 3.0 * k, 80.0]
-        for keyword in ("SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"):
-            setattr(ds, keyword, derive_uid("2.25", str(ds[keyword].value), "coronal"))
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.save_as(out / f"{k:03d}.dcm")
-    return load_series(out)
-
-
 def test_non_axial_series(ibsi: tuple[CTSeries, np.ndarray], tmp_path: Path) -> None:
     series, gtv = ibsi
-    coronal = _coronal_series(series, tmp_path / "coronal")
+    coronal = coronal_copy(series, tmp_path / "coronal")
     seg = build_seg(coronal, [Region.of_kind("tumour", gtv)], ALGORITHM)
     orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
     assert [float(v) for v in orientation.ImageOrientationPatient] == [1, 0, 0, 0, 0, -1]
