@@ -342,6 +342,14 @@ def _start_serve(config: Path, listener: NotifyListener, log: Path, watchdog_use
         )
 
 
+def _wait_ready(listener: NotifyListener, log: Path) -> None:
+    """Wait for READY=1; a timeout shows the end of the serve log (why it never got ready)."""
+    try:
+        listener.wait_for("READY", 30)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\nserve log:\n{log.read_text()[-3000:]}") from None
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
@@ -354,10 +362,7 @@ def test_serve_reports_ready_pings_and_stops_on_sigterm(tmp_path: Path, listener
     log = tmp_path / "serve.log"
     proc = _start_serve(config, listener, log, watchdog_usec=600_000)
     try:
-        try:
-            listener.wait_for("READY", 30)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nserve log:\n{log.read_text()[-3000:]}") from None
+        _wait_ready(listener, log)
         # READY=1 means the listener already accepts associations.
         assoc = _echo_association(port)
         assert assoc.is_established
@@ -380,10 +385,7 @@ def test_serve_reloads_on_sighup_without_dropping_an_association(tmp_path: Path,
     log = tmp_path / "serve.log"
     proc = _start_serve(config, listener, log, watchdog_usec=10_000_000)
     try:
-        try:
-            listener.wait_for("READY", 30)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\nserve log:\n{log.read_text()[-3000:]}") from None
+        _wait_ready(listener, log)
         assoc = _echo_association(port)
         assert assoc.is_established
         _config(config, tmp_path / "data", port, [TPS], PROCESS_CT_FOR_TPS)
