@@ -63,7 +63,7 @@ def test_heartbeat_while_the_database_is_down_keeps_the_job_and_then_reconnects(
     queue = PostgresJobQueue(pg_url)
     job = queue.enqueue(spec("4.1", tmp_path))
     queue.claim("w", 60)
-    queue._db.retry_seconds = 0.5
+    queue.store._db.retry_seconds = 0.5  # the PostgresDB under the store: fail fast while the server is down
     pg_cluster.stop()
     try:
         assert queue.heartbeat(job.id, "w", 60) is True  # unreachable: the work goes on
