@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -85,6 +86,34 @@ def test_now_is_the_database_servers_clock_unless_a_clock_is_given(pg_url: str, 
     assert job.created_at == pytest.approx(server_now, abs=60)
     claimed = PostgresJobQueue(pg_url, clock=lambda: 2_000_000.0).claim("w", 60)
     assert claimed is not None and claimed.lease_until == pytest.approx(2_000_060.0)
+
+
+def test_an_idle_worker_claims_a_new_job_at_once_not_at_its_next_poll(pg_url: str, tmp_path: Path) -> None:
+    settings = settings_from_mapping({"database": {"url": pg_url}, "storage": {"data_dir": str(tmp_path / "d")}}, source="test")
+    pool = RemoteWorkerPool(settings, tmp_path / "scratch", ["cpu"], poll_seconds=60)
+    claimed: dict[int, float] = {}
+    got = threading.Event()
+
+    def run_job(job: Any, worker_id: str) -> None:
+        claimed[job.id] = time.monotonic()
+        pool.queue.complete(job.id, worker_id, {})
+        got.set()
+
+    pool.run_job = run_job  # type: ignore[method-assign]
+    node = PostgresJobQueue(pg_url, profile_queues={"tumour": "gpu"})
+    pool.start()
+    try:
+        time.sleep(1.5)  # the worker found nothing and sleeps for its 60 s poll
+        assert not claimed
+        node.enqueue(spec("8.0", tmp_path, profile="tumour"))  # no lane of this worker: stays asleep
+        queued = time.monotonic()
+        job = node.enqueue(spec("8.1", tmp_path))
+        assert got.wait(10), "the idle worker did not wake on enqueue"
+        assert list(claimed) == [job.id]
+        print(f"claim {claimed[job.id] - queued:.3f} s after enqueue (poll interval 60 s)")
+        assert claimed[job.id] - queued < 3
+    finally:
+        pool.stop(timeout=10)
 
 
 def test_worker_refuses_jobs_of_another_version_or_model_checksum(pg_url: str, tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ held by remote workers are theirs until their lease runs out.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from radnode.pipeline.jobs import CLAIMABLE_STATES, Backoff, JobKind, JobSpec
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 #: Queue (worker lane) of jobs whose profile has no entry in ``database.profile_queues``.
 DEFAULT_QUEUE = "cpu"
+#: Channel on which the queue tells idle workers that a job can be claimed (payload: its lane).
+WORK_CHANNEL = "radnode_jobs"
+#: Seconds between reconnection attempts of a listener whose database went away.
+LISTEN_RETRY_SECONDS = 5.0
 
 #: The queue's tables (translated for PostgreSQL by the store) and what a shared queue
 #: adds: the worker lane and model bundle of each job, and an index for :meth:`recover`.
@@ -121,6 +126,35 @@ class PostgresJobQueue(SQLJobQueue):
         if not self.queues:  # a worker of no lane claims nothing
             return " AND FALSE", []
         return in_clause("queue", self.queues)
+
+    def _announce(self, conn: Any, job_ids: Sequence[int]) -> None:
+        # Sent when the transaction commits (never for a rolled-back change); one per lane.
+        if job_ids:
+            ids, params = in_clause("id", list(job_ids))
+            conn.execute(f"SELECT pg_notify(?, queue) FROM jobs WHERE TRUE{ids}", [WORK_CHANNEL, *params]).fetchall()
+
+    def listen(self, on_work: Callable[[str | None], None], stop: threading.Event) -> None:
+        """Call ``on_work(lane)`` whenever a job becomes claimable, until ``stop`` is set.
+
+        Blocks (run it in a thread). Idle workers wake at once instead of finding the job
+        at their next poll, which can then be rare. After (re)connecting, ``on_work(None)``
+        is called once: announcements sent while no connection listened are lost, so the
+        worker should look. A lost database is retried every :data:`LISTEN_RETRY_SECONDS`;
+        the worker's poll covers the gap.
+        """
+        import psycopg
+
+        while not stop.is_set():
+            try:
+                with self.store.connect() as conn:
+                    conn.execute(f"LISTEN {WORK_CHANNEL}")
+                    on_work(None)
+                    while not stop.is_set():
+                        for note in conn.raw.notifies(timeout=1.0):
+                            on_work(note.payload)
+            except psycopg.OperationalError as exc:
+                log.warning("not listening for new jobs (database unreachable: %s); polling meanwhile", str(exc).strip()[:200])
+                stop.wait(LISTEN_RETRY_SECONDS)
 
     def lane(self, job_id: int) -> tuple[str, str | None]:
         """(queue, bundle checksum) stored with a job."""

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,6 +269,13 @@ class SQLJobQueue(JobQueue):
         """Extra ``AND …`` condition of the claim, and its parameters (none: every job is claimable)."""
         return "", []
 
+    def _announce(self, conn: Any, job_ids: Sequence[int]) -> None:
+        """Tell idle workers elsewhere that these jobs can be claimed now, when ``conn`` commits.
+
+        Nothing to do for a queue whose workers all live in this process: the node wakes
+        its own pool when it enqueues.
+        """
+
     # -- helpers ------------------------------------------------------------------------
 
     def _now(self, conn: Any) -> float:
@@ -380,6 +387,7 @@ class SQLJobQueue(JobQueue):
                 f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))}) RETURNING *",
                 tuple(values.values()),
             ).fetchall()
+            self._announce(conn, [row["id"]])
         job = self._row_to_job(row)
         log.info(
             "job %d (%s) queued for series %s (priority %d, %s)",
@@ -477,6 +485,7 @@ class SQLJobQueue(JobQueue):
             job = self._held(conn, job_id, worker_id)
             self._unhold(conn, job_id, JobState.QUEUED, now, not_before=None, attempts=max(job.attempts - 1, 0))
             conn.execute("DELETE FROM job_attempts WHERE job_id = ? AND attempt = ?", (job_id, job.attempts))
+            self._announce(conn, [job_id])
             job = self._fetch(conn, job_id)
         log.info("job %d released back to the queue (shutdown)", job_id)
         return job
@@ -505,6 +514,7 @@ class SQLJobQueue(JobQueue):
                 "finished_at = NULL, reason = NULL, error = NULL, traceback = NULL WHERE id = ?",
                 (JobState.QUEUED.value, now, job_id),
             )
+            self._announce(conn, [job_id])
             job = self._fetch(conn, job_id)
         log.info("job %d re-queued by operator", job_id)
         return job
@@ -537,6 +547,7 @@ class SQLJobQueue(JobQueue):
                     "WHERE job_id = ? AND attempt = ? AND finished_at IS NULL",
                     [(now, job.state.value, reason, job.error, job.id, job.attempts) for job in recovered],
                 )
+                self._announce(conn, [job.id for job in recovered if job.state is JobState.QUEUED])
         for job in recovered:
             log.warning("job %d for series %s recovered after lost worker: now %s", job.id, job.series_uid, job.state.value)
         return recovered
