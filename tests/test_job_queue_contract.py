@@ -302,3 +302,63 @@ def test_dead_worker_job_is_run_again_exactly_once(tmp_path: Path, store: tuple[
     queue.complete(job.id, "survivor", {})
     history = queue.attempts(job.id)
     assert [(a["worker_id"], a["outcome"]) for a in history] == [("doomed-worker", "queued"), ("survivor", "done")]
+
+
+def test_claimed_jobs_count_as_running_and_equal_priorities_go_oldest_first(tmp_path: Path, queue: JobQueue, clock: FakeClock) -> None:
+    sweep1 = queue.enqueue(spec("6.1", tmp_path, priority=Priority.SWEEP, source=JobSource.SWEEP))
+    clock.advance(1)
+    sweep2 = queue.enqueue(spec("6.2", tmp_path, priority=Priority.SWEEP, source=JobSource.SWEEP))
+    clock.advance(1)
+    live = queue.enqueue(spec("6.3", tmp_path))
+    order = []
+    while (job := queue.claim("w", 60)) is not None:
+        order.append(job.id)
+    assert order == [live.id, sweep1.id, sweep2.id]
+    counts = queue.counts()
+    assert (counts[JobState.RUNNING], counts[JobState.QUEUED]) == (3, 0)
+
+
+def test_attempt_history_records_when_each_attempt_started_and_ended(tmp_path: Path, queue: JobQueue, clock: FakeClock) -> None:
+    job = queue.enqueue(spec("6.4", tmp_path))
+    clock.advance(5)
+    queue.claim("w1", 60)
+    clock.advance(12.5)
+    done = queue.complete(job.id, "w1", {"status": "done"})
+    assert done.runtime_seconds() == pytest.approx(12.5)
+    (attempt,) = queue.attempts(job.id)
+    assert (attempt["worker_id"], attempt["outcome"]) == ("w1", "done")
+    assert attempt["started_at"] == pytest.approx(done.started_at)
+    assert attempt["finished_at"] - attempt["started_at"] == pytest.approx(12.5)
+
+
+def test_a_failed_job_cannot_be_cancelled_and_a_retried_one_runs_to_the_end(tmp_path: Path, queue: JobQueue) -> None:
+    job = queue.enqueue(spec("6.5", tmp_path, max_attempts=1))
+    queue.claim("w", 60)
+    queue.fail(job.id, "w", FailureReason.EXCEPTION, "bug")
+    with pytest.raises(InvalidTransition, match="can be cancelled"):
+        queue.cancel(job.id)
+    queue.retry(job.id)
+    assert queue.claim("w", 60) is not None
+    assert queue.complete(job.id, "w", {}).state is JobState.DONE
+    assert [a["outcome"] for a in queue.attempts(job.id)] == ["failed", "done"]
+
+
+def test_restart_recovery_takes_back_running_jobs_whose_lease_has_not_expired(
+    tmp_path: Path, store: tuple[str, Path, str | None], make_queue: Callable[..., JobQueue]
+) -> None:
+    _, data_dir, url = store
+    queue = make_queue()
+    job = queue.enqueue(spec("6.6", tmp_path))
+    waiting = queue.enqueue(spec("6.7", tmp_path))
+    out = subprocess.run([sys.executable, "-c", _CLAIM_AND_DIE, str(data_dir), url or "", "3600"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 9 and int(out.stdout.strip()) == job.id
+    restarted = make_queue()
+    assert restarted.get(job.id).state is JobState.RUNNING
+    assert restarted.recover(expired_only=True) == []  # the hour-long lease still runs
+    recovered = restarted.recover(expired_only=False)  # at start: no worker of this node is alive
+    assert [j.id for j in recovered] == [job.id]
+    assert recovered[0].reason == FailureReason.LEASE_EXPIRED.value and "doomed-worker" in (recovered[0].error or "")
+    assert {j.id for j in restarted.list(states=[JobState.QUEUED])} == {job.id, waiting.id}
+    again = restarted.claim("new", 60)
+    assert again is not None and again.id == job.id and again.attempts == 2
+    assert [(a["worker_id"], a["outcome"]) for a in restarted.attempts(job.id)] == [("doomed-worker", "queued"), ("new", None)]

@@ -68,3 +68,39 @@ def test_worker_unit_keeps_the_nodes_sandbox_and_runs_radnode_worker() -> None:
     help_text = subprocess.run([sys.executable, "-m", "radnode", "worker", "--help"], capture_output=True, text=True, timeout=60).stdout
     for option in [a for a in args if a.startswith("--")]:
         assert option in help_text
+
+
+def test_install_systemd_with_worker_installs_the_template_and_uninstall_removes_it(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from radnode.cli import systemd_cmd
+    from radnode.cli.main import app
+    from radnode.service.install import execute, file_mode, plan_install, plan_uninstall
+    from test_install_systemd import EXEC, RecordingRunner, options
+
+    installed = tmp_path / "root" / "etc/systemd/system" / WORKER_UNIT.name
+    root = installed.parents[3]
+    root.mkdir()
+    execute(plan_install(options(root)), root, runner=RecordingRunner(root))
+    assert not installed.exists()  # only when asked
+
+    runner = RecordingRunner(root)
+    execute(plan_install(options(root, worker=True, gpu=True)), root, runner=runner)
+    assert file_mode(installed) == 0o644
+    assert f"\nExecStart={EXEC} worker --queues %i " in installed.read_text()
+    assert installed.read_text().replace(f"ExecStart={EXEC}", "X") == WORKER_UNIT.read_text().replace(
+        "ExecStart=/opt/radnode/.venv/bin/radnode", "X"
+    )
+    gpu = installed.parent / f"{WORKER_UNIT.name}.d" / "gpu.conf"
+    assert gpu.read_text() == (SYSTEMD_DIR / "dropins" / "gpu.conf").read_text()
+    # A template has no instance to enable: only the node's unit is enabled.
+    assert [c for c in runner.commands if c[0] == "systemctl"] == [["systemctl", f"--root={root}", "enable", "radnode.service"]]
+
+    execute(plan_uninstall(options(root)), root, runner=RecordingRunner(root))
+    assert not installed.exists() and not gpu.parent.exists()
+
+    if "install-systemd" not in {c.name for c in app.registered_commands}:
+        systemd_cmd.register(app)
+    result = CliRunner().invoke(app, ["install-systemd", "--root", str(tmp_path / "cli"), "--exec-start", str(EXEC), "--worker", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"would write /etc/systemd/system/{WORKER_UNIT.name} (0644)" in result.output

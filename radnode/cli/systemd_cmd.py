@@ -34,6 +34,9 @@ def register(app: typer.Typer) -> None:
         memory_max: Annotated[
             str | None, typer.Option("--memory-max", help="MemoryMax= for the service, e.g. 32G or 75% (memory.conf drop-in).")
         ] = None,
+        worker: Annotated[
+            bool, typer.Option("--worker", help="Also install radnode-worker@.service for processing-only worker machines.")
+        ] = False,
         enable: Annotated[bool, typer.Option("--enable/--no-enable", help="systemctl enable the unit.")] = True,
         start: Annotated[bool, typer.Option("--start", help="Also start it now (edit the configuration first!).")] = False,
         dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the steps; change nothing.")] = False,
@@ -52,6 +55,7 @@ def register(app: typer.Typer) -> None:
             exec_start=PurePosixPath(exec_start) if exec_start else install.default_exec_start(),
             gpu=gpu,
             memory_max=memory_max,
+            worker=worker,
             enable=enable,
             start=start,
             user_tool=install.default_user_tool(),
@@ -70,6 +74,11 @@ def register(app: typer.Typer) -> None:
                 f"installed. Next: edit {config} (node.allowed_calling_aes, destinations), "
                 f"check it with `radnode config check {config}`, then `systemctl start radnode`."
             )
+            if worker:
+                typer.echo(
+                    f"worker unit installed. On a worker machine: put database.url into /{install.WORKER_CONFIG_PATH} "
+                    "(mode 0640, root:radnode), then `systemctl enable --now radnode-worker@cpu` (one instance per queue)."
+                )
 
     @app.command("uninstall-systemd")
     def uninstall_systemd(

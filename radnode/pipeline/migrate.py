@@ -74,19 +74,18 @@ def migrate_queue(data_dir: Path, url: str, profile_queues: dict[str, str] | Non
         attempts = src.execute(f"SELECT {', '.join(ATTEMPT_COLUMNS)} FROM job_attempts ORDER BY job_id, attempt").fetchall()
     finally:
         src.close()
-    with target._db.write() as conn:
+    with target.store.write() as conn:
         if conn.execute("SELECT COUNT(*) AS n FROM jobs").fetchone()["n"]:
             raise MigrationError("the target database already holds jobs; migrate into an empty database")
-        marks = ", ".join(["%s"] * (len(JOB_COLUMNS) + 1))
-        with conn.cursor() as cur:
-            cur.executemany(
-                f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}, queue) OVERRIDING SYSTEM VALUE VALUES ({marks})",
-                [(*tuple(row), "node" if row["kind"] == "forward" else lanes.get(row["profile"], default_queue)) for row in jobs],
-            )
-            cur.executemany(
-                f"INSERT INTO job_attempts ({', '.join(ATTEMPT_COLUMNS)}) VALUES ({', '.join(['%s'] * len(ATTEMPT_COLUMNS))})",
-                [tuple(row) for row in attempts],
-            )
+        conn.executemany(
+            f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}, queue) OVERRIDING SYSTEM VALUE "
+            f"VALUES ({', '.join('?' * (len(JOB_COLUMNS) + 1))})",
+            [(*tuple(row), "node" if row["kind"] == "forward" else lanes.get(row["profile"], default_queue)) for row in jobs],
+        )
+        conn.executemany(
+            f"INSERT INTO job_attempts ({', '.join(ATTEMPT_COLUMNS)}) VALUES ({', '.join('?' * len(ATTEMPT_COLUMNS))})",
+            [tuple(row) for row in attempts],
+        )
         # new jobs continue after the highest migrated id
         conn.execute("SELECT setval(pg_get_serial_sequence('jobs', 'id'), GREATEST((SELECT MAX(id) FROM jobs), 1))")
     log.info("migrated %d job(s) and %d attempt(s) from %s", len(jobs), len(attempts), source)

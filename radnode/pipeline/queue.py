@@ -1,8 +1,10 @@
-"""The persistent job queue: a small interface and its embedded SQLite implementation.
+"""The persistent job queue: a small interface and its one SQL implementation.
 
-:class:`JobQueue` is the whole contract the worker, the service, the sweep and the CLI use;
-a later Celery/Redis or PostgreSQL backend implements the same methods. All SQL of the job
-queue lives in this module.
+:class:`JobQueue` is the whole contract the worker, the service, the sweep and the CLI use.
+:class:`SQLJobQueue` implements it once, in the portable SQL of :mod:`radnode.sqlstore`,
+for both backends: :class:`SQLiteJobQueue` (the embedded default, one file in the data
+folder) and :class:`~radnode.pipeline.pg_queue.PostgresJobQueue` (shared by machines,
+which adds worker lanes). All SQL of the job queue lives in this module.
 
 Leases, not locks: a worker *claims* a job for ``lease_seconds`` and renews the lease with
 :meth:`JobQueue.heartbeat` while the job runs. A worker that dies stops renewing, and
@@ -20,14 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from radnode.pipeline.sqlite_db import SQLiteDB, where
+from radnode.pipeline.sqlite_db import SQLiteDB, in_clause, where
 from radnode.pipeline.jobs import (
     CANCELLABLE_STATES,
     CLAIMABLE_STATES,
@@ -43,12 +44,12 @@ from radnode.pipeline.jobs import (
     PhaseState,
     initial_phases,
 )
+from radnode.sqlstore import Dialect
 
 log = logging.getLogger(__name__)
 
 #: File name of the embedded queue inside ``<data_dir>``.
 QUEUE_FILE = "jobs.sqlite"
-#: Seconds a connection waits for another writer before ``database is locked``.
 
 Clock = Callable[[], float]
 
@@ -162,7 +163,9 @@ class JobQueue(ABC):
         """Attempt history of one job (worker, start, end, outcome, reason, error), oldest first."""
 
 
-_SCHEMA = """
+#: Tables of the job queue, written for SQLite (PostgreSQL gets them translated by
+#: :func:`radnode.sqlstore.postgres_schema`).
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid       TEXT    NOT NULL,
@@ -209,43 +212,79 @@ CREATE TABLE IF NOT EXISTS job_attempts (
 """
 
 
-class SQLiteJobQueue(JobQueue):
-    """The embedded default backend: one SQLite file in WAL mode.
+class SQLJobQueue(JobQueue):
+    """The job queue written once, in the portable SQL of :mod:`radnode.sqlstore`.
+
+    Both backends run these statements; the store's dialect decides the few things that
+    differ:
+
+    * **row locks** -- on PostgreSQL the claim picks and updates the next due job in one
+      statement with ``FOR UPDATE SKIP LOCKED`` (concurrent claimers never block each
+      other nor get the same job), and read-then-update transitions lock their row with
+      ``FOR UPDATE``. SQLite has no row locks and needs none: every write transaction is
+      ``BEGIN IMMEDIATE``, which excludes all other writers of the file;
+    * **now** -- with no ``clock`` given, "now" is the database's clock
+      (:attr:`radnode.sqlstore.Dialect.now`), so leases written by workers on different
+      machines are compared on one time line.
+
+    :meth:`recover` is one ``UPDATE`` over every running job whose lease is older than now
+    (skipping rows a busy worker holds locked this instant), so its cost does not grow
+    with the number of live workers and it never waits for one.
 
     Parameters
     ----------
-    path
-        Database file (created with its folder if missing), usually
-        ``<data_dir>/jobs.sqlite``.
+    store
+        A :class:`radnode.sqlstore.SQLStore` holding :data:`SCHEMA` (and, on PostgreSQL,
+        any extra columns a subclass fills through :meth:`_lane_columns`).
     backoff
         Delay before a failed attempt is retried.
     clock
-        Source of "now" in Unix seconds; tests pass a fake clock to expire leases
-        without sleeping.
+        Source of "now" in Unix seconds; ``None`` asks the database. Tests pass a fake
+        clock to expire leases without sleeping.
+    local_prefix
+        Worker-id prefix of this process's own workers: ``recover(expired_only=False)``
+        ("at start no worker of mine can be alive") only takes back their jobs, so jobs
+        held by other machines' workers stay theirs until their lease runs out. ``None``
+        takes back every running job.
     """
 
-    def __init__(self, path: Path | str, backoff: Backoff | None = None, clock: Clock = time.time) -> None:
-        self.path = Path(path)
+    def __init__(
+        self, store: Any, backoff: Backoff | None = None, clock: Clock | None = None, local_prefix: str | None = None
+    ) -> None:
+        self.store = store
         self.backoff = backoff or Backoff()
         self._clock = clock
-        self._db = SQLiteDB(self.path, _SCHEMA)
-        with self._db.write() as conn:  # a queue created before jobs had a kind
-            columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
-            if "kind" not in columns:
-                conn.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'process'")
+        self.local_prefix = local_prefix
+        row_locks = store.dialect is Dialect.POSTGRESQL
+        self._for_update = " FOR UPDATE" if row_locks else ""
+        self._skip_locked = " FOR UPDATE SKIP LOCKED" if row_locks else ""
 
-    @classmethod
-    def in_data_dir(cls, data_dir: Path, **kwargs: Any) -> SQLiteJobQueue:
-        """Open the queue of a node's data folder."""
-        return cls(Path(data_dir) / QUEUE_FILE, **kwargs)
+    # -- hooks of a backend with worker lanes -------------------------------------------
 
-    # -- connection ---------------------------------------------------------------------
+    def _lane_columns(self, spec: JobSpec) -> dict[str, Any]:
+        """Extra columns stored with a new job (none in the plain schema)."""
+        return {}
 
+    def _claim_filter(self) -> tuple[str, list[Any]]:
+        """Extra ``AND …`` condition of the claim, and its parameters (none: every job is claimable)."""
+        return "", []
+
+    def _announce(self, conn: Any, job_ids: Sequence[int]) -> None:
+        """Tell idle workers elsewhere that these jobs can be claimed now, when ``conn`` commits.
+
+        Nothing to do for a queue whose workers all live in this process: the node wakes
+        its own pool when it enqueues.
+        """
 
     # -- helpers ------------------------------------------------------------------------
 
+    def _now(self, conn: Any) -> float:
+        if self._clock is not None:
+            return float(self._clock())
+        return float(conn.execute(f"SELECT {self.store.dialect.now} AS now").fetchone()["now"])
+
     @staticmethod
-    def _row_to_job(row: sqlite3.Row) -> Job:
+    def _row_to_job(row: Any) -> Job:
         return Job(
             id=row["id"],
             state=JobState(row["state"]),
@@ -276,17 +315,16 @@ class SQLiteJobQueue(JobQueue):
             kind=JobKind(row["kind"]),
         )
 
-    def _fetch(self, conn: sqlite3.Connection, job_id: int) -> Job:
-        row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    def _fetch(self, conn: Any, job_id: int, lock: bool = False) -> Job:
+        """One job; ``lock`` holds its row until the transaction ends (read-then-update)."""
+        row = conn.execute("SELECT * FROM jobs WHERE id = ?" + (self._for_update if lock else ""), (job_id,)).fetchone()
         if row is None:
-            raise JobNotFound(f"no job with id {job_id} in {self.path}")
+            raise JobNotFound(f"no job with id {job_id} in {self.store.describe()}")
         return self._row_to_job(row)
 
-    def _fetch_in(
-        self, conn: sqlite3.Connection, job_id: int, allowed: Iterable[JobState], action: str
-    ) -> Job:
+    def _fetch_in(self, conn: Any, job_id: int, allowed: Iterable[JobState], action: str) -> Job:
         """The job, if its state allows ``action``; else ``InvalidTransition`` naming the allowed states."""
-        job = self._fetch(conn, job_id)
+        job = self._fetch(conn, job_id, lock=True)
         if job.state not in allowed:
             raise InvalidTransition(
                 f"job {job_id} is {job.state.value}; only "
@@ -294,8 +332,8 @@ class SQLiteJobQueue(JobQueue):
             )
         return job
 
-    def _held(self, conn: sqlite3.Connection, job_id: int, worker_id: str) -> Job:
-        job = self._fetch(conn, job_id)
+    def _held(self, conn: Any, job_id: int, worker_id: str) -> Job:
+        job = self._fetch(conn, job_id, lock=True)
         if job.state is not JobState.RUNNING or job.worker_id != worker_id:
             raise LeaseLost(
                 f"job {job_id} is {job.state.value} (worker {job.worker_id!r}); "
@@ -304,7 +342,7 @@ class SQLiteJobQueue(JobQueue):
         return job
 
     @staticmethod
-    def _unhold(conn: sqlite3.Connection, job_id: int, state: JobState, now: float, **columns: Any) -> None:
+    def _unhold(conn: Any, job_id: int, state: JobState, now: float, **columns: Any) -> None:
         """Move a job out of a worker's hands: new ``state``, lease and worker cleared, and
         the other ``columns`` set (names are this module's constants, never input)."""
         values = {"state": state.value, "updated_at": now, "lease_until": None, "worker_id": None, **columns}
@@ -312,9 +350,7 @@ class SQLiteJobQueue(JobQueue):
         conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*values.values(), job_id))
 
     @staticmethod
-    def _close_attempt(
-        conn: sqlite3.Connection, job: Job, now: float, outcome: str, reason: str | None, error: str | None
-    ) -> None:
+    def _close_attempt(conn: Any, job: Job, now: float, outcome: str, reason: str | None, error: str | None) -> None:
         conn.execute(
             "UPDATE job_attempts SET finished_at = ?, outcome = ?, reason = ?, error = ? "
             "WHERE job_id = ? AND attempt = ? AND finished_at IS NULL",
@@ -324,33 +360,35 @@ class SQLiteJobQueue(JobQueue):
     # -- JobQueue -----------------------------------------------------------------------
 
     def enqueue(self, spec: JobSpec) -> Job:
-        now = self._clock()
-        with self._db.write() as conn:
-            cursor = conn.execute(
-                "INSERT INTO jobs (series_uid, study_uid, input_path, pipeline_version, source, profile, "
-                "destinations, instance_count, calling_ae, priority, state, attempts, max_attempts, "
-                "budget, created_at, updated_at, phases, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
-                (
-                    spec.series_uid,
-                    spec.study_uid,
-                    str(spec.input_path),
-                    spec.pipeline_version,
-                    JobSource(spec.source).value,
-                    spec.profile,
-                    json.dumps(list(spec.destinations)),
-                    spec.instance_count,
-                    spec.calling_ae,
-                    int(spec.priority),
-                    JobState.QUEUED.value,
-                    spec.max_attempts,
-                    spec.max_attempts,
-                    now,
-                    now,
-                    json.dumps(initial_phases()),
-                    JobKind(spec.kind).value,
-                ),
-            )
-            job = self._fetch(conn, int(cursor.lastrowid or 0))
+        with self.store.transaction() as conn:
+            now = self._now(conn)
+            values = {
+                "series_uid": spec.series_uid,
+                "study_uid": spec.study_uid,
+                "input_path": str(spec.input_path),
+                "pipeline_version": spec.pipeline_version,
+                "source": JobSource(spec.source).value,
+                "profile": spec.profile,
+                "destinations": json.dumps(list(spec.destinations)),
+                "instance_count": spec.instance_count,
+                "calling_ae": spec.calling_ae,
+                "priority": int(spec.priority),
+                "state": JobState.QUEUED.value,
+                "attempts": 0,
+                "max_attempts": spec.max_attempts,
+                "budget": spec.max_attempts,
+                "created_at": now,
+                "updated_at": now,
+                "phases": json.dumps(initial_phases()),
+                "kind": JobKind(spec.kind).value,
+                **self._lane_columns(spec),
+            }
+            (row,) = conn.execute(
+                f"INSERT INTO jobs ({', '.join(values)}) VALUES ({', '.join('?' * len(values))}) RETURNING *",
+                tuple(values.values()),
+            ).fetchall()
+            self._announce(conn, [row["id"]])
+        job = self._row_to_job(row)
         log.info(
             "job %d (%s) queued for series %s (priority %d, %s)",
             job.id, job.kind.value, job.series_uid, job.priority, job.source.value,
@@ -358,33 +396,37 @@ class SQLiteJobQueue(JobQueue):
         return job
 
     def claim(self, worker_id: str, lease_seconds: float, kind: JobKind = JobKind.PROCESS) -> Job | None:
-        now = self._clock()
-        claimable = tuple(s.value for s in CLAIMABLE_STATES)
-        with self._db.write() as conn:
-            row = conn.execute(
-                f"SELECT id FROM jobs WHERE state IN ({','.join('?' * len(claimable))}) AND kind = ? "
-                "AND (not_before IS NULL OR not_before <= ?) "
-                "ORDER BY priority DESC, created_at ASC, id ASC LIMIT 1",
-                (*claimable, JobKind(kind).value, now),
-            ).fetchone()
-            if row is None:
-                return None
-            conn.execute(
+        claimable, claimable_params = in_clause("state", sorted(s.value for s in CLAIMABLE_STATES))
+        lanes, lane_params = self._claim_filter()
+        with self.store.transaction() as conn:
+            now = self._now(conn)
+            rows = conn.execute(
                 "UPDATE jobs SET state = ?, attempts = attempts + 1, worker_id = ?, lease_until = ?, "
-                "started_at = ?, finished_at = NULL, not_before = NULL, updated_at = ? WHERE id = ?",
-                (JobState.RUNNING.value, worker_id, now + lease_seconds, now, now, row["id"]),
-            )
-            job = self._fetch(conn, row["id"])
+                "started_at = ?, finished_at = NULL, not_before = NULL, updated_at = ? "
+                f"WHERE id = (SELECT id FROM jobs WHERE kind = ?{claimable}{lanes} "
+                "AND (not_before IS NULL OR not_before <= ?) "
+                f"ORDER BY priority DESC, created_at ASC, id ASC LIMIT 1{self._skip_locked}) RETURNING *",
+                (
+                    JobState.RUNNING.value, worker_id, now + lease_seconds, now, now,
+                    JobKind(kind).value, *claimable_params, *lane_params, now,
+                ),
+            ).fetchall()
+            if not rows:
+                return None
+            job = self._row_to_job(rows[0])
+            # A recovered attempt number can be claimed again only after a release; start it afresh.
             conn.execute(
-                "INSERT OR REPLACE INTO job_attempts (job_id, attempt, worker_id, started_at) VALUES (?, ?, ?, ?)",
+                "INSERT INTO job_attempts (job_id, attempt, worker_id, started_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (job_id, attempt) DO UPDATE SET worker_id = excluded.worker_id, "
+                "started_at = excluded.started_at, finished_at = NULL, outcome = NULL, reason = NULL, error = NULL",
                 (job.id, job.attempts, worker_id, now),
             )
         log.info("job %d claimed by %s for series %s (attempt %d/%d)", job.id, worker_id, job.series_uid, job.attempts, job.max_attempts)
         return job
 
     def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float) -> bool:
-        now = self._clock()
-        with self._db.write() as conn:
+        with self.store.transaction() as conn:
+            now = self._now(conn)
             cursor = conn.execute(
                 "UPDATE jobs SET lease_until = ?, updated_at = ? WHERE id = ? AND state = ? AND worker_id = ?",
                 (now + lease_seconds, now, job_id, JobState.RUNNING.value, worker_id),
@@ -392,8 +434,8 @@ class SQLiteJobQueue(JobQueue):
             return cursor.rowcount == 1
 
     def complete(self, job_id: int, worker_id: str, result: dict[str, Any]) -> Job:
-        now = self._clock()
-        with self._db.write() as conn:
+        with self.store.transaction() as conn:
+            now = self._now(conn)
             job = self._held(conn, job_id, worker_id)
             self._unhold(
                 conn, job_id, JobState.DONE, now,
@@ -414,9 +456,9 @@ class SQLiteJobQueue(JobQueue):
         retryable: bool = True,
         result: dict[str, Any] | None = None,
     ) -> Job:
-        now = self._clock()
         reason = str(reason)
-        with self._db.write() as conn:
+        with self.store.transaction() as conn:
+            now = self._now(conn)
             job = self._held(conn, job_id, worker_id)
             final = not retryable or job.attempts >= job.max_attempts
             state = JobState.FAILED if final else JobState.RETRYING
@@ -438,18 +480,19 @@ class SQLiteJobQueue(JobQueue):
         return job
 
     def release(self, job_id: int, worker_id: str) -> Job:
-        now = self._clock()
-        with self._db.write() as conn:
+        with self.store.transaction() as conn:
+            now = self._now(conn)
             job = self._held(conn, job_id, worker_id)
             self._unhold(conn, job_id, JobState.QUEUED, now, not_before=None, attempts=max(job.attempts - 1, 0))
             conn.execute("DELETE FROM job_attempts WHERE job_id = ? AND attempt = ?", (job_id, job.attempts))
+            self._announce(conn, [job_id])
             job = self._fetch(conn, job_id)
         log.info("job %d released back to the queue (shutdown)", job_id)
         return job
 
     def cancel(self, job_id: int) -> Job:
-        now = self._clock()
-        with self._db.write() as conn:
+        with self.store.transaction() as conn:
+            now = self._now(conn)
             job = self._fetch_in(conn, job_id, CANCELLABLE_STATES, "cancelled")
             self._unhold(
                 conn, job_id, JobState.CANCELLED, now,
@@ -462,59 +505,64 @@ class SQLiteJobQueue(JobQueue):
         return job
 
     def retry(self, job_id: int) -> Job:
-        now = self._clock()
-        with self._db.write() as conn:
-            job = self._fetch_in(conn, job_id, RETRYABLE_STATES, "retried")
+        with self.store.transaction() as conn:
+            now = self._now(conn)
+            self._fetch_in(conn, job_id, RETRYABLE_STATES, "retried")
             # A fresh attempt budget, but the attempt history keeps counting upwards.
             conn.execute(
                 "UPDATE jobs SET state = ?, max_attempts = attempts + budget, updated_at = ?, not_before = NULL, "
                 "finished_at = NULL, reason = NULL, error = NULL, traceback = NULL WHERE id = ?",
                 (JobState.QUEUED.value, now, job_id),
             )
+            self._announce(conn, [job_id])
             job = self._fetch(conn, job_id)
         log.info("job %d re-queued by operator", job_id)
         return job
 
     def recover(self, expired_only: bool = True) -> list[Job]:
-        now = self._clock()
-        recovered: list[Job] = []
-        with self._db.write() as conn:
-            query = "SELECT * FROM jobs WHERE state = ?"
-            params: tuple[Any, ...] = (JobState.RUNNING.value,)
+        reason = FailureReason.LEASE_EXPIRED.value
+        with self.store.transaction() as conn:
+            now = self._now(conn)
             if expired_only:
-                query += " AND (lease_until IS NULL OR lease_until < ?)"
-                params += (now,)
-            for row in conn.execute(query, params).fetchall():
-                job = self._row_to_job(row)
-                final = job.attempts >= job.max_attempts
-                state = JobState.FAILED if final else JobState.QUEUED
-                error = (
-                    f"worker {job.worker_id!r} stopped while running attempt {job.attempts} "
-                    "(node restarted or worker lost)"
+                condition, params = " AND (lease_until IS NULL OR lease_until < ?)", [now]
+            elif self.local_prefix is not None:  # substr, not LIKE: no wildcards to escape, case-sensitive on both
+                condition, params = " AND substr(worker_id, 1, ?) = ?", [len(self.local_prefix), self.local_prefix]
+            else:
+                condition, params = "", []
+            # One statement for every lost job; the SET expressions read the row as it was.
+            rows = conn.execute(
+                "UPDATE jobs SET "
+                "state = CASE WHEN attempts >= max_attempts THEN ? ELSE ? END, "
+                "finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END, "
+                "error = 'worker ''' || COALESCE(worker_id, '') || ''' stopped while running attempt ' "
+                "|| attempts || ' (node restarted, lease expired or worker lost)', "
+                "reason = ?, updated_at = ?, lease_until = NULL, worker_id = NULL, not_before = NULL "
+                f"WHERE id IN (SELECT id FROM jobs WHERE state = ?{condition}{self._skip_locked}) RETURNING *",
+                (JobState.FAILED.value, JobState.QUEUED.value, now, reason, now, JobState.RUNNING.value, *params),
+            ).fetchall()
+            recovered = sorted((self._row_to_job(row) for row in rows), key=lambda job: job.id)
+            if recovered:
+                conn.executemany(
+                    "UPDATE job_attempts SET finished_at = ?, outcome = ?, reason = ?, error = ? "
+                    "WHERE job_id = ? AND attempt = ? AND finished_at IS NULL",
+                    [(now, job.state.value, reason, job.error, job.id, job.attempts) for job in recovered],
                 )
-                self._unhold(
-                    conn, job.id, state, now,
-                    not_before=None, finished_at=now if final else None, reason=FailureReason.LEASE_EXPIRED.value, error=error,
-                )
-                self._close_attempt(conn, job, now, state.value, FailureReason.LEASE_EXPIRED.value, error)
-                recovered.append(self._fetch(conn, job.id))
+                self._announce(conn, [job.id for job in recovered if job.state is JobState.QUEUED])
         for job in recovered:
             log.warning("job %d for series %s recovered after lost worker: now %s", job.id, job.series_uid, job.state.value)
         return recovered
 
     def set_phase(self, job_id: int, phase: Phase, state: PhaseState, objects: int = 0) -> Job:
-        now = self._clock()
-        with self._db.write() as conn:
-            job = self._fetch(conn, job_id)
+        with self.store.transaction() as conn:
+            now = self._now(conn)
+            job = self._fetch(conn, job_id, lock=True)
             phases = dict(job.phases)
             phases[Phase(phase).value] = {"state": PhaseState(state).value, "objects": objects, "at": now}
-            conn.execute(
-                "UPDATE jobs SET phases = ?, updated_at = ? WHERE id = ?", (json.dumps(phases), now, job_id)
-            )
+            conn.execute("UPDATE jobs SET phases = ?, updated_at = ? WHERE id = ?", (json.dumps(phases), now, job_id))
             return self._fetch(conn, job_id)
 
     def get(self, job_id: int) -> Job:
-        with self._db.connect() as conn:
+        with self.store.connect() as conn:
             return self._fetch(conn, job_id)
 
     def list(
@@ -529,15 +577,15 @@ class SQLiteJobQueue(JobQueue):
         if found is None:
             return []
         clause, params = found
-        query = f"SELECT * FROM jobs{clause} ORDER BY id DESC LIMIT ?"
         params.append(int(limit))
-        with self._db.connect() as conn:
-            return [self._row_to_job(r) for r in conn.execute(query, params).fetchall()]
+        with self.store.connect() as conn:
+            rows = conn.execute(f"SELECT * FROM jobs{clause} ORDER BY id DESC LIMIT ?", params).fetchall()
+        return [self._row_to_job(r) for r in rows]
 
     def counts(self) -> dict[JobState, int]:
         result = {state: 0 for state in JobState}
-        with self._db.connect() as conn:
-            for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+        with self.store.connect() as conn:
+            for row in conn.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall():
                 result[JobState(row["state"])] = row["n"]
         return result
 
@@ -550,26 +598,50 @@ class SQLiteJobQueue(JobQueue):
             query += " AND pipeline_version = ?"
             params.append(pipeline_version)
         query += " ORDER BY id DESC LIMIT 1"
-        with self._db.connect() as conn:
+        with self.store.connect() as conn:
             row = conn.execute(query, params).fetchone()
         return self._row_to_job(row) if row is not None else None
 
     def oldest_waiting_since(self) -> float | None:
-        claimable = tuple(s.value for s in CLAIMABLE_STATES)
-        with self._db.connect() as conn:
-            row = conn.execute(
-                f"SELECT MIN(created_at) AS t FROM jobs WHERE state IN ({','.join('?' * len(claimable))})",
-                claimable,
-            ).fetchone()
+        claimable, params = in_clause("state", sorted(s.value for s in CLAIMABLE_STATES))
+        with self.store.connect() as conn:
+            row = conn.execute(f"SELECT MIN(created_at) AS t FROM jobs WHERE TRUE{claimable}", params).fetchone()
         return row["t"] if row is not None else None
 
     def attempts(self, job_id: int) -> list[dict[str, Any]]:
-        """Attempt history of one job (timings, outcome, reason), oldest first."""
-        with self._db.connect() as conn:
-            rows = conn.execute(
-                "SELECT * FROM job_attempts WHERE job_id = ? ORDER BY attempt", (job_id,)
-            ).fetchall()
+        with self.store.connect() as conn:
+            rows = conn.execute("SELECT * FROM job_attempts WHERE job_id = ? ORDER BY attempt", (job_id,)).fetchall()
         return [dict(r) for r in rows]
+
+
+class SQLiteJobQueue(SQLJobQueue):
+    """The embedded default backend: one SQLite file in WAL mode.
+
+    Parameters
+    ----------
+    path
+        Database file (created with its folder if missing), usually
+        ``<data_dir>/jobs.sqlite``.
+    backoff
+        Delay before a failed attempt is retried.
+    clock
+        Source of "now" in Unix seconds (this machine's clock: one node, one time line);
+        tests pass a fake clock to expire leases without sleeping.
+    """
+
+    def __init__(self, path: Path | str, backoff: Backoff | None = None, clock: Clock = time.time) -> None:
+        self.path = Path(path)
+        store = SQLiteDB(self.path, SCHEMA)
+        with store.write() as conn:  # a queue created before jobs had a kind
+            columns = {row["name"] for row in conn.execute("PRAGMA table_info(jobs)")}
+            if "kind" not in columns:
+                conn.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'process'")
+        super().__init__(store, backoff, clock)
+
+    @classmethod
+    def in_data_dir(cls, data_dir: Path, **kwargs: Any) -> SQLiteJobQueue:
+        """Open the queue of a node's data folder."""
+        return cls(Path(data_dir) / QUEUE_FILE, **kwargs)
 
 
 def open_queue(data_dir: Path, database_url: str | None = None, **kwargs: Any) -> JobQueue:

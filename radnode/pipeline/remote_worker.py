@@ -2,7 +2,8 @@
 
 A worker needs ``database.url`` and a scratch folder, nothing of the node's data folder:
 
-1. it claims a job from its queues (``--queues cpu,gpu``) in the PostgreSQL job queue;
+1. it claims a job from its queues (``--queues cpu,gpu``) in the PostgreSQL job queue,
+   woken by the queue's ``NOTIFY`` when one is queued (no busy polling while idle);
 2. it checks that the job asks for *its* pipeline version and model checksum, and
    refuses it with a clear message otherwise (the job goes back with backoff for a
    matching worker; the message shows in ``radnode jobs show``);
@@ -53,6 +54,10 @@ FETCH_FAILED = "fetch_failed"
 
 #: Seconds a worker thread waits after the node could not be reached (its job went back unchanged).
 NODE_DOWN_WAIT_SECONDS = 5.0
+#: Seconds between claims of an idle worker. New jobs wake it at once (PostgreSQL
+#: ``LISTEN``); the poll only finds retries whose backoff ran out and covers a listener
+#: that is reconnecting, so it can be long without delaying work or loading the database.
+IDLE_POLL_SECONDS = 10.0
 
 
 class FetchError(RuntimeError):
@@ -165,7 +170,7 @@ class RemoteWorkerPool(WorkerPool):
         chain: str | None = None,
         lease_seconds: float | None = None,
         heartbeat_seconds: float | None = None,
-        poll_seconds: float = 1.0,
+        poll_seconds: float = IDLE_POLL_SECONDS,
     ) -> None:
         url = settings.database.url
         if not url:
@@ -187,6 +192,7 @@ class RemoteWorkerPool(WorkerPool):
         )
         self._beat_stop = threading.Event()
         self._beat_thread: threading.Thread | None = None
+        self._listen_thread: threading.Thread | None = None
 
     @property
     def size(self) -> int:
@@ -202,16 +208,27 @@ class RemoteWorkerPool(WorkerPool):
         self._beat_stop.clear()
         self._beat_thread = threading.Thread(target=self._beat_loop, name="radnode-worker-registry", daemon=True)
         self._beat_thread.start()
+        self._listen_thread = threading.Thread(
+            target=self.pg_queue.listen, args=(self._on_work, self._beat_stop), name="radnode-worker-listen", daemon=True
+        )
+        self._listen_thread.start()
         log.info("worker %s: queues %s, device %s, pipeline %s, scratch %s", self.name, ",".join(self.queues), self.device,
                  self.pipeline_version, self.scratch)
 
     def stop(self, timeout: float = 30.0, drain_seconds: float = 0.0) -> None:
         self._beat_stop.set()
         super().stop(timeout, drain_seconds=drain_seconds)
+        if self._listen_thread is not None:
+            self._listen_thread.join(timeout)  # leaves within a second of the stop
         try:
             self._beat()
         except Exception:
             log.warning("worker %s: last registry heartbeat failed", self.name)
+
+    def _on_work(self, lane: str | None) -> None:
+        """A job became claimable in ``lane`` (``None``: perhaps in any): claim now if it is ours."""
+        if lane is None or lane in self.queues:
+            self.wake()
 
     def _beat(self) -> None:
         busy = self.busy()

@@ -15,7 +15,12 @@ one place:
    every boot);
 3. the unit ``/etc/systemd/system/radnode.service`` with ``ExecStart=`` pointing at this
    installation's ``radnode``, and the drop-ins asked for (GPU, memory limit);
-4. ``systemctl daemon-reload`` and ``systemctl enable radnode.service``.
+4. with ``--worker``, the template unit ``/etc/systemd/system/radnode-worker@.service``
+   for processing-only worker machines (:mod:`radnode.pipeline.remote_worker`), with the
+   GPU drop-in too when asked; a template has no instance to enable, so the operator
+   enables ``radnode-worker@<queue>`` once ``/etc/radnode/worker.yaml`` holds the
+   database URL;
+5. ``systemctl daemon-reload`` and ``systemctl enable radnode.service``.
 
 With a root other than ``/`` (``--root``), the systemd tools get ``--root=`` so they
 change files below it only, ``daemon-reload`` is skipped and the unit is not started.
@@ -51,6 +56,14 @@ TLS_DIR = CONFIG_DIR / "tls"
 DATA_DIR = PurePosixPath("var/lib/radnode")
 SYSUSERS_PATH = PurePosixPath("etc/sysusers.d/radnode.conf")
 TMPFILES_PATH = PurePosixPath("etc/tmpfiles.d/radnode.conf")
+#: The worker's template unit (one instance per queue list: ``radnode-worker@cpu``).
+WORKER_UNIT_NAME = "radnode-worker@.service"
+WORKER_UNIT_PATH = PurePosixPath("etc/systemd/system") / WORKER_UNIT_NAME
+WORKER_DROPIN_DIR = PurePosixPath("etc/systemd/system") / f"{WORKER_UNIT_NAME}.d"
+#: Configuration the worker unit reads (``database.url`` only; written by the operator).
+WORKER_CONFIG_PATH = CONFIG_DIR / "worker.yaml"
+#: The workers' scratch folders (``StateDirectory=radnode-worker/%i``).
+WORKER_DATA_DIR = PurePosixPath("var/lib/radnode-worker")
 #: Drop-ins this installer writes (and the uninstaller removes); others are the admin's.
 GPU_DROPIN = "gpu.conf"
 MEMORY_DROPIN = "memory.conf"
@@ -62,6 +75,7 @@ SOURCE_TEMPLATE = "radnode.yaml.template"
 SOURCE_SYSUSERS = "radnode.sysusers"
 SOURCE_TMPFILES = "radnode.tmpfiles"
 SOURCE_GPU_DROPIN = "dropins/gpu.conf"
+SOURCE_WORKER_UNIT = "radnode-worker@.service"
 REQUIRED_SOURCES = (SOURCE_UNIT, SOURCE_TEMPLATE, SOURCE_SYSUSERS, SOURCE_TMPFILES, SOURCE_GPU_DROPIN)
 
 # Modes: the configuration may hold peer addresses and TLS paths; only root and the
@@ -176,6 +190,9 @@ class InstallOptions:
         ``MemoryMax=`` for a drop-in (``16G``, ``75%``, ``infinity``); ``None`` keeps the unit's.
     enable, start
         ``systemctl enable`` the unit / also start it (``enable --now``; real root only).
+    worker
+        Also install the worker template unit ``radnode-worker@.service`` (with the GPU
+        drop-in when ``gpu``); its instances are enabled by the operator.
     user_tool
         ``sysusers`` (``systemd-sysusers``) or ``useradd`` where systemd-sysusers is missing.
     """
@@ -187,6 +204,7 @@ class InstallOptions:
     memory_max: str | None = None
     enable: bool = True
     start: bool = False
+    worker: bool = False
     user_tool: str = "sysusers"
 
     @property
@@ -331,7 +349,14 @@ def plan_install(options: InstallOptions) -> list[Action]:
         plan.append(WriteFile(DROPIN_DIR / GPU_DROPIN, read_source(options.source, SOURCE_GPU_DROPIN), MODE_UNIT))
     if options.memory_max is not None:
         plan.append(WriteFile(DROPIN_DIR / MEMORY_DROPIN, memory_dropin(options.memory_max), MODE_UNIT))
-    # 4. systemd
+    # 4. the worker's template unit
+    if options.worker:
+        worker_unit = render_unit(read_source(options.source, SOURCE_WORKER_UNIT), options.exec_start)
+        plan.append(WriteFile(WORKER_UNIT_PATH, worker_unit, MODE_UNIT))
+        if options.gpu:
+            plan.append(MakeDir(WORKER_DROPIN_DIR, 0o755))
+            plan.append(WriteFile(WORKER_DROPIN_DIR / GPU_DROPIN, read_source(options.source, SOURCE_GPU_DROPIN), MODE_UNIT))
+    # 5. systemd
     if options.real_root:
         plan.append(RunCommand(("systemctl", "daemon-reload")))
     if options.enable:
@@ -351,9 +376,14 @@ def plan_uninstall(options: InstallOptions, purge: bool = False) -> list[Action]
     plan.extend(RemovePath(DROPIN_DIR / name) for name in MANAGED_DROPINS)
     # The admin's own drop-ins (systemctl edit) stay, unless everything goes.
     plan.append(RemovePath(DROPIN_DIR, tree=purge, only_if_empty=not purge))
+    # The worker template, if it was installed (its enabled instances are the admin's to disable).
+    plan.append(RemovePath(WORKER_UNIT_PATH))
+    plan.append(RemovePath(WORKER_DROPIN_DIR / GPU_DROPIN))
+    plan.append(RemovePath(WORKER_DROPIN_DIR, tree=purge, only_if_empty=not purge))
     if purge:
         plan.append(RemovePath(CONFIG_DIR, tree=True))
         plan.append(RemovePath(DATA_DIR, tree=True))
+        plan.append(RemovePath(WORKER_DATA_DIR, tree=True))
         plan.append(RemovePath(TMPFILES_PATH))
         plan.append(RemovePath(SYSUSERS_PATH))
         prefix = [] if options.real_root else [f"--prefix={options.root}"]
