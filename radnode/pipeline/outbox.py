@@ -306,6 +306,14 @@ class _NamedStore:
             yield _NamedConnection(conn, self.tables)
 
 
+def create_postgres_tables(url: str) -> None:
+    """Create the outbox tables in the PostgreSQL database at ``url`` (``radnode db init``, as their owner).
+
+    Needs no data folder: the tables hold rows only; the files are the node's business.
+    """
+    open_store(Path(OUTBOX_DB), _SCHEMA.format_map(POSTGRES_TABLES), url, POSTGRES_TABLES["items"], "outbox")
+
+
 def outbox_exists(data_dir: Path, database_url: str | None = None) -> bool:
     """Whether the node has an outbox to read, without creating one.
 
