@@ -11,7 +11,9 @@ folder, where the node -- the only sender -- reads them (see :mod:`radnode.pipel
 
 The node must be stopped (its pipeline lock is checked), and the target must hold no jobs
 and no outbox rows yet: a migration never merges two queues or two outboxes. Both are
-checked before anything is copied.
+checked before anything is copied. Jobs and outbox rows are copied in two transactions (the
+stores open their own connections); should the second fail, the target is recreated empty
+and the migration run again.
 """
 
 from __future__ import annotations
