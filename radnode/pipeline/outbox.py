@@ -4,10 +4,11 @@ A job's result objects (or a forwarded series' received files) are put, byte for
 ``<data_dir>/outbox/<SOPInstanceUID>.dcm`` (a hard link where possible, else a copy; durably,
 see :mod:`radnode.durable`) and one *item* per (SOP Instance UID, destination) is recorded in
 ``<data_dir>/outbox.sqlite`` -- or, with ``database.url`` set, in the ``outbox_*`` tables of
-that PostgreSQL database (one implementation for both, see :mod:`radnode.sqlstore`). The
-files stay on the node's disk in both cases: only the node delivers, and a row in a shared
-database must not point to a file another machine would have to fetch. The dispatcher (:mod:`radnode.pipeline.dispatch`) sends due
-items and reports every attempt back here. The rules this module enforces:
+that PostgreSQL database (one implementation for both, see :mod:`radnode.sqlstore`), where
+every process of the node and ``radnode status`` see one delivery state. The files stay on
+the node's disk in both cases: only the node delivers, and the DICOM bytes would only bloat
+the shared database and its backups. The dispatcher (:mod:`radnode.pipeline.dispatch`) sends
+due items and reports every attempt back here. The rules this module enforces:
 
 * **exactly once per (object, destination)**: the item table has a unique key on
   ``(sop_instance_uid, destination)``; staging the same object again (a re-run after a
@@ -29,7 +30,10 @@ items and reports every attempt back here. The rules this module enforces:
   of the original (``replaced``), lets the other objects go or marks them ``rejected``
   (see :mod:`radnode.pipeline.review`).
 
-All outbox SQL lives in this module.
+Every read-then-update (an attempt, a decision, a destination's failure count) runs in the
+store's exclusive write transaction -- ``BEGIN IMMEDIATE`` on SQLite, an advisory lock on
+PostgreSQL -- so processes sharing the outbox never lose one another's updates. All outbox
+SQL lives in this module.
 """
 
 from __future__ import annotations
@@ -331,7 +335,7 @@ _ITEM_SELECT = (
 
 
 class Outbox:
-    """Result objects and their delivery state under ``<data_dir>``.
+    """Result objects under ``<data_dir>/outbox`` and their delivery state (SQLite file or PostgreSQL).
 
     Parameters
     ----------
