@@ -97,6 +97,7 @@ def test_staging_twice_adds_nothing_and_rows_live_in_the_chosen_database(
 ) -> None:
     backend, data_dir, url = store
     outbox = make_outbox()
+    assert data_dir.exists() is (backend == "sqlite")  # opening the shared tables writes nothing on disk
     files = objects("1", ["SEG", "RTSTRUCT"])
     first = outbox.stage(files.values(), destinations("pacs") + destinations("tps", objects=("RTSTRUCT",)), job_id=1)
     again = make_outbox().stage(files.values(), destinations("pacs", "tps"), job_id=1)

@@ -202,9 +202,12 @@ def test_six_series_processed_once_each_by_two_workers(cluster: Cluster, shared_
     assert (pacs["state"], pacs["sent"], pacs["pending"]) == ("up", 18, 0)
     # the dashboard reads the same shared queue
     from radnode.config import load_settings
-    from radnode.web.data import list_jobs
+    from radnode.web.data import job_detail, list_jobs
 
-    assert len(list_jobs(load_settings(cluster.tmp / "node.yaml"))["jobs"]) == 6
+    settings = load_settings(cluster.tmp / "node.yaml")
+    assert len(list_jobs(settings)["jobs"]) == 6
+    deliveries = job_detail(settings, jobs[0].id)["deliveries"]  # and the same shared outbox
+    assert sorted(d["object"] for d in deliveries) == ["RTSTRUCT", "SEG", "SR"] and {d["state"] for d in deliveries} == {"sent"}
 
 
 @pytest.mark.parametrize("cluster", [6.0], indirect=True)

@@ -370,8 +370,10 @@ class Outbox:
         self.backoff = backoff
         self.max_attempts = max_attempts
         self._clock = clock
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tables = POSTGRES_TABLES if is_postgres_url(database_url) else SQLITE_TABLES
+        shared = is_postgres_url(database_url)
+        if not shared:  # on PostgreSQL, opening (`radnode status`, the dashboard) writes nothing here
+            self.folder.mkdir(parents=True, exist_ok=True)
+        tables = POSTGRES_TABLES if shared else SQLITE_TABLES
         store = open_store(self.db_path, _SCHEMA.format_map(tables), database_url, tables["items"], "outbox")
         self._db = _NamedStore(store, tables)
         with self._db.connect() as conn:  # items of a node from before the review gate (read first: status is read-only)
@@ -442,6 +444,7 @@ class Outbox:
         target = self.folder / f"{sop_uid}.dcm"
         if target.exists():
             return target
+        self.folder.mkdir(parents=True, exist_ok=True)
         return durable.copy_file(source, target, link=True)
 
     def stage(
