@@ -1,4 +1,4 @@
-"""``radnode db migrate --to postgresql://…``: an SQLite node's queue moves into PostgreSQL intact."""
+"""``radnode db migrate --to postgresql://…``: an SQLite node's queue and outbox move into PostgreSQL intact."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from pathlib import Path
 import yaml
 
 from pg_support import PgCluster, pg_cluster, pg_url  # noqa: F401  (fixtures)
+from pipeline_support import first_header, write_result_objects
+from radnode.config import Settings
 from radnode.pipeline.jobs import FailureReason, JobKind, JobSpec, JobState, Phase, PhaseState, Priority
+from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, ReviewDecision
 from radnode.pipeline.pg_queue import PostgresJobQueue
 from radnode.pipeline.queue import SQLiteJobQueue
 
@@ -18,7 +21,27 @@ def _radnode(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "radnode", "--config", str(config), *args], capture_output=True, text=True, timeout=120)
 
 
-def test_migrate_copies_every_job_and_attempt_and_refuses_a_second_time(pg_url: str, tmp_path: Path) -> None:
+def _outbox_with_history(data: Path, shared_data: Path, job_id: int) -> Outbox:
+    """An SQLite outbox with a sent, a failed, a pending and a rejected item, attempts and health."""
+    header = first_header(shared_data / "ibsi_ct_phantom" / "dicom" / "image")
+    (data.parent / "results").mkdir(parents=True, exist_ok=True)
+    files = write_result_objects(header, data.parent / "results", ["SEG", "RTSTRUCT", "SR"])
+    destinations = Settings(destinations=[
+        {"name": n, "ae_title": n.upper(), "host": "127.0.0.1", "port": 104} for n in ("pacs", "tps")
+    ]).destinations
+    outbox = Outbox(data, max_attempts=1)
+    seg, rtstruct, sr = (outbox.stage([f], destinations[:1], job_id=job_id)[0] for f in files)
+    outbox.record(seg, AttemptOutcome.SUCCESS, status=0)
+    outbox.record(rtstruct, AttemptOutcome.REFUSED, status=0xA700, error="out of resources")
+    outbox.record_destination("pacs", reachable=False, error="connection refused")
+    outbox.stage(files[:1], destinations[1:], job_id=job_id, hold=True)
+    outbox.decide(ReviewDecision(job_id=job_id, decision="rejected", reviewer="dr.ada", decided_at=1.0, comment="no"))
+    assert {i.state for i in outbox.items()} == {ItemState.SENT, ItemState.FAILED, ItemState.PENDING, ItemState.REJECTED}
+    assert sr.state is ItemState.PENDING
+    return outbox
+
+
+def test_migrate_copies_every_job_and_attempt_and_refuses_a_second_time(pg_url: str, tmp_path: Path, shared_data: Path) -> None:
     data = tmp_path / "data"
     sqlite = SQLiteJobQueue.in_data_dir(data)
     spec = dict(input_path=tmp_path, pipeline_version="1")
@@ -31,12 +54,13 @@ def test_migrate_copies_every_job_and_attempt_and_refuses_a_second_time(pg_url: 
     sqlite.fail(failed.id, "old", FailureReason.CHAIN_ERROR, "boom")
     waiting = sqlite.enqueue(JobSpec(series_uid="1.3", priority=Priority.SWEEP, **spec))  # type: ignore[arg-type]
     forward = sqlite.enqueue(JobSpec(series_uid="1.4", kind=JobKind.FORWARD, **spec))  # type: ignore[arg-type]
+    outbox = _outbox_with_history(data, shared_data, done.id)
     config = tmp_path / "radnode.yaml"
     config.write_text(yaml.safe_dump({"storage": {"data_dir": str(data)}, "database": {"profile_queues": {"tumour": "gpu"}}}))
 
     out = _radnode(config, "db", "migrate", "--to", pg_url)
     assert out.returncode == 0, out.stderr
-    assert "migrated 4 job(s) and 2 attempt(s)" in out.stdout
+    assert "migrated 4 job(s), 2 attempt(s) and 4 outbox item(s)" in out.stdout
 
     pg = PostgresJobQueue(pg_url)
     for job in (done, failed, waiting, forward):
@@ -49,6 +73,16 @@ def test_migrate_copies_every_job_and_attempt_and_refuses_a_second_time(pg_url: 
     claimed = pg.claim("w", 60)
     assert claimed is not None and claimed.id in (waiting.id, newer.id)
 
+    shared = Outbox(data, database_url=pg_url)
+    assert shared.items() == outbox.items() and shared.health() == outbox.health()
+    assert shared.reviews() == outbox.reviews()
+    assert [shared.attempts(i.id) for i in outbox.items()] == [outbox.attempts(i.id) for i in outbox.items()]
+    assert all(i.path.is_file() for i in shared.items())  # the files stay in the node's data folder
+    (tmp_path / "v2").mkdir()
+    seg = write_result_objects(first_header(shared_data / "ibsi_ct_phantom" / "dicom" / "image"), tmp_path / "v2", ["SEG"], version="2")
+    (added,) = shared.stage(seg, Settings(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 1}]).destinations)
+    assert added.id == max(i.id for i in outbox.items()) + 1  # item ids continue after the migrated ones
+
     again = _radnode(config, "db", "migrate", "--to", pg_url)
     assert again.returncode == 1 and "already holds jobs" in again.stderr + again.stdout
 
@@ -60,6 +94,20 @@ def test_migrate_refuses_without_a_queue_or_with_a_non_postgres_url(pg_url: str,
     assert out.returncode == 1 and "nothing to migrate" in out.stderr + out.stdout
     out = _radnode(config, "db", "migrate", "--to", "sqlite:///x.db")
     assert out.returncode == 2 and "postgresql://" in out.stderr + out.stdout
+
+
+def test_migrate_refuses_a_target_whose_outbox_holds_rows_before_copying_any_job(
+    pg_url: str, tmp_path: Path, shared_data: Path
+) -> None:
+    data = tmp_path / "data"
+    SQLiteJobQueue.in_data_dir(data).enqueue(JobSpec(series_uid="1.1", input_path=tmp_path, pipeline_version="1"))
+    other = _outbox_with_history(tmp_path / "other", shared_data, 1)
+    Outbox(tmp_path / "other", database_url=pg_url).copy_from(other)  # another node's outbox is there already
+    config = tmp_path / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"data_dir": str(data)}}))
+    out = _radnode(config, "db", "migrate", "--to", pg_url)
+    assert out.returncode == 1 and "outbox rows" in out.stderr + out.stdout
+    assert PostgresJobQueue(pg_url).counts()[JobState.QUEUED] == 0
 
 
 def test_migrate_refuses_while_the_node_runs(pg_url: str, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Least privilege on PostgreSQL: ``radnode db init`` as the owner; the node's role cannot drop
-or create tables; the worker's role can claim, finish and hand back, but not enqueue or delete."""
+or create tables; the worker's role can claim, finish and hand back, but not enqueue or delete,
+and cannot read or write the outbox."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import psycopg
 import pytest
 
 from pg_support import PgCluster, pg_cluster  # noqa: F401  (session fixture)
+from pipeline_support import first_header, write_result_objects
+from radnode.config import Settings
 from radnode.pipeline.jobs import JobSpec, current_pipeline_version
+from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox
 from radnode.pipeline.pg_queue import PostgresJobQueue
 from radnode.pipeline.pg_shared import SharedState
 
 
-def test_node_and_worker_roles_get_least_privilege(pg_cluster: PgCluster, tmp_path: Path) -> None:
+def test_node_and_worker_roles_get_least_privilege(pg_cluster: PgCluster, tmp_path: Path, shared_data: Path) -> None:
     suffix = uuid.uuid4().hex[:8]
     owner, node_role, worker_role, db = (f"{n}_{suffix}" for n in ("radnode_owner", "radnode_node", "radnode_worker", "radnode"))
     with psycopg.connect(pg_cluster.url(), autocommit=True) as admin:
@@ -35,8 +39,17 @@ def test_node_and_worker_roles_get_least_privilege(pg_cluster: PgCluster, tmp_pa
     node = PostgresJobQueue(node_url)
     job = node.enqueue(JobSpec(series_uid="1.2", input_path=tmp_path, pipeline_version=current_pipeline_version()))
     SharedState(node_url).register_node("RADNODE", "RADNODE", "127.0.0.1", 11112, "1", None)
+    (tmp_path / "results").mkdir()
+    seg = write_result_objects(first_header(shared_data / "ibsi_ct_phantom" / "dicom" / "image"), tmp_path / "results", ["SEG"])
+    outbox = Outbox(tmp_path / "data", database_url=node_url)
+    (item,) = outbox.stage(seg, Settings(destinations=[{"name": "pacs", "ae_title": "PACS", "host": "h", "port": 1}]).destinations)
+    outbox.record_destination("pacs", reachable=True)
+    assert outbox.record(item, AttemptOutcome.SUCCESS, status=0).state is ItemState.SENT
     with psycopg.connect(node_url, autocommit=True) as conn:
-        for statement in ("DROP TABLE jobs", "ALTER TABLE jobs ADD COLUMN x int", "CREATE TABLE evil (v int)", "TRUNCATE jobs"):
+        for statement in (
+            "DROP TABLE jobs", "ALTER TABLE jobs ADD COLUMN x int", "CREATE TABLE evil (v int)", "TRUNCATE jobs",
+            "DROP TABLE outbox_items",
+        ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
 
@@ -54,7 +67,7 @@ def test_node_and_worker_roles_get_least_privilege(pg_cluster: PgCluster, tmp_pa
     with psycopg.connect(worker_url, autocommit=True) as conn:
         for statement in (
             "INSERT INTO jobs (series_uid) VALUES ('x')", "DELETE FROM jobs", "UPDATE radnode_nodes SET port = 1",
-            "DROP TABLE radnode_results",
+            "DROP TABLE radnode_results", "SELECT * FROM outbox_items", "UPDATE outbox_destinations SET state = 'up'",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)

@@ -32,8 +32,18 @@ from radnode.pipeline.service import RESULTS_DIR
 from radnode.testing.orthanc import OrthancServer, free_port
 
 from node_support import wait_until
+from pg_support import PgCluster, pg_cluster  # noqa: F401  (session fixture)
 from pipeline_support import first_header, write_result_objects
 from web_support import NodeData, make_node_data, stage_for_review
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str | None:
+    """``database.url`` of the outbox: unset (its SQLite file) or a fresh PostgreSQL database."""
+    if request.param == "postgresql":
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        return cluster.create_database("o")
+    return None
 
 
 def _objects(tmp_path: Path, shared_data: Path, key: str, kinds: list[str]) -> tuple[Path, dict[str, Path]]:
@@ -55,9 +65,9 @@ def _settings(tmp_path: Path, **review: object) -> Settings:
     )
 
 
-def test_gate_and_uncertain_hold_share_one_state_and_one_decision(tmp_path: Path, shared_data: Path) -> None:
+def test_gate_and_uncertain_hold_share_one_state_and_one_decision(tmp_path: Path, shared_data: Path, database_url: str | None) -> None:
     settings = _settings(tmp_path)
-    outbox = Outbox(tmp_path / "data")
+    outbox = Outbox(tmp_path / "data", database_url=database_url)
     out, files = _objects(tmp_path, shared_data, "1", ["SEG", "RTSTRUCT", "SR"])
     (out / QUALITY_FILE).write_text(json.dumps({"required": True}))
     items = stage_phase(outbox, [files["SEG"], files["RTSTRUCT"]], settings.destinations, out, Phase.CONTOURS, job_id=1)
@@ -92,9 +102,9 @@ def test_gate_and_uncertain_hold_share_one_state_and_one_decision(tmp_path: Path
     assert 'radnode_outbox_items{destination="tps",state="rejected"} 3.0' in metrics
 
 
-def test_an_sr_staged_after_a_full_approval_goes(tmp_path: Path, shared_data: Path) -> None:
+def test_an_sr_staged_after_a_full_approval_goes(tmp_path: Path, shared_data: Path, database_url: str | None) -> None:
     settings = _settings(tmp_path)
-    outbox = Outbox(tmp_path / "data")
+    outbox = Outbox(tmp_path / "data", database_url=database_url)
     out, files = _objects(tmp_path, shared_data, "3", ["SEG", "SR"])  # a gated destination without RTSTRUCT
     stage_phase(outbox, [files["SEG"]], settings.destinations, out, Phase.CONTOURS, job_id=3)
     decision = approve(outbox, 3, "dr.ada", out, comment="fine")

@@ -53,6 +53,10 @@ class Cluster:
     def queue(self) -> PostgresJobQueue:
         return PostgresJobQueue(self.url)
 
+    def outbox(self) -> Outbox:
+        """The node's outbox: rows in the shared database, files in the node's data folder."""
+        return Outbox(self.data_dir, database_url=self.url)
+
     def start_node(self) -> None:
         log = (self.tmp / "node.log").open("ab")
         self.node = subprocess.Popen(
@@ -161,10 +165,11 @@ def all_done(cluster: Cluster, count: int) -> bool:
 def assert_delivered_once(cluster: Cluster, study: str, count: int) -> None:
     expected = {"SEG": count, "RTSTRUCT": count, "SR": count}
     wait_for(lambda: result_counts(cluster.orthanc, study) == expected, 60, 0.3, f"{expected} in Orthanc")
-    items = Outbox(cluster.data_dir).items()
+    items = cluster.outbox().items()
     assert len(items) == 3 * count and {i.state for i in items} == {ItemState.SENT}
     # one success per (object, destination): nothing was sent twice
     assert [i.attempts for i in items] == [1] * len(items)
+    assert not (cluster.data_dir / "outbox.sqlite").exists() and all(i.path.parent == cluster.data_dir / "outbox" for i in items)
     time.sleep(1.0)  # nothing more arrives later
     assert result_counts(cluster.orthanc, study) == expected
 
@@ -193,11 +198,16 @@ def test_six_series_processed_once_each_by_two_workers(cluster: Cluster, shared_
     assert section["queue_depths"] == {} and section["results_waiting_for_node"] == 0
     assert section["node"] == {"ae_title": "RADNODE", "host": "127.0.0.1", "port": cluster.node_port}
     assert snapshot["jobs"]["counts"]["done"] == 6
+    (pacs,) = snapshot["destinations"]  # delivery state read from the shared outbox tables
+    assert (pacs["state"], pacs["sent"], pacs["pending"]) == ("up", 18, 0)
     # the dashboard reads the same shared queue
     from radnode.config import load_settings
-    from radnode.web.data import list_jobs
+    from radnode.web.data import job_detail, list_jobs
 
-    assert len(list_jobs(load_settings(cluster.tmp / "node.yaml"))["jobs"]) == 6
+    settings = load_settings(cluster.tmp / "node.yaml")
+    assert len(list_jobs(settings)["jobs"]) == 6
+    deliveries = job_detail(settings, jobs[0].id)["deliveries"]  # and the same shared outbox
+    assert sorted(d["object"] for d in deliveries) == ["RTSTRUCT", "SEG", "SR"] and {d["state"] for d in deliveries} == {"sent"}
 
 
 @pytest.mark.parametrize("cluster", [6.0], indirect=True)
@@ -234,7 +244,7 @@ def test_postgresql_restart_under_load(cluster: Cluster, shared_data: Path, pg_c
     assert cluster.node.poll() is None and all(w.poll() is None for w in cluster.workers)
     expected = {"SEG": 4, "RTSTRUCT": 4, "SR": 4}
     wait_for(lambda: result_counts(cluster.orthanc, study) == expected, 60, 0.3, f"{expected} in Orthanc")
-    assert {i.state for i in Outbox(cluster.data_dir).items()} == {ItemState.SENT}
+    assert {i.state for i in cluster.outbox().items()} == {ItemState.SENT}
 
 
 @pytest.mark.parametrize("cluster", [3.0], indirect=True)
@@ -250,6 +260,6 @@ def test_kill_9_of_the_node_while_workers_run_loses_and_duplicates_nothing(clust
     assert all(len(queue.attempts(j.id)) == 1 for j in queue.list()), "a job ran twice"
     expected = {"SEG": 3, "RTSTRUCT": 3, "SR": 3}
     wait_for(lambda: result_counts(cluster.orthanc, study) == expected, 60, 0.3, f"{expected} in Orthanc")
-    wait_for(lambda: {i.state for i in Outbox(cluster.data_dir).items()} == {ItemState.SENT}, 60, 0.3, "every item sent")
-    assert len(Outbox(cluster.data_dir).items()) == 9
+    wait_for(lambda: {i.state for i in cluster.outbox().items()} == {ItemState.SENT}, 60, 0.3, "every item sent")
+    assert len(cluster.outbox().items()) == 9
     assert SharedState(cluster.url).pending_count() == 0

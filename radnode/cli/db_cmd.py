@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         to: Annotated[str, typer.Option("--to", help="Target database URL, postgresql://user@host:5432/db.")],
     ) -> None:
-        """Copy the job queue of storage.data_dir into an empty PostgreSQL database (node stopped).
+        """Copy the job queue and outbox rows of storage.data_dir into an empty PostgreSQL database (node stopped).
 
         Afterwards set database.url to the same URL (RADNODE_DATABASE__URL) and start the node.
         """
@@ -66,6 +66,6 @@ def register(app: typer.Typer) -> None:
             fail(f"migration to {redact(to)} failed: {exc}", code=1)
             return
         typer.echo(
-            f"migrated {report.jobs} job(s) and {report.attempts} attempt(s) to {redact(to)}; "
+            f"migrated {report.jobs} job(s), {report.attempts} attempt(s) and {report.outbox_items} outbox item(s) to {redact(to)}; "
             "now set database.url to this URL and start the node"
         )

@@ -33,7 +33,7 @@ def _stores(ctx: typer.Context) -> tuple[JobQueue, Outbox]:
 
     settings = get_settings(ctx)
     data_dir = Path(settings.storage.data_dir).resolve()
-    return node_queue(settings), Outbox(data_dir)
+    return node_queue(settings), Outbox(data_dir, database_url=settings.database.url)
 
 
 def _job_or_exit(queue: JobQueue, job_id: int) -> Job:

@@ -64,7 +64,7 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     from radnode.node.index import NodeIndex, SeriesState
     from radnode.node.storage import INDEX_FILE
     from radnode.node.status import format_status
-    from radnode.pipeline.outbox import OUTBOX_DB, ItemState, Outbox
+    from radnode.pipeline.outbox import ItemState, Outbox, outbox_exists
     from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue, open_queue
     from radnode.pipeline.scheduler import read_next_runs
     from radnode.pipeline.sweep_store import SWEEP_DB, SweepStore
@@ -111,7 +111,10 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     status["series"] = series
 
     jobs: dict[str, Any] = {"counts": {}, "recent": [], "queue_age_seconds": None}
-    outbox = Outbox(data_dir) if (data_dir / OUTBOX_DB).exists() else None
+    outbox = (
+        Outbox(data_dir, database_url=settings.database.url)
+        if outbox_exists(data_dir, settings.database.url) else None
+    )
     if settings.database.url or (data_dir / QUEUE_FILE).exists():
         queue = open_queue(data_dir, settings.database.url) if settings.database.url else SQLiteJobQueue(data_dir / QUEUE_FILE)
         jobs["counts"] = {state.value: n for state, n in queue.counts().items()}

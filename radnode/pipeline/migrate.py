@@ -1,15 +1,19 @@
-"""Move an embedded SQLite node's job queue into PostgreSQL (``radnode db migrate``).
+"""Move an embedded SQLite node's job queue and outbox into PostgreSQL (``radnode db migrate``).
 
 Every job keeps its id, state, attempt history, phases and results, so ``radnode jobs``
 and the outbox (which refers to jobs by id) read the same after the move. Jobs that were
 ``running`` keep their old lease; on PostgreSQL the node's lease recovery puts them back
 in the queue once it has run out, like any job of a lost worker.
 
-The outbox and the series index stay in the node's data folder: only the node receives
-and only the node delivers (see :mod:`radnode.pipeline.pg_shared`).
+The outbox's rows (objects, items with their ids and states, attempts, review decisions,
+destination health) move too; the object files they point to stay in the node's data
+folder, where the node -- the only sender -- reads them (see :mod:`radnode.pipeline.outbox`).
 
 The node must be stopped (its pipeline lock is checked), and the target must hold no jobs
-yet: a migration never merges two queues.
+and no outbox rows yet: a migration never merges two queues or two outboxes. Both are
+checked before anything is copied. Jobs and outbox rows are copied in two transactions (the
+stores open their own connections); should the second fail, the target is recreated empty
+and the migration run again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from radnode.pipeline.outbox import OUTBOX_DB, Outbox
 from radnode.pipeline.pg_queue import DEFAULT_QUEUE, PostgresJobQueue
 from radnode.pipeline.queue import QUEUE_FILE
 
@@ -42,6 +47,7 @@ class MigrationError(RuntimeError):
 class MigrationReport:
     jobs: int
     attempts: int
+    outbox_items: int = 0
 
 
 def _check_node_stopped(data_dir: Path) -> None:
@@ -65,6 +71,7 @@ def migrate_queue(data_dir: Path, url: str, profile_queues: dict[str, str] | Non
         raise MigrationError(f"no job queue at {source}: nothing to migrate")
     _check_node_stopped(data_dir)
     target = PostgresJobQueue(url)  # creates the schema
+    target_outbox = Outbox(data_dir, database_url=url)
     lanes = dict(profile_queues or {})
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
     src.row_factory = sqlite3.Row
@@ -77,6 +84,8 @@ def migrate_queue(data_dir: Path, url: str, profile_queues: dict[str, str] | Non
     with target.store.write() as conn:
         if conn.execute("SELECT COUNT(*) AS n FROM jobs").fetchone()["n"]:
             raise MigrationError("the target database already holds jobs; migrate into an empty database")
+        if not target_outbox.is_empty():  # checked before any job is copied
+            raise MigrationError("the target database already holds outbox rows; migrate into an empty database")
         conn.executemany(
             f"INSERT INTO jobs ({', '.join(JOB_COLUMNS)}, queue) OVERRIDING SYSTEM VALUE "
             f"VALUES ({', '.join('?' * (len(JOB_COLUMNS) + 1))})",
@@ -88,5 +97,12 @@ def migrate_queue(data_dir: Path, url: str, profile_queues: dict[str, str] | Non
         )
         # new jobs continue after the highest migrated id
         conn.execute("SELECT setval(pg_get_serial_sequence('jobs', 'id'), GREATEST((SELECT MAX(id) FROM jobs), 1))")
-    log.info("migrated %d job(s) and %d attempt(s) from %s", len(jobs), len(attempts), source)
-    return MigrationReport(len(jobs), len(attempts))
+    outbox_items = 0
+    if (data_dir / OUTBOX_DB).is_file():
+        try:
+            copied = target_outbox.copy_from(Outbox(data_dir))
+        except ValueError as exc:
+            raise MigrationError(str(exc)) from exc
+        outbox_items = copied["items"]
+    log.info("migrated %d job(s), %d attempt(s) and %d outbox item(s) from %s", len(jobs), len(attempts), outbox_items, data_dir)
+    return MigrationReport(len(jobs), len(attempts), outbox_items)

@@ -1,10 +1,14 @@
-"""The outbox: result objects wait here, on disk and in SQLite, until every destination has them.
+"""The outbox: result objects wait here, on disk and in the database, until every destination has them.
 
 A job's result objects (or a forwarded series' received files) are put, byte for byte, at
 ``<data_dir>/outbox/<SOPInstanceUID>.dcm`` (a hard link where possible, else a copy; durably,
 see :mod:`radnode.durable`) and one *item* per (SOP Instance UID, destination) is recorded in
-``<data_dir>/outbox.sqlite``. The dispatcher (:mod:`radnode.pipeline.dispatch`) sends due
-items and reports every attempt back here. The rules this module enforces:
+``<data_dir>/outbox.sqlite`` -- or, with ``database.url`` set, in the ``outbox_*`` tables of
+that PostgreSQL database (one implementation for both, see :mod:`radnode.sqlstore`), where
+every process of the node and ``radnode status`` see one delivery state. The files stay on
+the node's disk in both cases: only the node delivers, and the DICOM bytes would only bloat
+the shared database and its backups. The dispatcher (:mod:`radnode.pipeline.dispatch`) sends
+due items and reports every attempt back here. The rules this module enforces:
 
 * **exactly once per (object, destination)**: the item table has a unique key on
   ``(sop_instance_uid, destination)``; staging the same object again (a re-run after a
@@ -26,16 +30,19 @@ items and reports every attempt back here. The rules this module enforces:
   of the original (``replaced``), lets the other objects go or marks them ``rejected``
   (see :mod:`radnode.pipeline.review`).
 
-All outbox SQL lives in this module.
+Every read-then-update (an attempt, a decision, a destination's failure count) runs in the
+store's exclusive write transaction -- ``BEGIN IMMEDIATE`` on SQLite, an advisory lock on
+PostgreSQL -- so processes sharing the outbox never lose one another's updates. All outbox
+SQL lives in this module.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
@@ -47,8 +54,10 @@ from pydicom.errors import InvalidDicomError
 from radnode import durable
 from radnode.config import Destination, ResultObject
 from radnode.node.status import format_status
-from radnode.pipeline.sqlite_db import SQLiteDB, in_clause, where
+from radnode.pipeline.database import is_postgres_url
+from radnode.pipeline.sqlite_db import in_clause, where
 from radnode.pipeline.jobs import Backoff, Phase, phase_of
+from radnode.sqlstore import Dialect, open_store
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +202,7 @@ class _Header:
 
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS objects (
+CREATE TABLE IF NOT EXISTS {objects} (
     sop_instance_uid    TEXT PRIMARY KEY,
     sop_class_uid       TEXT NOT NULL,
     transfer_syntax_uid TEXT NOT NULL,
@@ -206,9 +215,9 @@ CREATE TABLE IF NOT EXISTS objects (
     path                TEXT NOT NULL,
     staged_at           REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS items (
+CREATE TABLE IF NOT EXISTS {items} (
     id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    sop_instance_uid TEXT    NOT NULL REFERENCES objects (sop_instance_uid),
+    sop_instance_uid TEXT    NOT NULL REFERENCES {objects} (sop_instance_uid),
     destination      TEXT    NOT NULL,
     state            TEXT    NOT NULL,
     attempts         INTEGER NOT NULL DEFAULT 0,
@@ -221,18 +230,18 @@ CREATE TABLE IF NOT EXISTS items (
     last_error       TEXT,
     UNIQUE (sop_instance_uid, destination)
 );
-CREATE INDEX IF NOT EXISTS items_due ON items (state, destination, next_attempt_at);
-CREATE TABLE IF NOT EXISTS attempts (
+CREATE INDEX IF NOT EXISTS {items_due} ON {items} (state, destination, next_attempt_at);
+CREATE TABLE IF NOT EXISTS {attempts} (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    item_id     INTEGER NOT NULL REFERENCES items (id),
+    item_id     INTEGER NOT NULL REFERENCES {items} (id),
     started_at  REAL    NOT NULL,
     finished_at REAL    NOT NULL,
     outcome     TEXT    NOT NULL,
     status      INTEGER,
     error       TEXT
 );
-CREATE INDEX IF NOT EXISTS attempts_item ON attempts (item_id);
-CREATE TABLE IF NOT EXISTS reviews (
+CREATE INDEX IF NOT EXISTS {attempts_item} ON {attempts} (item_id);
+CREATE TABLE IF NOT EXISTS {reviews} (
     job_id              INTEGER PRIMARY KEY,
     decision            TEXT NOT NULL,
     reviewer            TEXT NOT NULL,
@@ -243,7 +252,7 @@ CREATE TABLE IF NOT EXISTS reviews (
     destinations        TEXT NOT NULL DEFAULT '[]',
     approved_objects    TEXT NOT NULL DEFAULT '[]'
 );
-CREATE TABLE IF NOT EXISTS destinations (
+CREATE TABLE IF NOT EXISTS {destinations} (
     name                 TEXT PRIMARY KEY,
     state                TEXT NOT NULL,
     consecutive_failures INTEGER NOT NULL DEFAULT 0,
@@ -253,14 +262,80 @@ CREATE TABLE IF NOT EXISTS destinations (
 );
 """
 
+#: The outbox's tables and indexes, as its SQL names them (``{items}``).
+TABLE_KEYS = ("objects", "items", "attempts", "reviews", "destinations", "items_due", "attempts_item")
+#: Names in the SQLite file: those of every existing data folder.
+SQLITE_TABLES: dict[str, str] = {key: key for key in TABLE_KEYS}
+#: Names in PostgreSQL, where the outbox shares one database (and one namespace of tables and
+#: indexes) with the job queue, the series index and the audit trail: ``items`` or ``objects``
+#: alone would be ambiguous there, so every name carries the store's prefix.
+POSTGRES_TABLES: dict[str, str] = {key: f"outbox_{key}" for key in TABLE_KEYS}
+#: Tables in the order their rows may be inserted (references point backwards).
+ROW_TABLES = ("objects", "items", "attempts", "reviews", "destinations")
+
+
+class _NamedConnection:
+    """A connection of either engine whose SQL names the outbox tables ``{items}``, ``{objects}``, …
+
+    The names are filled in per backend (:data:`SQLITE_TABLES`, :data:`POSTGRES_TABLES`), so
+    every statement of this module is written once for both.
+    """
+
+    def __init__(self, conn: Any, tables: dict[str, str]) -> None:
+        self._conn = conn
+        self._tables = tables
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._conn.execute(sql.format_map(self._tables), params)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        return self._conn.executemany(sql.format_map(self._tables), rows)
+
+
+class _NamedStore:
+    """The outbox's :class:`~radnode.sqlstore.SQLStore`, handing out :class:`_NamedConnection` s."""
+
+    def __init__(self, store: Any, tables: dict[str, str]) -> None:
+        self.store = store
+        self.tables = tables
+
+    @contextmanager
+    def connect(self) -> Iterator[_NamedConnection]:
+        with self.store.connect() as conn:
+            yield _NamedConnection(conn, self.tables)
+
+    @contextmanager
+    def write(self) -> Iterator[_NamedConnection]:
+        with self.store.write() as conn:
+            yield _NamedConnection(conn, self.tables)
+
+
+def create_postgres_tables(url: str) -> None:
+    """Create the outbox tables in the PostgreSQL database at ``url`` (``radnode db init``, as their owner).
+
+    Needs no data folder: the tables hold rows only; the files are the node's business.
+    """
+    open_store(Path(OUTBOX_DB), _SCHEMA.format_map(POSTGRES_TABLES), url, POSTGRES_TABLES["items"], "outbox")
+
+
+def outbox_exists(data_dir: Path, database_url: str | None = None) -> bool:
+    """Whether the node has an outbox to read, without creating one.
+
+    On PostgreSQL the tables are shared and opening them creates nothing in the data folder,
+    so there is always one; embedded, only once ``outbox.sqlite`` exists (read-only commands
+    such as ``radnode status`` must not create it).
+    """
+    return is_postgres_url(database_url) or (Path(data_dir) / OUTBOX_DB).exists()
+
+
 _ITEM_SELECT = (
     "SELECT i.*, o.path, o.sop_class_uid, o.transfer_syntax_uid, o.object_type, o.phase, o.job_id, "
-    "o.series_uid, o.source_series_uid FROM items i JOIN objects o ON o.sop_instance_uid = i.sop_instance_uid"
+    "o.series_uid, o.source_series_uid FROM {items} i JOIN {objects} o ON o.sop_instance_uid = i.sop_instance_uid"
 )
 
 
 class Outbox:
-    """Result objects and their delivery state under ``<data_dir>``.
+    """Result objects under ``<data_dir>/outbox`` and their delivery state (SQLite file or PostgreSQL).
 
     Parameters
     ----------
@@ -272,6 +347,11 @@ class Outbox:
         Peer-refused attempts before an item is ``failed``.
     clock
         Source of "now" (tests pass a fake one).
+    database_url
+        ``database.url``: with a ``postgresql://`` URL the rows live in that database's
+        ``outbox_*`` tables (shared by every process of the node); unset, in
+        ``<data_dir>/outbox.sqlite``. The object files stay under ``<data_dir>/outbox``
+        either way: only the node sends them.
     """
 
     def __init__(
@@ -280,6 +360,7 @@ class Outbox:
         backoff: Backoff = DEFAULT_BACKOFF,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         clock: Callable[[], float] = time.time,
+        database_url: str | None = None,
     ) -> None:
         if max_attempts < 1:
             raise ValueError(f"outbox max_attempts must be >= 1, got {max_attempts}")
@@ -289,19 +370,24 @@ class Outbox:
         self.backoff = backoff
         self.max_attempts = max_attempts
         self._clock = clock
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self._db = SQLiteDB(self.db_path, _SCHEMA)
+        shared = is_postgres_url(database_url)
+        if not shared:  # on PostgreSQL, opening (`radnode status`, the dashboard) writes nothing here
+            self.folder.mkdir(parents=True, exist_ok=True)
+        tables = POSTGRES_TABLES if shared else SQLITE_TABLES
+        store = open_store(self.db_path, _SCHEMA.format_map(tables), database_url, tables["items"], "outbox")
+        self._db = _NamedStore(store, tables)
         with self._db.connect() as conn:  # items of a node from before the review gate (read first: status is read-only)
-            held = conn.execute("SELECT 1 FROM items WHERE state = 'held' LIMIT 1").fetchone() is not None
+            held = conn.execute("SELECT 1 FROM {items} WHERE state = 'held' LIMIT 1").fetchone() is not None
         if held:
             with self._db.write() as conn:
-                conn.execute("UPDATE items SET state = ? WHERE state = 'held'", (ItemState.AWAITING_REVIEW.value,))
+                conn.execute("UPDATE {items} SET state = ? WHERE state = 'held'", (ItemState.AWAITING_REVIEW.value,))
 
-    # -- connection ---------------------------------------------------------------------
-
+    def describe(self) -> str:
+        """Where the rows live, for logs (no password)."""
+        return str(self._db.store.describe())
 
     @staticmethod
-    def _item(row: sqlite3.Row) -> OutboxItem:
+    def _item(row: Any) -> OutboxItem:
         return OutboxItem(
             id=row["id"],
             sop_instance_uid=row["sop_instance_uid"],
@@ -358,6 +444,7 @@ class Outbox:
         target = self.folder / f"{sop_uid}.dcm"
         if target.exists():
             return target
+        self.folder.mkdir(parents=True, exist_ok=True)
         return durable.copy_file(source, target, link=True)
 
     def stage(
@@ -417,9 +504,9 @@ class Outbox:
             ]
             with self._db.write() as conn:
                 conn.execute(
-                    "INSERT OR IGNORE INTO objects (sop_instance_uid, sop_class_uid, transfer_syntax_uid, object_type, "
+                    "INSERT INTO {objects} (sop_instance_uid, sop_class_uid, transfer_syntax_uid, object_type, "
                     "phase, study_uid, series_uid, source_series_uid, job_id, path, staged_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO NOTHING",
                     (
                         header.sop_instance_uid,
                         header.sop_class_uid,
@@ -436,8 +523,8 @@ class Outbox:
                 )
                 for name in wanted:
                     conn.execute(
-                        "INSERT OR IGNORE INTO items (sop_instance_uid, destination, state, next_attempt_at, "
-                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO {items} (sop_instance_uid, destination, state, next_attempt_at, "
+                        "created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid, destination) DO NOTHING",
                         (header.sop_instance_uid, name,
                          (ItemState.AWAITING_REVIEW if hold else ItemState.PENDING).value, now, now, now),
                     )
@@ -474,7 +561,7 @@ class Outbox:
             clause, names = in_clause("i.destination", names)
             query += clause
             params += names
-        query += " ORDER BY i.destination, o.phase, i.id LIMIT ?"
+        query += " ORDER BY i.destination, o.phase NULLS FIRST, i.id LIMIT ?"
         params.append(int(limit))
         grouped: dict[str, list[OutboxItem]] = {}
         with self._db.connect() as conn:
@@ -485,7 +572,7 @@ class Outbox:
 
     def next_due_at(self, destinations: Iterable[str] | None = None) -> float | None:
         """When the earliest pending item (of these destinations) becomes due; ``None`` if none."""
-        query = "SELECT MIN(next_attempt_at) AS t FROM items WHERE state = ?"
+        query = "SELECT MIN(next_attempt_at) AS t FROM {items} WHERE state = ?"
         params: list[Any] = [ItemState.PENDING.value]
         if destinations is not None:
             names = list(destinations)
@@ -532,12 +619,12 @@ class Outbox:
                     state = ItemState.PENDING
                     next_at = now + self.backoff.delay(refusals)
             conn.execute(
-                "UPDATE items SET state = ?, attempts = ?, refusals = ?, next_attempt_at = ?, updated_at = ?, "
+                "UPDATE {items} SET state = ?, attempts = ?, refusals = ?, next_attempt_at = ?, updated_at = ?, "
                 "sent_at = ?, last_status = ?, last_error = ? WHERE id = ?",
                 (state.value, attempts, refusals, next_at, now, sent_at, status, error, item.id),
             )
             conn.execute(
-                "INSERT INTO attempts (item_id, started_at, finished_at, outcome, status, error) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO {attempts} (item_id, started_at, finished_at, outcome, status, error) VALUES (?, ?, ?, ?, ?, ?)",
                 (item.id, started_at if started_at is not None else now, now, outcome.value, status, error),
             )
             updated = self._item(conn.execute(f"{_ITEM_SELECT} WHERE i.id = ?", (item.id,)).fetchone())
@@ -554,23 +641,24 @@ class Outbox:
         now = self._clock()
         with self._db.write() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO destinations (name, state) VALUES (?, ?)", (name, DestinationState.UNKNOWN.value)
+                "INSERT INTO {destinations} (name, state) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, DestinationState.UNKNOWN.value),
             )
             if reachable:
                 conn.execute(
-                    "UPDATE destinations SET state = ?, consecutive_failures = 0, last_success_at = ? WHERE name = ?",
+                    "UPDATE {destinations} SET state = ?, consecutive_failures = 0, last_success_at = ? WHERE name = ?",
                     (DestinationState.UP.value, now, name),
                 )
             else:
                 conn.execute(
-                    "UPDATE destinations SET state = ?, consecutive_failures = consecutive_failures + 1, "
+                    "UPDATE {destinations} SET state = ?, consecutive_failures = consecutive_failures + 1, "
                     "last_failure_at = ?, last_error = ? WHERE name = ?",
                     (DestinationState.DOWN.value, now, error, name),
                 )
 
     @staticmethod
-    def _destination_failures(conn: sqlite3.Connection, name: str) -> int:
-        row = conn.execute("SELECT consecutive_failures FROM destinations WHERE name = ?", (name,)).fetchone()
+    def _destination_failures(conn: _NamedConnection, name: str) -> int:
+        row = conn.execute("SELECT consecutive_failures FROM {destinations} WHERE name = ?", (name,)).fetchone()
         return int(row["consecutive_failures"]) if row is not None else 0
 
     def defer_destination(self, name: str) -> float:
@@ -579,8 +667,8 @@ class Outbox:
         with self._db.write() as conn:
             delay = self.backoff.delay(max(1, self._destination_failures(conn, name)))
             conn.execute(
-                "UPDATE items SET next_attempt_at = MAX(next_attempt_at, ?) WHERE destination = ? AND state = ?",
-                (now + delay, name, ItemState.PENDING.value),
+                "UPDATE {items} SET next_attempt_at = ? WHERE destination = ? AND state = ? AND next_attempt_at < ?",
+                (now + delay, name, ItemState.PENDING.value, now + delay),
             )
         return delay
 
@@ -589,10 +677,10 @@ class Outbox:
     def rearm(self, job_id: int | None = None, item_ids: Iterable[int] | None = None) -> int:
         """Give failed items a new attempt budget (``radnode jobs retry``); returns how many."""
         now = self._clock()
-        query = "UPDATE items SET state = ?, refusals = 0, next_attempt_at = ?, updated_at = ? WHERE state = ?"
+        query = "UPDATE {items} SET state = ?, refusals = 0, next_attempt_at = ?, updated_at = ? WHERE state = ?"
         params: list[Any] = [ItemState.PENDING.value, now, now, ItemState.FAILED.value]
         if job_id is not None:
-            query += " AND sop_instance_uid IN (SELECT sop_instance_uid FROM objects WHERE job_id = ?)"
+            query += " AND sop_instance_uid IN (SELECT sop_instance_uid FROM {objects} WHERE job_id = ?)"
             params.append(job_id)
         if item_ids is not None:
             ids = list(item_ids)
@@ -612,8 +700,8 @@ class Outbox:
         """
         now = self._clock()
         query = (
-            "UPDATE items SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ? AND "
-            "sop_instance_uid IN (SELECT sop_instance_uid FROM objects WHERE job_id = ?)"
+            "UPDATE {items} SET state = ?, next_attempt_at = ?, updated_at = ? WHERE state = ? AND "
+            "sop_instance_uid IN (SELECT sop_instance_uid FROM {objects} WHERE job_id = ?)"
         )
         params: list[Any] = [ItemState.PENDING.value, now, now, ItemState.AWAITING_REVIEW.value, job_id]
         kept = list(except_destinations)
@@ -626,7 +714,7 @@ class Outbox:
     # -- review -------------------------------------------------------------------------
 
     @staticmethod
-    def _decision(row: sqlite3.Row) -> ReviewDecision:
+    def _decision(row: Any) -> ReviewDecision:
         return ReviewDecision(
             job_id=row["job_id"], decision=row["decision"], reviewer=row["reviewer"], decided_at=row["decided_at"],
             comment=row["comment"], approved_structures=tuple(json.loads(row["approved_structures"])),
@@ -634,8 +722,8 @@ class Outbox:
             destinations=tuple(json.loads(row["destinations"])), approved_objects=tuple(json.loads(row["approved_objects"])),
         )
 
-    def _review_row(self, conn: sqlite3.Connection, job_id: int) -> ReviewDecision | None:
-        row = conn.execute("SELECT * FROM reviews WHERE job_id = ?", (job_id,)).fetchone()
+    def _review_row(self, conn: _NamedConnection, job_id: int) -> ReviewDecision | None:
+        row = conn.execute("SELECT * FROM {reviews} WHERE job_id = ?", (job_id,)).fetchone()
         return self._decision(row) if row is not None else None
 
     def review(self, job_id: int) -> ReviewDecision | None:
@@ -646,7 +734,7 @@ class Outbox:
     def reviews(self, limit: int = 100) -> list[ReviewDecision]:
         """The latest decisions, newest first."""
         with self._db.connect() as conn:
-            rows = conn.execute("SELECT * FROM reviews ORDER BY decided_at DESC, job_id DESC LIMIT ?", (int(limit),))
+            rows = conn.execute("SELECT * FROM {reviews} ORDER BY decided_at DESC, job_id DESC LIMIT ?", (int(limit),))
             return [self._decision(r) for r in rows.fetchall()]
 
     def decide(self, decision: ReviewDecision, approved_copies: dict[str, Path] | None = None) -> list[OutboxItem]:
@@ -677,9 +765,9 @@ class Outbox:
                 if source is None:
                     raise ReviewError(f"RTSTRUCT {original} of job {decision.job_id} is not awaiting review")
                 conn.execute(
-                    "INSERT OR IGNORE INTO objects (sop_instance_uid, sop_class_uid, transfer_syntax_uid, object_type, "
+                    "INSERT INTO {objects} (sop_instance_uid, sop_class_uid, transfer_syntax_uid, object_type, "
                     "phase, study_uid, series_uid, source_series_uid, job_id, path, staged_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO NOTHING",
                     (header.sop_instance_uid, header.sop_class_uid, header.transfer_syntax_uid, source.object_type,
                      source.phase, header.study_uid, header.series_uid, source.source_series_uid, decision.job_id,
                      str(stored[original]), now),
@@ -689,7 +777,7 @@ class Outbox:
                 decision, destinations=tuple(sorted({i.destination for i in waiting})), approved_objects=tuple(new_objects)
             )
             conn.execute(
-                "INSERT INTO reviews (job_id, decision, reviewer, decided_at, comment, approved_structures, "
+                "INSERT INTO {reviews} (job_id, decision, reviewer, decided_at, comment, approved_structures, "
                 "rejected_structures, destinations, approved_objects) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (recorded.job_id, recorded.decision, recorded.reviewer, recorded.decided_at, recorded.comment,
                  json.dumps(list(recorded.approved_structures)), json.dumps(list(recorded.rejected_structures)),
@@ -702,19 +790,19 @@ class Outbox:
         return [self._item(r) for r in rows]
 
     def _apply_decision(
-        self, conn: sqlite3.Connection, decision: ReviewDecision, copies: dict[str, str], now: float
+        self, conn: _NamedConnection, decision: ReviewDecision, copies: dict[str, str], now: float
     ) -> None:
         """Move a job's ``awaiting_review`` items according to ``decision`` (see :meth:`decide`)."""
         waiting = [self._item(r) for r in conn.execute(
             f"{_ITEM_SELECT} WHERE o.job_id = ? AND i.state = ?", (decision.job_id, ItemState.AWAITING_REVIEW.value)
         ).fetchall()]
-        update = ("UPDATE items SET state = ?, next_attempt_at = ?, updated_at = ?, last_error = ? WHERE id = ?")
+        update = ("UPDATE {items} SET state = ?, next_attempt_at = ?, updated_at = ?, last_error = ? WHERE id = ?")
         who = f"at review by {decision.reviewer}"
         for item in waiting:
             if item.sop_instance_uid in copies:
                 conn.execute(
-                    "INSERT OR IGNORE INTO items (sop_instance_uid, destination, state, next_attempt_at, created_at, "
-                    "updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO {items} (sop_instance_uid, destination, state, next_attempt_at, created_at, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid, destination) DO NOTHING",
                     (copies[item.sop_instance_uid], item.destination, ItemState.PENDING.value, now, now, now),
                 )
                 state, note = ItemState.REPLACED, f"replaced {who} by approved {copies[item.sop_instance_uid]}"
@@ -732,7 +820,7 @@ class Outbox:
     def retry_now(self, destination: str | None = None) -> int:
         """Make pending items due immediately (after an operator fixed a destination)."""
         now = self._clock()
-        query = "UPDATE items SET next_attempt_at = ? WHERE state = ?"
+        query = "UPDATE {items} SET next_attempt_at = ? WHERE state = ?"
         params: list[Any] = [now, ItemState.PENDING.value]
         if destination is not None:
             query += " AND destination = ?"
@@ -765,14 +853,14 @@ class Outbox:
     def attempts(self, item_id: int) -> list[dict[str, Any]]:
         """Every persisted attempt of one item, oldest first."""
         with self._db.connect() as conn:
-            rows = conn.execute("SELECT * FROM attempts WHERE item_id = ? ORDER BY id", (item_id,)).fetchall()
+            rows = conn.execute("SELECT * FROM {attempts} WHERE item_id = ? ORDER BY id", (item_id,)).fetchall()
         return [dict(r) for r in rows]
 
     def counts(self) -> dict[str, dict[ItemState, int]]:
         """Destination -> state -> number of items."""
         result: dict[str, dict[ItemState, int]] = {}
         with self._db.connect() as conn:
-            for row in conn.execute("SELECT destination, state, COUNT(*) AS n FROM items GROUP BY destination, state"):
+            for row in conn.execute("SELECT destination, state, COUNT(*) AS n FROM {items} GROUP BY destination, state"):
                 per = result.setdefault(row["destination"], {s: 0 for s in ItemState})
                 per[ItemState(row["state"])] = row["n"]
         return result
@@ -781,8 +869,8 @@ class Outbox:
         """(destination, outcome) -> number of persisted attempts (for metrics)."""
         with self._db.connect() as conn:
             rows = conn.execute(
-                "SELECT i.destination AS destination, a.outcome AS outcome, COUNT(*) AS n FROM attempts a "
-                "JOIN items i ON i.id = a.item_id GROUP BY i.destination, a.outcome"
+                "SELECT i.destination AS destination, a.outcome AS outcome, COUNT(*) AS n FROM {attempts} a "
+                "JOIN {items} i ON i.id = a.item_id GROUP BY i.destination, a.outcome"
             ).fetchall()
         return {(r["destination"], AttemptOutcome(r["outcome"])): r["n"] for r in rows}
 
@@ -790,7 +878,7 @@ class Outbox:
         """Health of every configured destination and of any other with items."""
         counts = self.counts()
         with self._db.connect() as conn:
-            rows = {r["name"]: r for r in conn.execute("SELECT * FROM destinations").fetchall()}
+            rows = {r["name"]: r for r in conn.execute("SELECT * FROM {destinations}").fetchall()}
         names = list(dict.fromkeys([*configured, *sorted(counts), *sorted(rows)]))
         result = []
         for name in names:
@@ -818,7 +906,7 @@ class Outbox:
         result: dict[str, dict[ItemState, int]] = {}
         with self._db.connect() as conn:
             rows = conn.execute(
-                "SELECT o.phase AS phase, i.state AS state, COUNT(*) AS n FROM items i JOIN objects o "
+                "SELECT o.phase AS phase, i.state AS state, COUNT(*) AS n FROM {items} i JOIN {objects} o "
                 "ON o.sop_instance_uid = i.sop_instance_uid WHERE o.job_id = ? GROUP BY o.phase, i.state",
                 (job_id,),
             )
@@ -840,7 +928,7 @@ class Outbox:
         removed = 0
         with self._db.connect() as conn:
             rows = conn.execute(
-                "SELECT o.sop_instance_uid, o.path FROM objects o WHERE NOT EXISTS (SELECT 1 FROM items i "
+                "SELECT o.sop_instance_uid, o.path FROM {objects} o WHERE NOT EXISTS (SELECT 1 FROM {items} i "
                 "WHERE i.sop_instance_uid = o.sop_instance_uid AND (i.state NOT IN (?, ?, ?) OR i.updated_at >= ?))",
                 (*(s.value for s in FINAL_STATES), cutoff),
             ).fetchall()
@@ -852,3 +940,40 @@ class Outbox:
         return removed
 
 
+
+    # -- migration ----------------------------------------------------------------------
+
+    def is_empty(self) -> bool:
+        """Whether no table of the outbox holds a row."""
+        with self._db.connect() as conn:
+            return not any(conn.execute("SELECT 1 FROM {" + t + "} LIMIT 1").fetchone() for t in ROW_TABLES)
+
+    def copy_from(self, source: Outbox) -> dict[str, int]:
+        """Copy every row of ``source`` into this empty outbox, ids and states kept (``radnode db migrate``).
+
+        Items keep their ids because attempts refer to them and operators know them from
+        ``radnode status``; object rows keep their file paths (the files stay where they
+        are, on the node). Raises :class:`ValueError` when this outbox holds rows already:
+        a migration never merges two outboxes. Returns table -> rows copied.
+        """
+        found: dict[str, list[Any]] = {}
+        with source._db.connect() as conn:
+            for table in ROW_TABLES:
+                found[table] = conn.execute("SELECT * FROM {" + table + "} ORDER BY 1").fetchall()
+        with self._db.write() as conn:
+            if any(conn.execute("SELECT 1 FROM {" + t + "} LIMIT 1").fetchone() for t in ROW_TABLES):
+                raise ValueError(f"the outbox at {self.describe()} holds rows already; migrate into an empty one")
+            for table, rows in found.items():
+                if rows:
+                    columns = list(rows[0].keys())
+                    conn.executemany(
+                        f"INSERT INTO {{{table}}} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                        [tuple(row) for row in rows],
+                    )
+            if self._db.store.dialect is Dialect.POSTGRESQL:  # new ids continue after the copied ones
+                for table in ("items", "attempts"):
+                    conn.execute(
+                        "SELECT setval(pg_get_serial_sequence('{" + table + "}', 'id'), "
+                        "(SELECT COALESCE(MAX(id), 0) + 1 FROM {" + table + "}), false)"
+                    )
+        return {table: len(rows) for table, rows in found.items()}

@@ -7,12 +7,13 @@ Three roles, created by the database administrator (docs/operations.md):
     configured on a node or worker.
 ``node``
     The node (listener, completion, routing, dispatch, recovery): reads and writes rows of
-    every radnode table, cannot create, alter or drop any (not the owner, no ``CREATE``
-    on the schema).
+    every radnode table, the outbox's included, cannot create, alter or drop any (not the
+    owner, no ``CREATE`` on the schema).
 ``worker``
     A ``radnode worker``: claims and finishes jobs, records attempts, its registry row and
     handed-back results, reads where the node is. It cannot enqueue or delete jobs, and
-    cannot change the node's registration.
+    cannot change the node's registration. It has no right on the outbox tables: workers
+    hand results back, only the node stages and delivers them.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ from __future__ import annotations
 from psycopg import sql
 
 from radnode.pipeline.database import PostgresDB
+from radnode.pipeline.outbox import POSTGRES_TABLES, ROW_TABLES, create_postgres_tables
 
-#: Tables created by the stores (job queue and shared state).
-TABLES = ("jobs", "job_attempts", "radnode_nodes", "radnode_workers", "radnode_results")
+#: Tables created by the stores (job queue, shared state, outbox).
+TABLES = (
+    "jobs", "job_attempts", "radnode_nodes", "radnode_workers", "radnode_results",
+    *(POSTGRES_TABLES[t] for t in ROW_TABLES),
+)
 
 #: Table -> privileges of the worker role.
 WORKER_GRANTS: dict[str, tuple[str, ...]] = {
@@ -41,6 +46,7 @@ def init_database(owner_url: str, node_role: str | None, worker_role: str | None
 
     PostgresJobQueue(owner_url)
     SharedState(owner_url)
+    create_postgres_tables(owner_url)
     statements: list[sql.Composable] = [sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC")]
     if node_role:
         role = sql.Identifier(node_role)

@@ -19,9 +19,11 @@ Three small tables, next to the job queue of :mod:`radnode.pipeline.pg_queue`:
     node already staged is never replaced, and re-staging an identical object adds nothing
     to the outbox.
 
-Why not a shared outbox instead: only the node sends. Keeping the outbox on the node
-keeps its file store, review hold, destination health and ``awaiting review`` states in one
-place with one implementation; the shared part is just this hand-over table.
+Why a hand-over table and not workers writing into the outbox: the outbox's rows are shared
+too (its ``outbox_*`` tables in the same database, see :mod:`radnode.pipeline.outbox`), but
+its object files live on the node, the only sender. A worker cannot put a file there, and
+staging decides destinations and review holds from the node's configuration; so a worker
+hands the finished phase over here and the node stages it into the shared outbox.
 """
 
 from __future__ import annotations

@@ -250,7 +250,7 @@ class PipelineService:
             if remote
             else SQLiteJobQueue.in_data_dir(self.data_dir, backoff=job_backoff or Backoff())  # embedded default
         )
-        outbox_kwargs: dict[str, Any] = {"backoff": dispatch_backoff}
+        outbox_kwargs: dict[str, Any] = {"backoff": dispatch_backoff, "database_url": remote}
         if dispatch_max_attempts is not None:
             outbox_kwargs["max_attempts"] = dispatch_max_attempts
         self.outbox = Outbox(self.data_dir, **outbox_kwargs)

@@ -169,7 +169,7 @@ def job_detail(settings: Settings, job_id: int) -> dict[str, Any]:
     """One job: its record, attempts, deliveries, result.json and which overlay PNGs exist."""
     from radnode.dicom_io.overlays import OVERLAY_DIR, OVERLAY_NAMES
     from radnode.node.status import format_status
-    from radnode.pipeline.outbox import OUTBOX_DB, Outbox
+    from radnode.pipeline.outbox import Outbox, outbox_exists
     from radnode.pipeline.queue import QUEUE_FILE, JobNotFound, SQLiteJobQueue, open_queue
 
     path = data_dir(settings) / QUEUE_FILE
@@ -184,8 +184,8 @@ def job_detail(settings: Settings, job_id: int) -> dict[str, Any]:
     detail["job"].pop("result", None)
     detail["series"] = _series_attributes(settings, [job.series_uid]).get(job.series_uid, {})
     deliveries = []
-    if (data_dir(settings) / OUTBOX_DB).exists():
-        for item in Outbox(data_dir(settings)).items(job_id=job.id):
+    if outbox_exists(data_dir(settings), settings.database.url):
+        for item in Outbox(data_dir(settings), database_url=settings.database.url).items(job_id=job.id):
             deliveries.append(
                 {
                     "id": item.id, "object": item.object_type, "sop_instance_uid": item.sop_instance_uid,
@@ -224,12 +224,12 @@ def overlay_file(settings: Settings, job_id: int, name: str) -> Path:
 
 def review_state(settings: Settings, job_id: int) -> dict[str, Any] | None:
     """What awaits review in a job (destinations, structures) and the decision, if any."""
-    from radnode.pipeline.outbox import OUTBOX_DB, Outbox
+    from radnode.pipeline.outbox import Outbox, outbox_exists
     from radnode.pipeline.review import awaiting
 
-    if not (data_dir(settings) / OUTBOX_DB).exists():
+    if not outbox_exists(data_dir(settings), settings.database.url):
         return None
-    outbox = Outbox(data_dir(settings))
+    outbox = Outbox(data_dir(settings), database_url=settings.database.url)
     decision = outbox.review(job_id)
     return {"awaiting": awaiting(outbox, job_id), "decision": decision.to_dict() if decision else None}
 
@@ -259,12 +259,12 @@ def review_decide(
     from radnode.pipeline.review import approve, awaiting, reject
 
     try:
-        open_queue(data_dir(settings)).get(job_id)
+        open_queue(data_dir(settings), settings.database.url).get(job_id)
     except JobNotFound as exc:
         raise NotFound(str(exc)) from None
     if decision == "reject" and not comment.strip():
         raise ValueError("a rejection needs a reason (field 'reason')")
-    outbox = Outbox(data_dir(settings))
+    outbox = Outbox(data_dir(settings), database_url=settings.database.url)
     known = awaiting(outbox, job_id)["structures"]
     unknown = [n for n in rejected if n not in known]
     if unknown:
@@ -283,7 +283,8 @@ def retry(settings: Settings, job_id: int) -> str:
     from radnode.pipeline.queue import open_queue
     from radnode.pipeline.steering import retry_job
 
-    return retry_job(open_queue(data_dir(settings), settings.database.url), Outbox(data_dir(settings)), job_id).message()
+    url = settings.database.url
+    return retry_job(open_queue(data_dir(settings), url), Outbox(data_dir(settings), database_url=url), job_id).message()
 
 
 def cancel(settings: Settings, job_id: int) -> str:
