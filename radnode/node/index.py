@@ -719,3 +719,19 @@ def _reached(state: SeriesState, count: int, expected: int | None, completed: in
         and count >= expected
         and completed < expected
     )
+
+
+def open_existing_index(data_dir: Path | str, database_url: str | None) -> NodeIndex | None:
+    """The node's index for a reader (status, dashboard, pipeline), or ``None`` when there is none yet.
+
+    On SQLite "none yet" means no file: a reader must not create an empty index in a folder
+    where no node ever received. A PostgreSQL index is always there to open (its schema is
+    created when missing, which an empty index is).
+    """
+    from radnode.node.storage import INDEX_FILE
+    from radnode.pipeline.database import is_postgres_url
+
+    path = Path(data_dir) / INDEX_FILE
+    if not is_postgres_url(database_url) and not path.exists():
+        return None
+    return NodeIndex(path, database_url=database_url)
