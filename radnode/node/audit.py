@@ -15,7 +15,7 @@ is what survives when the database does not. Records reach the table from a back
 thread in batches; while the database is away they wait in memory (up to
 :data:`MAX_PENDING`, beyond which the oldest are left to the file alone, with a warning)
 and are written when it is back. Each record carries a random id, so a batch written
-twice after a lost acknowledgement is stored once.
+twice after a lost acknowledgement is stored once; a sequence number keeps the order written.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ AUDIT_FIELDS = frozenset(
 AUDIT_TABLE = "audit_events"
 _AUDIT_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (
-    id     TEXT PRIMARY KEY,
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    id     TEXT NOT NULL UNIQUE,
     time   TEXT NOT NULL,
     event  TEXT NOT NULL,
     fields TEXT NOT NULL
@@ -241,10 +242,10 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
 
 
 def read_audit_db(url: str) -> list[dict[str, Any]]:
-    """Read every record of the ``audit_events`` table, oldest first, shaped like a line of the file."""
+    """Read every record of the ``audit_events`` table in the order written, shaped like a line of the file."""
     from radnode.sqlstore import PostgresStore
 
     store = PostgresStore(url, _AUDIT_SCHEMA, AUDIT_TABLE, "audit")
     with store.connect() as conn:
-        rows = conn.execute(f"SELECT time, event, fields FROM {AUDIT_TABLE} ORDER BY time, id").fetchall()
+        rows = conn.execute(f"SELECT time, event, fields FROM {AUDIT_TABLE} ORDER BY seq").fetchall()
     return [{"time": row[0], "event": row[1], **json.loads(row[2])} for row in rows]
