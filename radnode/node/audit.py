@@ -219,10 +219,8 @@ class _DatabaseWriter:
                 self._cv.notify_all()
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
-        from radnode.sqlstore import PostgresStore
-
         if self._store is None:
-            self._store = PostgresStore(self.url, _AUDIT_SCHEMA, AUDIT_TABLE, "audit")
+            self._store = audit_store(self.url)
         with self._store.connect() as conn:
             conn.executemany(
                 f"INSERT INTO {AUDIT_TABLE} (id, time, event, fields) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
@@ -241,11 +239,15 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def read_audit_db(url: str) -> list[dict[str, Any]]:
-    """Read every record of the ``audit_events`` table in the order written, shaped like a line of the file."""
+def audit_store(url: str) -> Any:
+    """The ``audit_events`` table at ``url`` (created when missing), a :class:`radnode.sqlstore.PostgresStore`."""
     from radnode.sqlstore import PostgresStore
 
-    store = PostgresStore(url, _AUDIT_SCHEMA, AUDIT_TABLE, "audit")
-    with store.connect() as conn:
+    return PostgresStore(url, _AUDIT_SCHEMA, AUDIT_TABLE, "audit")
+
+
+def read_audit_db(url: str) -> list[dict[str, Any]]:
+    """Read every record of the ``audit_events`` table in the order written, shaped like a line of the file."""
+    with audit_store(url).connect() as conn:
         rows = conn.execute(f"SELECT time, event, fields FROM {AUDIT_TABLE} ORDER BY seq").fetchall()
     return [{"time": row[0], "event": row[1], **json.loads(row[2])} for row in rows]
