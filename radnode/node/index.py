@@ -735,3 +735,12 @@ def open_existing_index(data_dir: Path | str, database_url: str | None) -> NodeI
     if not is_postgres_url(database_url) and not path.exists():
         return None
     return NodeIndex(path, database_url=database_url)
+
+
+def postgres_index_store(database_url: str) -> Any:
+    """The index's tables at ``database_url`` as a :class:`radnode.sqlstore.PostgresStore` (schema
+    created when missing), for bulk work such as ``radnode db migrate``; its :meth:`write`
+    excludes every :class:`NodeIndex` writer of the same database."""
+    from radnode.sqlstore import PostgresStore
+
+    return PostgresStore(database_url, _SCHEMA.format_map(POSTGRES_TABLES), POSTGRES_TABLES["series"], "index")
