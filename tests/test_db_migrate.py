@@ -88,7 +88,7 @@ def test_migrate_copies_every_job_and_attempt_and_refuses_a_second_time(pg_url: 
     assert claimed is not None and claimed.id in (waiting.id, newer.id)
 
     again = _radnode(config, "db", "migrate", "--to", pg_url)
-    assert again.returncode == 1 and "already holds jobs" in again.stderr + again.stdout
+    assert again.returncode == 1 and "already holds a series index" in again.stderr + again.stdout
 
 
 def test_migrate_refuses_without_a_queue_or_with_a_non_postgres_url(pg_url: str, tmp_path: Path) -> None:
