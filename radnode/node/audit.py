@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import uuid
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,8 @@ class _DatabaseWriter:
         self._stopping = False
         self._dropped = 0
         self._store: Any = None
+        self._conn: Any = None
+        self._conn_stack: ExitStack | None = None
         self._thread = threading.Thread(target=self._run, name="audit-db", daemon=True)
         self._thread.start()
 
@@ -192,6 +195,7 @@ class _DatabaseWriter:
             with self._cv:
                 self._cv.wait_for(lambda: self._pending or self._stopping)
                 if self._stopping:
+                    self._disconnect()
                     return
                 batch = [self._pending.popleft() for _ in range(min(_BATCH, len(self._pending)))]
                 self._busy = True
@@ -219,13 +223,30 @@ class _DatabaseWriter:
                 self._cv.notify_all()
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
-        if self._store is None:
-            self._store = audit_store(self.url)
-        with self._store.connect() as conn:
-            conn.executemany(
+        # One connection kept for the thread's life: records come one at a time at ingest
+        # rates, and a connection per batch would start a server process per record.
+        if self._conn is None:
+            if self._store is None:
+                self._store = audit_store(self.url)
+            stack = ExitStack()
+            self._conn = stack.enter_context(self._store.connect())
+            self._conn_stack = stack
+        try:
+            self._conn.executemany(
                 f"INSERT INTO {AUDIT_TABLE} (id, time, event, fields) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 [_row(entry) for entry in batch],
             )
+        except Exception:
+            self._disconnect()
+            raise
+
+    def _disconnect(self) -> None:
+        if self._conn_stack is not None:
+            try:
+                self._conn_stack.close()
+            except Exception:  # already broken
+                pass
+        self._conn, self._conn_stack = None, None
 
 
 def _row(entry: dict[str, Any]) -> tuple[str, str, str, str]:
