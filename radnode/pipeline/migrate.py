@@ -5,8 +5,8 @@ and the outbox (which refers to jobs by id) read the same after the move. Jobs t
 ``running`` keep their old lease; on PostgreSQL the node's lease recovery puts them back
 in the queue once it has run out, like any job of a lost worker.
 
-The outbox and the series index stay in the node's data folder: only the node receives
-and only the node delivers (see :mod:`radnode.pipeline.pg_shared`).
+The series index and the audit trail move too (:func:`migrate_index`). The outbox stays
+in the node's data folder: only the node delivers (see :mod:`radnode.pipeline.pg_shared`).
 
 The node must be stopped (its pipeline lock is checked), and the target must hold no jobs
 yet: a migration never merges two queues.
