@@ -14,6 +14,11 @@ Usage::
 
     .venv/bin/python benchmarks/ingest.py [--slices 500] [--rounds 3] [--workdir DIR]
 
+``--database-url postgresql://…`` adds ``radnode+pg`` and ``radnode+pg x4``: the same node
+with ``database.url`` set, so its series index (and audit trail) live in PostgreSQL. Each
+of their runs gets a fresh database, created and dropped through that URL (its role needs
+``CREATEDB``); ``radnode+pg / radnode`` is the price of the shared index.
+
 With several rounds the receivers take turns, and the median per receiver is reported,
 so that a noisy neighbour on the machine hits all of them alike. Every run gets a new,
 empty storage folder, and ``sync`` runs before each one, so that nobody pays for the
@@ -208,10 +213,45 @@ def dashboard_viewer(port: int, data: Path, every: float) -> Iterator[None]:
         thread.join(10)
 
 
+@contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """A new, empty database beside ``admin_url``'s (dropped afterwards); yields its URL."""
+    import uuid
+
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    name = f"radnode_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield urlunsplit(urlsplit(admin_url)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def run_radnode(
-    work: Path, data: Path, files: list[Path], associations: int, dashboard: bool = False, poll: float = 1.0
+    work: Path,
+    data: Path,
+    files: list[Path],
+    associations: int,
+    dashboard: bool = False,
+    poll: float = 1.0,
+    database_url: str | None = None,
 ) -> float:
-    """radnode serve; ``dashboard`` turns the web dashboard on, with a viewer polling it every ``poll`` s."""
+    """radnode serve; ``dashboard`` turns the web dashboard on, with a viewer polling it every ``poll`` s;
+    ``database_url`` puts its index in a fresh database of that server."""
+    if database_url is not None:
+        with fresh_database(database_url) as url:
+            return _run_radnode(work, data, files, associations, dashboard, poll, url)
+    return _run_radnode(work, data, files, associations, dashboard, poll, None)
+
+
+def _run_radnode(
+    work: Path, data: Path, files: list[Path], associations: int, dashboard: bool, poll: float, database_url: str | None
+) -> float:
     fresh(data)
     port = free_port()
     web_port = free_port()
@@ -225,6 +265,7 @@ def run_radnode(
                 "metrics": {"enabled": False},
                 "dashboard": {"enabled": dashboard, "host": "127.0.0.1", "port": web_port},
                 "logging": {"level": "WARNING"},
+                **({"database": {"url": database_url}} if database_url else {}),
             }
         )
     )
@@ -292,6 +333,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="Comma-separated receivers, e.g. 'radnode,radnode+web'.")
     parser.add_argument("--web-poll", type=float, default=1.0,
                         help="radnode+web: seconds between overview refreshes of the polling viewer (0: dashboard idle).")
+    parser.add_argument("--database-url", default=None,
+                        help="Also run radnode with its index in PostgreSQL (a fresh database per run, created via this URL).")
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="radnode-ingest-bench-"))
@@ -310,6 +353,9 @@ def main() -> None:
         "radnode x4": lambda storage: run_radnode(work, storage, files, 4),
         "radnode+web": lambda storage: run_radnode(work, storage, files, 1, dashboard=True, poll=args.web_poll),
     }
+    if args.database_url:
+        receivers["radnode+pg"] = lambda storage: run_radnode(work, storage, files, 1, database_url=args.database_url)
+        receivers["radnode+pg x4"] = lambda storage: run_radnode(work, storage, files, 4, database_url=args.database_url)
     if args.only:
         receivers = {name: run for name, run in receivers.items() if name in args.only.split(",")}
     rates: dict[str, list[float]] = {name: [] for name in receivers}
@@ -331,6 +377,10 @@ def main() -> None:
         print(f"radnode x4 / radnode = {median['radnode x4'] / median['radnode']:.2f}")
     if {"radnode", "radnode+web"} <= set(median):
         print(f"radnode+web / radnode = {median['radnode+web'] / median['radnode']:.2f}  (dashboard on, viewer polling every {args.web_poll:g} s)")
+    if {"radnode", "radnode+pg"} <= set(median):
+        print(f"radnode+pg / radnode = {median['radnode+pg'] / median['radnode']:.2f}  (series index and audit in PostgreSQL)")
+    if {"radnode x4", "radnode+pg x4"} <= set(median):
+        print(f"radnode+pg x4 / radnode x4 = {median['radnode+pg x4'] / median['radnode x4']:.2f}")
     shutil.rmtree(runs, ignore_errors=True)
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""``radnode db migrate --to postgresql://…``: an SQLite node's queue and outbox move into PostgreSQL intact."""
+"""``radnode db migrate --to postgresql://…``: an SQLite node's queue, outbox, series index
+and audit trail move into PostgreSQL intact."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import yaml
 from pg_support import PgCluster, pg_cluster, pg_url  # noqa: F401  (fixtures)
 from pipeline_support import first_header, write_result_objects
 from radnode.config import Settings
+from radnode.node.audit import AuditLog, read_audit, read_audit_db
+from radnode.node.index import InstanceRecord, NodeIndex, SeriesState
+from radnode.node.storage import AUDIT_FILE, INDEX_FILE
 from radnode.pipeline.jobs import FailureReason, JobKind, JobSpec, JobState, Phase, PhaseState, Priority
 from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox, ReviewDecision
 from radnode.pipeline.pg_queue import PostgresJobQueue
@@ -41,8 +45,30 @@ def _outbox_with_history(data: Path, shared_data: Path, job_id: int) -> Outbox:
     return outbox
 
 
+def _record(series: str, sop: str, at: float, version: int = 1) -> InstanceRecord:
+    return InstanceRecord(sop, version, series, "1.9", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2", "CT", "CT1", "127.0.0.1", f"x/{sop}_{version}.dcm", 10, at)
+
+
+def _index_and_audit(data: Path) -> None:
+    """A node's index with series in every state, a version, a failed announcement; and its audit file."""
+    index = NodeIndex(data / INDEX_FILE)
+    for series, count, at in (("1.1", 3, 100.0), ("1.2", 2, 100.0), ("1.3", 1, 500.0)):
+        for i in range(count):
+            index.add_instance(_record(series, f"{series}.{i}", at + i), {"Modality": "CT"}, None)
+    index.add_instance(_record("1.1", "1.1.0", 103.0, version=2), {}, None)
+    index.complete_due(200.0, 10, 100)  # 1.1 and 1.2 complete, 1.3 still receiving
+    index.mark_processed("1.2", 210.0)
+    index.record_completion_failure("1.1", "queue", 1, 220.0, "down", lambda n: 5.0)
+    index.close()
+    audit = AuditLog(data / AUDIT_FILE)
+    audit.record("instance-stored", sop_instance_uid="1.1.0", size=10)
+    audit.record("series-complete", series_instance_uid="1.1", round=1)
+    audit.close()
+
+
 def test_migrate_copies_every_job_and_attempt_and_refuses_a_second_time(pg_url: str, tmp_path: Path, shared_data: Path) -> None:
     data = tmp_path / "data"
+    _index_and_audit(data)
     sqlite = SQLiteJobQueue.in_data_dir(data)
     spec = dict(input_path=tmp_path, pipeline_version="1")
     done = sqlite.enqueue(JobSpec(series_uid="1.1", destinations=("pacs",), instance_count=60, **spec))  # type: ignore[arg-type]
@@ -61,6 +87,18 @@ def test_migrate_copies_every_job_and_attempt_and_refuses_a_second_time(pg_url: 
     out = _radnode(config, "db", "migrate", "--to", pg_url)
     assert out.returncode == 0, out.stderr
     assert "migrated 4 job(s), 2 attempt(s) and 4 outbox item(s)" in out.stdout
+    assert "migrated 3 series, 7 instance row(s), 1 completion failure(s) and 2 audit record(s)" in out.stdout
+
+    before, after = NodeIndex(data / INDEX_FILE), NodeIndex(tmp_path / "unused.sqlite", database_url=pg_url)
+    for state in SeriesState:
+        assert after.series_in_state(state) == before.series_in_state(state)
+    assert [s.state for s in after.series_in_state(*SeriesState)] == [SeriesState.PROCESSED, SeriesState.COMPLETE, SeriesState.RECEIVING]
+    for series in ("1.1", "1.2", "1.3"):
+        assert after.series_instances(series) == before.series_instances(series)
+    assert after.completion_failures() == before.completion_failures()
+    assert read_audit_db(pg_url) == read_audit(data / AUDIT_FILE)
+    # the migrated index carries on: 1.3 completes on the PostgreSQL side
+    assert [s.series_instance_uid for s, _ in after.complete_due(1000.0, 10, 100)] == ["1.3"]
 
     pg = PostgresJobQueue(pg_url)
     for job in (done, failed, waiting, forward):
@@ -84,7 +122,7 @@ def test_migrate_copies_every_job_and_attempt_and_refuses_a_second_time(pg_url: 
     assert added.id == max(i.id for i in outbox.items()) + 1  # item ids continue after the migrated ones
 
     again = _radnode(config, "db", "migrate", "--to", pg_url)
-    assert again.returncode == 1 and "already holds jobs" in again.stderr + again.stdout
+    assert again.returncode == 1 and "already holds a series index" in again.stderr + again.stdout
 
 
 def test_migrate_refuses_without_a_queue_or_with_a_non_postgres_url(pg_url: str, tmp_path: Path) -> None:
@@ -125,3 +163,16 @@ def test_migrate_refuses_while_the_node_runs(pg_url: str, tmp_path: Path) -> Non
         locks.release()
     assert out.returncode == 1 and "stop it first" in out.stderr + out.stdout
     assert PostgresJobQueue(pg_url).counts()[JobState.QUEUED] == 0
+
+
+def test_migrate_refuses_a_target_that_holds_an_index_before_copying_anything(pg_url: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _index_and_audit(data)
+    SQLiteJobQueue.in_data_dir(data).enqueue(JobSpec(series_uid="1.1", input_path=tmp_path, pipeline_version="1"))
+    NodeIndex(tmp_path / "unused.sqlite", database_url=pg_url).add_instance(_record("9.1", "9.1.1", 1.0), {}, None)
+    config = tmp_path / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"storage": {"data_dir": str(data)}}))
+    out = _radnode(config, "db", "migrate", "--to", pg_url)
+    assert out.returncode == 1 and "already holds a series index" in out.stderr + out.stdout
+    assert PostgresJobQueue(pg_url).counts()[JobState.QUEUED] == 0
+    assert read_audit_db(pg_url) == []

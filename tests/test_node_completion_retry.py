@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+from index_support import index_url  # noqa: F401  (fixture: each test runs on SQLite and on PostgreSQL)
+from pg_support import pg_cluster  # noqa: F401  (session fixture)
 from rich.console import Console
 
 from radnode.cli.status_cmd import collect_status, render
@@ -40,18 +42,18 @@ class Flaky:
         self.got.append(event)
 
 
-def _completion(data: Path, subscriber: Flaky) -> tuple[NodeIndex, SeriesCompletion]:
-    index = NodeIndex(data / INDEX_FILE)
+def _completion(data: Path, subscriber: Flaky, url: str | None) -> tuple[NodeIndex, SeriesCompletion]:
+    index = NodeIndex(data / INDEX_FILE, database_url=url)
     completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=1, force_seconds=10), retry_base_seconds=5)
     completion.subscribe(subscriber)
     index.add_instance(_record("1.9.1", "1.9.1.1", 100.0), {}, None)
     return index, completion
 
 
-def test_a_subscriber_that_fails_twice_then_succeeds_gets_the_series(tmp_path: Path) -> None:
+def test_a_subscriber_that_fails_twice_then_succeeds_gets_the_series(tmp_path: Path, index_url: str | None) -> None:
     flaky = Flaky(failures=2)
     others: list[SeriesCompleted] = []
-    index, completion = _completion(tmp_path, flaky)
+    index, completion = _completion(tmp_path, flaky, index_url)
     completion.subscribe(others.append)
     assert len(completion.check_due(102.0)) == 1  # complete; the first announcement fails
     assert len(others) == 1  # the other subscriber is not held up
@@ -70,11 +72,11 @@ def test_a_subscriber_that_fails_twice_then_succeeds_gets_the_series(tmp_path: P
     assert flaky.calls == 3
 
 
-def test_a_subscriber_that_always_fails_shows_the_series_as_stuck(tmp_path: Path) -> None:
+def test_a_subscriber_that_always_fails_shows_the_series_as_stuck(tmp_path: Path, index_url: str | None) -> None:
     data = tmp_path / "data"
     data.mkdir()
     broken = Flaky(failures=10**6)
-    index, completion = _completion(data, broken)
+    index, completion = _completion(data, broken, index_url)
     now = 102.0
     for _ in range(6):
         completion.check_due(now)
@@ -85,7 +87,7 @@ def test_a_subscriber_that_always_fails_shows_the_series_as_stuck(tmp_path: Path
 
     # A restarted node still knows (the failure is in the index), and radnode status shows it.
     index.close()
-    status = collect_status(Settings(storage={"data_dir": str(data)}))
+    status = collect_status(Settings(storage={"data_dir": str(data)}, database={"url": index_url}))
     (row,) = status["series"]["stuck"]
     assert row["series_uid"] == "1.9.1" and row["attempts"] == 6 and "unavailable" in row["last_error"]
     assert row["subscriber"].endswith("Flaky")
@@ -94,7 +96,7 @@ def test_a_subscriber_that_always_fails_shows_the_series_as_stuck(tmp_path: Path
     assert "Stuck series" in out.getvalue() and "1.9.1" in out.getvalue()
 
     # Once the series is processed by other means, the retry is dropped, not repeated.
-    index = NodeIndex(data / INDEX_FILE)
+    index = NodeIndex(data / INDEX_FILE, database_url=index_url)
     completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=1, force_seconds=10))
     completion.subscribe(broken)
     assert index.mark_processed("1.9.1", now)
@@ -103,9 +105,9 @@ def test_a_subscriber_that_always_fails_shows_the_series_as_stuck(tmp_path: Path
     assert index.series("1.9.1").state is SeriesState.PROCESSED
 
 
-def test_replay_after_a_restart_goes_through_the_same_retries(tmp_path: Path) -> None:
+def test_replay_after_a_restart_goes_through_the_same_retries(tmp_path: Path, index_url: str | None) -> None:
     flaky = Flaky(failures=1)
-    index, completion = _completion(tmp_path, Flaky(failures=0))
+    index, completion = _completion(tmp_path, Flaky(failures=0), index_url)
     completion.check_due(102.0)
     late = SeriesCompletion(index, SeriesSettings(quiet_seconds=1, force_seconds=10), retry_base_seconds=5)
     late.subscribe(flaky)

@@ -13,12 +13,11 @@ import pydicom
 import pytest
 from node_support import IBSI_SLICES, dataset_bytes
 
-from radnode.config.model import NodeSettings, RoutingRule, RuleMatch, SeriesSettings
+from radnode.config.model import NodeSettings, RoutingRule, RuleMatch
 from radnode.node.access import AccessPolicy
 from radnode.node.audit import AuditLog, read_audit
-from radnode.node.completion import SeriesCompletion
 from radnode.node.header import HeaderError, parse_header
-from radnode.node.index import InstanceRecord, NodeIndex, SeriesState
+from radnode.node.index import NodeIndex
 from radnode.node.routing import evaluate, format_decision
 from radnode.node.series_attributes import SeriesAttributes
 from radnode.node.status import RejectReason, RejectResult, RejectSource
@@ -313,83 +312,7 @@ def test_loop_guard_and_non_image_series_are_never_processed() -> None:
 
 # --- series completion --------------------------------------------------------------------------
 
-
-def _record(series: str, sop: str, at: float, sop_class: str = CT_IMAGE_STORAGE) -> InstanceRecord:
-    return InstanceRecord(sop, 1, series, "1.9", sop_class, "1.2.840.10008.1.2", "CT", "CT1", "127.0.0.1", f"x/{sop}.dcm", 10, at)
-
-
-def test_completion_quiet_force_expected_update_and_restart(tmp_path: Path) -> None:
-    db = tmp_path / "index.sqlite"
-    index = NodeIndex(db)
-    completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=10, force_seconds=100))
-    seen = []
-    completion.subscribe(seen.append)
-
-    # quiet: 3 instances, then silence
-    for i in range(3):
-        index.add_instance(_record("1.1", f"1.1.{i}", 1000.0 + i), {}, None)
-    assert completion.check_due(1011.9) == []
-    (event,) = completion.check_due(1012.0)
-    assert (event.reason, event.instance_count, event.round) == ("quiet", 3, 1)
-    assert index.series("1.1").state is SeriesState.COMPLETE
-
-    # force: an instance every 5 s never leaves 10 s of quiet
-    for i in range(21):
-        index.add_instance(_record("2.1", f"2.1.{i}", 2000.0 + 5 * i), {}, None)
-        events = completion.check_due(2000.0 + 5 * i + 4.9)
-        if i < 20:
-            assert events == []
-    (event,) = events
-    assert (event.series_instance_uid, event.reason, event.instance_count) == ("2.1", "force", 21)
-    assert index.series("2.1").state is SeriesState.COMPLETE
-    assert seen[-1] == event
-
-    # expected count: complete as soon as the 4th of 4 arrives
-    for i in range(4):
-        change = index.add_instance(_record("3.1", f"3.1.{i}", 3000.0 + i), {}, 4)
-        assert change.expected_reached == (i == 3)
-    (event,) = completion.check_due(3003.0)
-    assert (event.reason, event.expected_count) == ("expected-count", 4)
-
-    # update: a new instance for a complete series opens round 2
-    change = index.add_instance(_record("1.1", "1.1.9", 5000.0), {}, None)
-    assert (change.state, change.round) == (SeriesState.UPDATED, 2)
-    assert completion.mark_processed("1.1") is False  # not complete now
-    index.close()
-
-    # restart: a fresh index object on the same file resumes the timers
-    index = NodeIndex(db)
-    completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=10, force_seconds=100))
-    (event,) = completion.check_due(5010.0)
-    assert (event.series_instance_uid, event.round, event.instance_count, event.is_update) == ("1.1", 2, 4, True)
-    assert completion.mark_processed("1.1") is True
-    assert index.series("1.1").state is SeriesState.PROCESSED
-    assert [e.series_instance_uid for e in completion.pending()] == ["2.1", "3.1"]
-
-
-def test_update_ignored_when_configured(tmp_path: Path) -> None:
-    index = NodeIndex(tmp_path / "index.sqlite")
-    completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=1, force_seconds=10))
-    index.add_instance(_record("1.1", "1.1.1", 100.0), {}, None)
-    completion.check_due(200.0)
-    change = index.add_instance(_record("1.1", "1.1.2", 300.0), {}, None, on_update="ignore")
-    assert change.update_ignored and change.state is SeriesState.COMPLETE
-    assert completion.check_due(400.0) == []
-    assert index.series("1.1").instance_count == 2
-
-
-def test_subscriber_failure_does_not_stop_others(tmp_path: Path) -> None:
-    index = NodeIndex(tmp_path / "index.sqlite")
-    completion = SeriesCompletion(index, SeriesSettings(quiet_seconds=1, force_seconds=10))
-    got = []
-
-    def broken(event: object) -> None:
-        raise RuntimeError("pipeline down")
-
-    completion.subscribe(broken)
-    completion.subscribe(got.append)
-    index.add_instance(_record("1.1", "1.1.1", 100.0), {}, None)
-    assert len(completion.check_due(102.0)) == 1 and len(got) == 1
+# The index's completion tests run on both backends: tests/test_index_contract.py.
 
 
 # --- audit --------------------------------------------------------------------------------------

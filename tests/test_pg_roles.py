@@ -15,6 +15,8 @@ import pytest
 from pg_support import PgCluster, pg_cluster  # noqa: F401  (session fixture)
 from pipeline_support import first_header, write_result_objects
 from radnode.config import Settings
+from radnode.node.audit import AuditLog, read_audit_db
+from radnode.node.index import InstanceRecord, NodeIndex
 from radnode.pipeline.jobs import JobSpec, current_pipeline_version
 from radnode.pipeline.outbox import AttemptOutcome, ItemState, Outbox
 from radnode.pipeline.pg_queue import PostgresJobQueue
@@ -53,6 +55,20 @@ def test_node_and_worker_roles_get_least_privilege(pg_cluster: PgCluster, tmp_pa
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)
 
+    # The series index and the audit trail: the node writes both; the audit only grows.
+    index = NodeIndex(tmp_path / "unused.sqlite", database_url=node_url)
+    index.add_instance(InstanceRecord("1.2.1", 1, "1.2", "1.9", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2", "CT", "CT1", "127.0.0.1", "x.dcm", 1, 1.0), {}, None)
+    assert [s.series_instance_uid for s, _ in index.complete_due(100.0, 10, 100)] == ["1.2"]
+    audit = AuditLog(tmp_path / "audit.jsonl", node_url)
+    audit.record("instance-stored", sop_instance_uid="1.2.1")
+    assert audit.flush(30)
+    audit.close()
+    assert [r["event"] for r in read_audit_db(node_url)] == ["instance-stored"]
+    with psycopg.connect(node_url, autocommit=True) as conn:
+        for statement in ("UPDATE audit_events SET event = 'x'", "DELETE FROM audit_events", "DROP TABLE index_series"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+
     worker = PostgresJobQueue(worker_url, queues=["cpu"])
     shared = SharedState(worker_url)
     claimed = worker.claim("w1", 60)
@@ -68,6 +84,7 @@ def test_node_and_worker_roles_get_least_privilege(pg_cluster: PgCluster, tmp_pa
         for statement in (
             "INSERT INTO jobs (series_uid) VALUES ('x')", "DELETE FROM jobs", "UPDATE radnode_nodes SET port = 1",
             "DROP TABLE radnode_results", "SELECT * FROM outbox_items", "UPDATE outbox_destinations SET state = 'up'",
+            "DROP TABLE radnode_results", "SELECT * FROM index_series", "SELECT * FROM audit_events",
         ):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute(statement)

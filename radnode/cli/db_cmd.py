@@ -45,20 +45,23 @@ def register(app: typer.Typer) -> None:
         ctx: typer.Context,
         to: Annotated[str, typer.Option("--to", help="Target database URL, postgresql://user@host:5432/db.")],
     ) -> None:
-        """Copy the job queue and outbox rows of storage.data_dir into an empty PostgreSQL database (node stopped).
+        """Copy the job queue, outbox rows, series index and audit trail of storage.data_dir into an
+        empty PostgreSQL database (node stopped).
 
         Afterwards set database.url to the same URL (RADNODE_DATABASE__URL) and start the node.
         """
         from radnode.pipeline.database import is_postgres_url, redact
-        from radnode.pipeline.migrate import MigrationError, migrate_queue
+        from radnode.pipeline.migrate import MigrationError, check_index_target, migrate_index, migrate_queue
 
         if not is_postgres_url(to):
             fail("--to must be a postgresql:// URL", code=2)
         settings = get_settings(ctx)
         try:
+            check_index_target(to)  # refuse before the queue is copied
             report = migrate_queue(
                 Path(settings.storage.data_dir), to, settings.database.profile_queues, settings.database.default_queue
             )
+            index = migrate_index(Path(settings.storage.data_dir), to)
         except MigrationError as exc:
             fail(str(exc), code=1)
             return
@@ -68,4 +71,8 @@ def register(app: typer.Typer) -> None:
         typer.echo(
             f"migrated {report.jobs} job(s), {report.attempts} attempt(s) and {report.outbox_items} outbox item(s) to {redact(to)}; "
             "now set database.url to this URL and start the node"
+        )
+        typer.echo(
+            f"migrated {index.series} series, {index.instances} instance row(s), "
+            f"{index.completion_failures} completion failure(s) and {index.audit_records} audit record(s)"
         )

@@ -61,8 +61,7 @@ def add_row(table: Table, *cells: str | Text) -> None:
 
 def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, Any]:
     """Everything ``radnode status`` shows, as JSON-ready data."""
-    from radnode.node.index import NodeIndex, SeriesState
-    from radnode.node.storage import INDEX_FILE
+    from radnode.node.index import SeriesState, open_existing_index
     from radnode.node.status import format_status
     from radnode.pipeline.outbox import ItemState, Outbox, outbox_exists
     from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue, open_queue
@@ -73,8 +72,8 @@ def collect_status(settings: Settings, limit: int = DEFAULT_LIMIT) -> dict[str, 
     status: dict[str, Any] = {"data_dir": str(data_dir), "generated_at": time.time()}
 
     series: dict[str, Any] = {"counts": {s.value: 0 for s in SeriesState}, "open": [], "stuck": []}
-    if (data_dir / INDEX_FILE).exists():
-        index = NodeIndex(data_dir / INDEX_FILE)
+    index = open_existing_index(data_dir, settings.database.url)
+    if index is not None:
         try:
             for state in SeriesState:
                 records = index.series_in_state(state)

@@ -547,8 +547,9 @@ class PipelineSettings(_Section):
 class DatabaseSettings(_Section):
     """Where the shared state lives: unset = the embedded SQLite files in ``storage.data_dir``.
 
-    A ``postgresql://`` URL moves the job queue (and what remote workers need) into
-    PostgreSQL, so ``radnode worker`` processes on other machines can share the work.
+    A ``postgresql://`` URL moves the job queue (and what remote workers need), the series
+    index and a copy of the audit trail into PostgreSQL, so ``radnode worker`` processes on
+    other machines can share the work and node roles in several processes share one index.
     TLS to the server is part of the URL (``?sslmode=verify-full&sslrootcert=…``).
     """
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import psycopg
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
@@ -166,7 +167,25 @@ class Ingestor:
             return self._store(request, header, staged)
         except _Rejection as rejection:
             return self._reject(request, rejection, quarantine=True)
-        except (OSError, sqlite3.Error) as exc:
+        except psycopg.OperationalError as exc:
+            # The shared index is out of reach beyond its reconnect window: nothing was
+            # acknowledged and the file is not kept, so a transient status lets the sender retry.
+            LOGGER.error(
+                "cannot index SOP instance %s: index database unreachable (%s)",
+                _printable(request.sop_instance_uid),
+                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__,
+            )
+            return self._reject(
+                request,
+                _Rejection(
+                    status.OUT_OF_RESOURCES,
+                    "index-unavailable",
+                    "Out of resources: index database unreachable; retry later",
+                    type(exc).__name__,
+                ),
+                quarantine=False,
+            )
+        except (OSError, sqlite3.Error, psycopg.Error) as exc:
             LOGGER.exception("storing SOP instance %s failed", _printable(request.sop_instance_uid))
             return self._reject(
                 request,
@@ -497,8 +516,8 @@ def local_ingestor(settings: Settings) -> Iterator[Ingestor]:
     quarantine as the listener. Index rows commit with ``full`` durability, since this
     process does not reconcile files with the index at start-up as the listener does."""
     store = InstanceStore(settings.storage.data_dir, settings.storage.min_free_gb)
-    index = NodeIndex(store.data_dir / INDEX_FILE, "full")
-    audit = AuditLog(store.data_dir / AUDIT_FILE)
+    index = NodeIndex(store.data_dir / INDEX_FILE, "full", settings.database.url)
+    audit = AuditLog(store.data_dir / AUDIT_FILE, settings.database.url)
     try:
         yield Ingestor(
             store, index, audit, settings.series.on_update, quarantine=Quarantine.from_settings(store, settings.storage)

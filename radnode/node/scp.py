@@ -143,8 +143,8 @@ class StorageNode:
         self.complete = complete
         data_dir = Path(settings.storage.data_dir)
         self.store = InstanceStore(data_dir, settings.storage.min_free_gb)
-        self.index = NodeIndex(self.store.data_dir / INDEX_FILE, settings.storage.index_sync)
-        self.audit = AuditLog(self.store.data_dir / AUDIT_FILE)
+        self.index = NodeIndex(self.store.data_dir / INDEX_FILE, settings.storage.index_sync, settings.database.url)
+        self.audit = AuditLog(self.store.data_dir / AUDIT_FILE, settings.database.url)
         self.metrics = NodeMetrics()
         self.completion = SeriesCompletion(self.index, settings.series)
         self.timer = CompletionTimer(self.completion)

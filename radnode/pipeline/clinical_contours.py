@@ -174,13 +174,12 @@ def load_clinician_gtv(source: Path | Dataset, series: CTSeries, settings: Setti
 
 def indexed_rtstructs(settings: Settings, study_uid: str) -> list[tuple[str, Path]]:
     """(SOP Instance UID, file) of every RTSTRUCT the node holds for a study, newest first."""
-    from radnode.node.index import NodeIndex
-    from radnode.node.storage import INDEX_FILE
+    from radnode.node.index import open_existing_index
 
     data_dir = Path(settings.storage.data_dir)
-    if not (data_dir / INDEX_FILE).is_file():
+    index = open_existing_index(data_dir, settings.database.url)
+    if index is None:
         return []
-    index = NodeIndex(data_dir / INDEX_FILE)
     try:
         records = index.study_instances(study_uid, RTSTRUCT_SOP_CLASS_UID)
     finally:

@@ -8,6 +8,7 @@ in the queue once it has run out, like any job of a lost worker.
 The outbox's rows (objects, items with their ids and states, attempts, review decisions,
 destination health) move too; the object files they point to stay in the node's data
 folder, where the node -- the only sender -- reads them (see :mod:`radnode.pipeline.outbox`).
+The series index and the audit trail move as well (:func:`migrate_index`).
 
 The node must be stopped (its pipeline lock is checked), and the target must hold no jobs
 and no outbox rows yet: a migration never merges two queues or two outboxes. Both are
@@ -18,8 +19,10 @@ and the migration run again.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +109,99 @@ def migrate_queue(data_dir: Path, url: str, profile_queues: dict[str, str] | Non
         outbox_items = copied["items"]
     log.info("migrated %d job(s), %d attempt(s) and %d outbox item(s) from %s", len(jobs), len(attempts), outbox_items, data_dir)
     return MigrationReport(len(jobs), len(attempts), outbox_items)
+
+
+# --- series index and audit trail ------------------------------------------------------------
+
+#: Index tables copied, in an order that satisfies no constraint but reads naturally.
+INDEX_COPY_TABLES = ("meta", "series", "instances", "completion_failures")
+
+
+@dataclass(frozen=True)
+class IndexMigrationReport:
+    instances: int
+    series: int
+    completion_failures: int
+    audit_records: int
+
+
+def _check_listener_stopped(data_dir: Path) -> None:
+    """Refuse while any radnode process runs any role on ``data_dir`` (the listener writes the index)."""
+    from radnode.service.roles import ALL_ROLES, RoleBusy, RoleLocks
+
+    locks = RoleLocks(data_dir)
+    try:
+        locks.acquire(ALL_ROLES)
+    except RoleBusy as exc:
+        raise MigrationError(f"the node is running on {data_dir}; stop it first ({exc})") from exc
+    finally:
+        locks.release()
+
+
+def check_index_target(url: str) -> None:
+    """Refuse a target whose series index already holds rows (checked before anything is copied)."""
+    from radnode.node.index import POSTGRES_TABLES, postgres_index_store
+
+    with postgres_index_store(url).connect() as conn:
+        for name in ("instances", "series"):
+            if conn.execute(f"SELECT 1 FROM {POSTGRES_TABLES[name]} LIMIT 1").fetchone() is not None:
+                raise MigrationError("the target database already holds a series index; migrate into an empty database")
+
+
+def migrate_index(data_dir: Path, url: str) -> IndexMigrationReport:
+    """Copy the series index (``radnode.sqlite``) and the audit file into PostgreSQL, in one transaction.
+
+    Rows keep every column, so series states, rounds and timers carry on where they were;
+    audit records keep their time and order (they are appended after any the target has).
+    """
+    from radnode.node.audit import AUDIT_TABLE, audit_store, read_audit
+    from radnode.node.index import POSTGRES_TABLES, postgres_index_store
+    from radnode.node.storage import AUDIT_FILE, INDEX_FILE
+
+    data_dir = Path(data_dir).resolve()
+    _check_listener_stopped(data_dir)
+    source = data_dir / INDEX_FILE
+    copied: dict[str, tuple[list[str], list[tuple[object, ...]]]] = {}
+    if source.is_file():
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            for table in INDEX_COPY_TABLES:
+                cursor = src.execute(f"SELECT * FROM {table}")
+                copied[table] = ([c[0] for c in cursor.description], [tuple(r) for r in cursor.fetchall()])
+        finally:
+            src.close()
+    audit_file = data_dir / AUDIT_FILE
+    records = read_audit(audit_file) if audit_file.is_file() else []
+    audit_store(url)  # creates the audit table
+    store = postgres_index_store(url)
+    with store.write() as conn:
+        for name in ("instances", "series"):
+            if conn.execute(f"SELECT 1 FROM {POSTGRES_TABLES[name]} LIMIT 1").fetchone() is not None:
+                raise MigrationError("the target database already holds a series index; migrate into an empty database")
+        for table, (columns, rows) in copied.items():
+            if rows:
+                conn.executemany(
+                    f"INSERT INTO {POSTGRES_TABLES[table]} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+                    "ON CONFLICT DO NOTHING",
+                    rows,
+                )
+        if records:
+            conn.executemany(
+                f"INSERT INTO {AUDIT_TABLE} (id, time, event, fields) VALUES (?, ?, ?, ?)",
+                [
+                    (uuid.uuid4().hex, r.get("time", ""), r.get("event", ""),
+                     json.dumps({k: v for k, v in r.items() if k not in ("time", "event")}))
+                    for r in records
+                ],
+            )
+    report = IndexMigrationReport(
+        instances=len(copied.get("instances", ((), []))[1]),
+        series=len(copied.get("series", ((), []))[1]),
+        completion_failures=len(copied.get("completion_failures", ((), []))[1]),
+        audit_records=len(records),
+    )
+    log.info(
+        "migrated %d series, %d instance row(s) and %d audit record(s) from %s",
+        report.series, report.instances, report.audit_records, data_dir,
+    )
+    return report

@@ -8,7 +8,8 @@ Three roles, created by the database administrator (docs/operations.md):
 ``node``
     The node (listener, completion, routing, dispatch, recovery): reads and writes rows of
     every radnode table, the outbox's included, cannot create, alter or drop any (not the
-    owner, no ``CREATE`` on the schema).
+    owner, no ``CREATE`` on the schema). The audit trail is append-only for it: it may add
+    and read records, never change or delete one.
 ``worker``
     A ``radnode worker``: claims and finishes jobs, records attempts, its registry row and
     handed-back results, reads where the node is. It cannot enqueue or delete jobs, and
@@ -20,14 +21,19 @@ from __future__ import annotations
 
 from psycopg import sql
 
+from radnode.node.audit import AUDIT_TABLE
+from radnode.node.index import POSTGRES_TABLES as INDEX_TABLES
 from radnode.pipeline.database import PostgresDB
 from radnode.pipeline.outbox import POSTGRES_TABLES, ROW_TABLES, create_postgres_tables
 
-#: Tables created by the stores (job queue, shared state, outbox).
+#: Tables created by the stores (job queue, shared state, outbox, series index) whose rows the node changes.
 TABLES = (
     "jobs", "job_attempts", "radnode_nodes", "radnode_workers", "radnode_results",
     *(POSTGRES_TABLES[t] for t in ROW_TABLES),
+    INDEX_TABLES["meta"], INDEX_TABLES["instances"], INDEX_TABLES["series"], INDEX_TABLES["completion_failures"],
 )
+#: Tables the node may only add rows to and read (the audit trail).
+APPEND_ONLY_TABLES = (AUDIT_TABLE,)
 
 #: Table -> privileges of the worker role.
 WORKER_GRANTS: dict[str, tuple[str, ...]] = {
@@ -41,12 +47,18 @@ WORKER_GRANTS: dict[str, tuple[str, ...]] = {
 
 def init_database(owner_url: str, node_role: str | None, worker_role: str | None) -> list[str]:
     """Create every table (as the owner) and grant the node and worker roles; returns the statements run."""
+    from pathlib import Path
+
+    from radnode.node.audit import audit_store
+    from radnode.node.index import NodeIndex
     from radnode.pipeline.pg_queue import PostgresJobQueue
     from radnode.pipeline.pg_shared import SharedState
 
     PostgresJobQueue(owner_url)
     SharedState(owner_url)
     create_postgres_tables(owner_url)
+    NodeIndex(Path("radnode.sqlite"), database_url=owner_url).close()  # the path is unused on PostgreSQL
+    audit_store(owner_url)
     statements: list[sql.Composable] = [sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC")]
     if node_role:
         role = sql.Identifier(node_role)
@@ -54,6 +66,9 @@ def init_database(owner_url: str, node_role: str | None, worker_role: str | None
             sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role),
             sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
                 sql.SQL(", ").join(sql.Identifier(t) for t in TABLES), role
+            ),
+            sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(
+                sql.SQL(", ").join(sql.Identifier(t) for t in APPEND_ONLY_TABLES), role
             ),
             sql.SQL("GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {}").format(role),
         ]

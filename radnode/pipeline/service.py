@@ -77,8 +77,8 @@ from radnode.pipeline.scheduler import (
     interval,
     window_seconds,
 )
-from radnode.node.index import NodeIndex
-from radnode.node.storage import INCOMING_DIR, INDEX_FILE, series_dir
+from radnode.node.index import NodeIndex, open_existing_index
+from radnode.node.storage import INCOMING_DIR, series_dir
 from radnode.service.roles import PIPELINE_ROLES, Role, RoleLocks, format_roles
 from radnode.node.routing import RoutingDecision, decide
 from radnode.pipeline.archive import ArchiveQuery, rules_need_instance_level
@@ -500,8 +500,8 @@ class PipelineService:
 
     def _node_index(self) -> NodeIndex | None:
         """The node's index when another process on this data folder keeps it, else None."""
-        if self._index is None and (self.data_dir / INDEX_FILE).exists():
-            self._index = NodeIndex(self.data_dir / INDEX_FILE)
+        if self._index is None:
+            self._index = open_existing_index(self.data_dir, self.settings.database.url)
         return self._index
 
     def _forward(self, event: Any, verdict: RoutingDecision) -> Job:

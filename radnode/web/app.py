@@ -90,5 +90,5 @@ def create_app(settings: Settings, health: HealthCheck | None = None) -> Starlet
     app.state.health = health
     app.state.users = UserStore(folder)
     app.state.login_throttle = LoginThrottle()
-    app.state.audit = AuditLog(folder / AUDIT_FILE)  # appends beside the listener's records (O_APPEND lines)
+    app.state.audit = AuditLog(folder / AUDIT_FILE, settings.database.url)  # appends beside the listener's records (O_APPEND lines)
     return app

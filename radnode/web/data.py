@@ -90,13 +90,11 @@ def overview(settings: Settings, health: HealthCheck | None = None) -> dict[str,
 
 def _series_attributes(settings: Settings, uids: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Series description, study date, modality and instance count from the index, per UID."""
-    from radnode.node.index import NodeIndex
-    from radnode.node.storage import INDEX_FILE
+    from radnode.node.index import open_existing_index
 
-    path = data_dir(settings) / INDEX_FILE
-    if not path.exists():
+    index = open_existing_index(data_dir(settings), settings.database.url)
+    if index is None:
         return {}
-    index = NodeIndex(path)
     try:
         found: dict[str, dict[str, Any]] = {}
         for uid in set(uids):
@@ -347,14 +345,12 @@ def explain_upload(settings: Settings, content: bytes, calling_ae: str | None = 
 
 def explain_series(settings: Settings, series_uid: str) -> dict[str, Any]:
     """``route --explain`` for a series the node received (facts as the index kept them)."""
-    from radnode.node.index import NodeIndex
+    from radnode.node.index import open_existing_index
     from radnode.node.series_attributes import SeriesAttributes
-    from radnode.node.storage import INDEX_FILE
 
-    path = data_dir(settings) / INDEX_FILE
     record = None
-    if path.exists():
-        index = NodeIndex(path)
+    index = open_existing_index(data_dir(settings), settings.database.url)
+    if index is not None:
         try:
             record = index.series(series_uid)
         finally:
