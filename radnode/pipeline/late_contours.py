@@ -163,7 +163,7 @@ def late_contour_job(
     if loop_guard(attributes, settings.output.uid_root):
         return None  # radnode's own RTSTRUCT coming back
     previous = queue.latest_for_series(series_uid, kind=JobKind.CLINICIAN_CONTOUR)
-    if previous is not None and previous.instance_count == event.instance_count and not event.is_update:
+    if previous is not None and previous.instance_count == event.instance_count and not getattr(event, "is_update", False):
         log.info("RTSTRUCT series %s already has clinician-contour job %d (%s)", series_uid, previous.id, previous.state.value)
         return None
     if index is None:
