@@ -17,7 +17,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -29,13 +32,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from radnode.cli.status_cmd import collect_status
 from radnode.config import load_settings
-from radnode.pipeline.jobs import JobState
+from radnode.pipeline.agreement import AgreementStore
+from radnode.pipeline.jobs import JobKind, JobState
 from radnode.pipeline.queue import QUEUE_FILE, SQLiteJobQueue
 from radnode.testing.orthanc import free_port
 
 from node_support import storescu
-from pipeline_support import SERVE_ENTRY, wait_for
-from test_clinical_contours import quick_profiles
+from pipeline_support import SERVE_ENTRY, StorageSCP, wait_for
+from test_clinical_contours import _walk, quick_profiles
 
 
 def _answers_echo(port: int) -> bool:
@@ -49,10 +53,9 @@ def _answers_echo(port: int) -> bool:
     return True
 
 
-def test_pushed_ct_and_rtstruct_use_the_clinicians_gtv_and_the_summary_is_reported(
-    tmp_path: Path, shared_data: Path
-) -> None:
-    root = shared_data / "ibsi_ct_phantom"
+@contextmanager
+def running_node(tmp_path: Path, **sections: Any) -> Iterator[tuple[Path, int, int]]:
+    """``radnode serve`` on the test's settings in a process: (config file, DICOM port, metrics port)."""
     port, metrics_port = free_port(), free_port()
     config = {
         "node": {"ae_title": "RADNODE", "host": "127.0.0.1", "port": port},
@@ -62,6 +65,7 @@ def test_pushed_ct_and_rtstruct_use_the_clinicians_gtv_and_the_summary_is_report
         "radiomics": {"profiles": quick_profiles(tmp_path), "parallel": False},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": metrics_port},
         "dashboard": {"enabled": False},
+        **sections,
     }
     config_path = tmp_path / "radnode.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -73,6 +77,22 @@ def test_pushed_ct_and_rtstruct_use_the_clinicians_gtv_and_the_summary_is_report
     try:
         wait_for(lambda: node.poll() is not None or _answers_echo(port), 60, what="the node to answer C-ECHO")
         assert node.poll() is None, (tmp_path / "node.log").read_text()[-3000:]
+        yield config_path, port, metrics_port
+    finally:
+        if node.poll() is None:
+            node.send_signal(signal.SIGTERM)
+            try:
+                node.wait(60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        time.sleep(0.1)
+
+
+def test_pushed_ct_and_rtstruct_use_the_clinicians_gtv_and_the_summary_is_reported(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    root = shared_data / "ibsi_ct_phantom"
+    with running_node(tmp_path) as (config_path, port, metrics_port):
         sent = storescu(port, root / "dicom" / "image", root / "dicom" / "mask")
         assert sent.returncode == 0, sent.stderr[-2000:]
 
@@ -113,11 +133,74 @@ def test_pushed_ct_and_rtstruct_use_the_clinicians_gtv_and_the_summary_is_report
             [sys.executable, "-m", "radnode", "--config", str(config_path), "status"], capture_output=True, text=True, timeout=60
         )
         assert "Tumour contour vs clinician GTV" in shown.stdout and model["method"] in shown.stdout, shown.stdout + shown.stderr
-    finally:
-        if node.poll() is None:
-            node.send_signal(signal.SIGTERM)
-            try:
-                node.wait(60)
-            except subprocess.TimeoutExpired:
-                node.kill()
-        time.sleep(0.1)
+
+
+def test_a_clinicians_rtstruct_pushed_after_the_ct_was_processed_gets_its_own_report(
+    tmp_path: Path, shared_data: Path
+) -> None:
+    """Planning after radnode's contours went out: the GTV pushed later drives a new SR."""
+    root = shared_data / "ibsi_ct_phantom"
+    ct = pydicom.dcmread(next((root / "dicom" / "image").glob("*.dcm")), stop_before_pixels=True)
+    rtstruct = pydicom.dcmread(next((root / "dicom" / "mask").glob("*.dcm")), stop_before_pixels=True)
+    data = tmp_path / "data"
+    with StorageSCP(tmp_path / "tps", ae_title="TPS") as tps, running_node(
+        tmp_path, destinations=[{"name": "tps", "ae_title": "TPS", "host": "127.0.0.1", "port": tps.port}]
+    ) as (config_path, port, _):
+        queue = SQLiteJobQueue(data / QUEUE_FILE)
+
+        def finished(kind: JobKind) -> Any:
+            jobs = [j for j in queue.list(limit=20) if j.kind is kind]
+            return jobs[0] if jobs and jobs[0].state in (JobState.DONE, JobState.FAILED) else None
+
+        def log_tail() -> str:
+            return (tmp_path / "node.log").read_text()[-4000:]
+
+        # The CT alone: radnode's own tumour, its SEG, RTSTRUCT and SR delivered.
+        assert storescu(port, root / "dicom" / "image").returncode == 0
+        first = wait_for(lambda: finished(JobKind.PROCESS), 600, interval=1.0, what="the CT's job")
+        assert first.state is JobState.DONE and first.series_uid == str(ct.SeriesInstanceUID), log_tail()
+        first_result = json.loads((data / "results" / str(first.id) / "result.json").read_text())
+        assert first_result["tumour_source"] == "model"
+        wait_for(lambda: tps.received == 3, 60, what="SEG, RTSTRUCT and SR at the destination")
+        first_sr = str(pydicom.dcmread(data / "results" / str(first.id) / "SR.dcm").SOPInstanceUID)
+
+        # The clinician's structure set arrives afterwards: one clinician-contour job, a new SR.
+        assert storescu(port, root / "dicom" / "mask").returncode == 0
+        late = wait_for(lambda: finished(JobKind.CLINICIAN_CONTOUR), 600, interval=1.0, what="the clinician-contour job")
+        assert late.state is JobState.DONE, log_tail()
+        assert late.series_uid == str(rtstruct.SeriesInstanceUID) and late.destinations == first.destinations
+        result = json.loads((data / "results" / str(late.id) / "result.json").read_text())
+        assert result["input"]["series_instance_uid"] == str(ct.SeriesInstanceUID)
+        assert result["tumour_source"] == "clinician" and result["clinician_contour"]["arrived_after_ct"] is True
+        assert result["clinician_contour"]["sop_instance_uid"] == str(rtstruct.SOPInstanceUID)
+        reference = sitk.ReadImage(str(root / "nifti" / "mask" / "mask.nii.gz"))
+        reference_ml = int((sitk.GetArrayFromImage(reference) > 0).sum()) * float(np.prod(reference.GetSpacing())) / 1000.0
+        voxel_volume = result["radiomics"]["regions"]["tumour"]["features"]["original_shape_VoxelVolume"] / 1000.0
+        assert voxel_volume == pytest.approx(reference_ml, rel=0.02)
+        # The agreement is that of the tumour contour the first job sent.
+        sent_ml = next(r["volume_ml"] for r in first_result["regions"] if r["name"].startswith("Tumour"))
+        assert result["clinician_contour"]["agreement"]["model_volume_ml"] == pytest.approx(sent_ml, rel=1e-3)
+
+        # Only the new SR reaches the destination; SEG and RTSTRUCT are not sent again.
+        wait_for(lambda: tps.received >= 4, 60, what="the new SR at the destination")
+        late_sr = str(pydicom.dcmread(data / "results" / str(late.id) / "SR.dcm").SOPInstanceUID)
+        assert late_sr != first_sr
+        received = {p.stem: pydicom.dcmread(p) for p in (tmp_path / "tps").rglob("*.dcm")}
+        assert sorted(ds.Modality for ds in received.values()) == ["RTSTRUCT", "SEG", "SR", "SR"]
+        texts = [str(v) for v in _walk(received[late_sr], "TextValue")]
+        assert any("clinician's contour" in t and str(rtstruct.SOPInstanceUID) in t for t in texts), texts
+
+        # The agreement is recorded once, for this structure set and the CT.
+        cases = wait_for(lambda: AgreementStore(data).cases(), 30, what="the agreement row")
+        assert [(c["series_uid"], c["rtstruct_uid"], c["job_id"]) for c in cases] == [
+            (str(ct.SeriesInstanceUID), str(rtstruct.SOPInstanceUID), late.id)
+        ]
+        summary = collect_status(load_settings(config_path))["contour_agreement"]["models"]
+        assert [m["cases"] for m in summary] == [1]
+
+        # The same structure set pushed again: no new job, nothing more sent.
+        assert storescu(port, root / "dicom" / "mask").returncode == 0
+        time.sleep(6.0)  # well past series.quiet_seconds
+        assert [j.id for j in queue.list(limit=20) if j.kind is JobKind.CLINICIAN_CONTOUR] == [late.id]
+        assert tps.received == 4
+        assert len(AgreementStore(data).cases()) == 1

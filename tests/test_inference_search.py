@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from scipy import ndimage
 from torch import nn

@@ -4,7 +4,6 @@ routing rules, series completion and the audit allow-list."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 

@@ -55,17 +55,28 @@ def seconds(value: str) -> float:
     return total
 
 
-@pytest.fixture
-def unit_dir(tmp_path: Path) -> Path:
-    """The unit as installed, with ``ExecStart=`` at a stub (verify wants an executable)."""
+def install_unit(tmp_path: Path, unit: Path) -> Path:
+    """A folder holding ``unit`` as installed, with ``ExecStart=`` at a stub (verify wants an executable)."""
     stub = tmp_path / "venv" / "bin" / "radnode"
     stub.parent.mkdir(parents=True)
     stub.write_text("#!/bin/sh\nexit 0\n")
     stub.chmod(0o755)
     folder = tmp_path / "units"
     folder.mkdir()
-    (folder / "radnode.service").write_text(render_unit(UNIT.read_text(), stub))
+    (folder / unit.name).write_text(render_unit(unit.read_text(), stub))
     return folder
+
+
+def run_analyze(unit_dir: Path, target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze ARGS TARGET`` reading units (and their drop-ins) from ``unit_dir`` first."""
+    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:", "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_COLORS": "0"}
+    return subprocess.run(["systemd-analyze", *args, target], capture_output=True, text=True, env=env, timeout=60, check=False)
+
+
+@pytest.fixture
+def unit_dir(tmp_path: Path) -> Path:
+    """The node's unit as installed."""
+    return install_unit(tmp_path, UNIT)
 
 
 def add_dropin(unit_dir: Path, name: str, text: str) -> None:
@@ -77,12 +88,7 @@ def add_dropin(unit_dir: Path, name: str, text: str) -> None:
 
 
 def analyze(unit_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    # SYSTEMD_UNIT_PATH makes systemd read the unit's drop-ins from unit_dir as well.
-    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:", "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_COLORS": "0"}
-    return subprocess.run(
-        ["systemd-analyze", *args, str(unit_dir / "radnode.service")],
-        capture_output=True, text=True, env=env, timeout=60, check=False,
-    )
+    return run_analyze(unit_dir, str(unit_dir / "radnode.service"), *args)
 
 
 def exposure(unit_dir: Path) -> tuple[float, str]:

@@ -4,7 +4,6 @@ node's sandbox, and starts what ``radnode worker`` accepts."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -12,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from radnode.service.install import render_unit
-from test_systemd_units import EXPOSURE_LINE, MAX_EXPOSURE, SYSTEMD_DIR, UNIT, unit_settings
+from test_systemd_units import EXPOSURE_LINE, MAX_EXPOSURE, SYSTEMD_DIR, UNIT, install_unit, run_analyze, unit_settings
 
 WORKER_UNIT = SYSTEMD_DIR / "radnode-worker@.service"
 INSTANCE = "radnode-worker@cpu.service"
@@ -21,19 +19,11 @@ INSTANCE = "radnode-worker@cpu.service"
 
 @pytest.fixture
 def unit_dir(tmp_path: Path) -> Path:
-    stub = tmp_path / "venv" / "bin" / "radnode"
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#!/bin/sh\nexit 0\n")
-    stub.chmod(0o755)
-    folder = tmp_path / "units"
-    folder.mkdir()
-    (folder / "radnode-worker@.service").write_text(render_unit(WORKER_UNIT.read_text(), stub))
-    return folder
+    return install_unit(tmp_path, WORKER_UNIT)
 
 
 def analyze(unit_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SYSTEMD_UNIT_PATH": f"{unit_dir}:", "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_COLORS": "0"}
-    return subprocess.run(["systemd-analyze", *args, INSTANCE], capture_output=True, text=True, env=env, timeout=60, check=False)
+    return run_analyze(unit_dir, INSTANCE, *args)
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])

@@ -299,7 +299,7 @@ def render(status: dict[str, Any], console: Console) -> None:
             if job["error"]:
                 reason = f"{reason}: {_short(job['error'], 60)}" if reason else _short(job["error"], 60)
             add_row(table, 
-                str(job["id"]), job["state"], job["source"] + (" (forward)" if job.get("kind") == "forward" else ""),
+                str(job["id"]), job["state"], job["source"] + (f" ({job['kind']})" if job.get("kind", "process") != "process" else ""),
                 job["series_uid"],
                 f"{job['attempts']}/{job['max_attempts']}", "; ".join(phases), _ago(job["finished_at"], now), reason,
             )

@@ -490,9 +490,16 @@ def build_sr(
     segments = _segments(seg)
     demo = algorithm.demo or any(p.demo for p in measurements.predictions)
     classifiers = [classifier_algorithm(p) for p in measurements.predictions]
+    # The clinician's structure set changes what the report measures: an SR computed on it
+    # must not reuse the UID of the same CT's SR computed on radnode's own contour.
+    clinician_source = measurements.clinician
     uids = object_uids(
         opts, datasets, DerivedObject.SR, algorithm, str(seg.SOPInstanceUID) if seg is not None else "no-seg",
         *sorted(c.device_uid for c in classifiers),
+        *(
+            ("clinician-contour", str(clinician_source.rtstruct.SOPInstanceUID), clinician_source.roi_name)
+            if clinician_source is not None else ()
+        ),
     )
     sop_uid = uids.sop_instance_uid
 

@@ -85,7 +85,10 @@ class AgreementStore:
         agreed, model = clinician["agreement"], clinician["model"]
         with self._db.write() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO agreement VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO agreement VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (series_uid, rtstruct_uid, model, model_version) DO UPDATE SET "
+                "roi_name = excluded.roi_name, dice = excluded.dice, hd95_mm = excluded.hd95_mm, "
+                "volume_ratio = excluded.volume_ratio, job_id = excluded.job_id, recorded_at = excluded.recorded_at",
                 (
                     series_uid, clinician["sop_instance_uid"], model["name"], model["version"], clinician["roi_name"],
                     agreed["dice"], agreed.get("hd95_mm"), agreed.get("volume_ratio"), job_id, time.time(),

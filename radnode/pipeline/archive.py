@@ -11,7 +11,7 @@ indexed and audited like any instance a sender pushed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import date
@@ -193,28 +193,10 @@ class ArchiveQuery(_Association):
                 query.BodyPartExamined = ""
                 query.StationName = ""
                 query.NumberOfSeriesRelatedInstances = ""
-                for series in self._find(assoc, query):
-                    series_uid = _uid(series, "SeriesInstanceUID")
-                    series_modality = _text(series, "Modality") or ""
-                    if not series_uid or series_modality.upper() != modality:
-                        continue  # an archive that ignores the Modality key still returns others
-                    extra = self._instance_facts(assoc, study_uid, series_uid) if self.instance_level else {}
-                    candidates.append(
-                        SeriesAttributes(
-                            series_instance_uid=series_uid,
-                            study_instance_uid=study_uid,
-                            modality=series_modality,
-                            study_date=_text(found, "StudyDate"),
-                            series_description=_text(series, "SeriesDescription"),
-                            body_part_examined=_text(series, "BodyPartExamined"),
-                            series_number=int_value(element_value(series, "SeriesNumber")),
-                            instance_count=int_value(element_value(series, "NumberOfSeriesRelatedInstances")),
-                            station_name=_text(series, "StationName"),
-                            # Series the sweep fetches come from the archive: it is their sender.
-                            calling_ae=self.pacs.ae_title,
-                            **extra,
-                        )
-                    )
+                candidates.extend(sweep_candidates(
+                    found, study_uid, self._find(assoc, query), modality, self.pacs.ae_title,
+                    (lambda series_uid: self._instance_facts(assoc, study_uid, series_uid)) if self.instance_level else None,
+                ))
         finally:
             assoc.release()
         log.info("sweep C-FIND %s..%s: %d study(ies), %d CT series", date_from, date_to, len(studies), len(candidates))
@@ -243,6 +225,46 @@ class ArchiveQuery(_Association):
             for ds in found
             if (uid := _uid(ds, "SeriesInstanceUID")) and (_text(ds, "Modality") or "").upper() == modality
         ]
+
+
+def sweep_candidates(
+    study: Dataset,
+    study_uid: str,
+    answers: Iterable[Dataset],
+    modality: str,
+    archive_ae: str,
+    instance_facts: Callable[[str], dict[str, Any]] | None = None,
+) -> list[SeriesAttributes]:
+    """The sweep's candidates among one study's SERIES-level answers (C-FIND or QIDO-RS alike).
+
+    Answers without a valid Series Instance UID, or of another modality (an archive that
+    ignores the Modality key still returns them), are dropped; ``instance_facts`` adds the
+    instance-level attributes some routing rules need.
+    """
+    candidates: list[SeriesAttributes] = []
+    for series in answers:
+        series_uid = _uid(series, "SeriesInstanceUID")
+        series_modality = _text(series, "Modality") or ""
+        if not series_uid or series_modality.upper() != modality:
+            continue
+        extra = instance_facts(series_uid) if instance_facts is not None else {}
+        candidates.append(
+            SeriesAttributes(
+                series_instance_uid=series_uid,
+                study_instance_uid=study_uid,
+                modality=series_modality,
+                study_date=_text(study, "StudyDate"),
+                series_description=_text(series, "SeriesDescription"),
+                body_part_examined=_text(series, "BodyPartExamined"),
+                series_number=int_value(element_value(series, "SeriesNumber")),
+                instance_count=int_value(element_value(series, "NumberOfSeriesRelatedInstances")),
+                station_name=_text(series, "StationName"),
+                # Series the sweep fetches come from the archive: it is their sender.
+                calling_ae=archive_ae,
+                **extra,
+            )
+        )
+    return candidates
 
 
 def _retrieve_identifier(candidate: SeriesAttributes) -> Dataset:

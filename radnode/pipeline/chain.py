@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -54,6 +54,7 @@ from radnode.pipeline.clinical_contours import (
     agreement,
     find_clinician_gtv,
     indexed_rtstructs,
+    search_structure_sets,
 )
 from radnode.pipeline.review import LUNGS_ONLY_DIR, QUALITY_FILE
 from radnode.pipeline.version import PIPELINE_VERSION
@@ -130,6 +131,10 @@ class ChainResult:
             "phases": self.phases,
             "outputs": self.outputs,
         }
+
+
+class NoClinicianContour(Exception):
+    """A late clinician structure set gave no usable GTV: the job ends with nothing to send."""
 
 
 @dataclass
@@ -550,12 +555,21 @@ def run_chain(
     settings: Settings,
     progress: ProgressHook | None = None,
     on_phase: PhaseHook | None = None,
+    structure_sets: Sequence[tuple[str, Path]] | None = None,
 ) -> ChainResult:
     """Run the whole chain on one series folder and write ``out_dir/result.json``.
 
     A QC rejection is a normal outcome (status ``rejected`` with the reasons), not an
     exception: a hospital wants to see *why* a series was not processed.
+
+    ``structure_sets`` ((SOP Instance UID, file) of clinicians' RT Structure Sets) is the
+    late-arrival mode of :mod:`radnode.pipeline.late_contours`: the CT was processed before
+    they arrived, so only they are searched for the GTV (no index or PACS lookup), the
+    SEG and RTSTRUCT are rebuilt (the SR references the SEG; their UIDs are those already
+    sent) but not handed over again, and a structure set without a usable GTV ends the job
+    ``done`` with nothing to send.
     """
+    late = structure_sets is not None
     result = ChainResult(status="failed", input_path=str(input_path))
     stages = _Stages(result, progress)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -573,7 +587,7 @@ def run_chain(
         result.series = describe_series(series)
         result.qc = series.qc.to_dict()
         lookup_started = time.monotonic()
-        lookup = start_pacs_lookup(series, settings)  # overlaps segmentation; never blocks the job
+        lookup = None if late else start_pacs_lookup(series, settings)  # overlaps segmentation; never blocks the job
         with stages.stage("lung_mask"):
             lungs = find_lungs(series)
         result.models["lung_mask"] = {"method": LUNG_MASK_METHOD, "version": LUNG_MASK_VERSION, **lungs.summary()}
@@ -601,17 +615,22 @@ def run_chain(
         )
         with stages.stage("write_contours"):
             files, seg = write_contours(series, written, algorithm, options, out_dir)
-            if files and lungs_only_needed(settings, tumour):
+            if files and not late and lungs_only_needed(settings, tumour):
                 lungs_only = write_lungs_only(series, lungs, tumour, options, out_dir)
                 result.outputs.update({f"{k}_lungs_only": str(p.relative_to(out_dir)) for k, p in lungs_only.items()})
-        _record_phase(result, "contours", files, out_dir, on_phase)
+        _record_phase(result, "contours", {} if late else files, out_dir, on_phase)
         # Phase 2: a failure here is recorded and the SR still goes out; phase 1 stands.
         # A clinician's GTV, when the archive holds one, is the region radiomics and
         # predictions use; radnode's own contour (sent above) is compared with it.
         search, analysis = ContourSearch(), regions
         with stages.stage("clinician_contour", required=False) as outcome:
-            search, pacs = find_clinician_contour(series, settings, lookup, lookup_started)
+            if structure_sets is not None:
+                search, pacs = search_structure_sets(list(structure_sets), series, settings), {}
+            else:
+                search, pacs = find_clinician_contour(series, settings, lookup, lookup_started)
             result.clinician_contour = {"found": search.contour is not None, "ignored": search.ignored, **({"pacs": pacs} if pacs else {})}
+            if late:
+                result.clinician_contour["arrived_after_ct"] = True
             if search.contour is not None:
                 analysis = build_regions(
                     search.contour.mask, lungs.lungs, zyx_spacing(series), ring_width_mm=settings.radiomics.ring_width_mm
@@ -625,6 +644,10 @@ def run_chain(
                     })
         if outcome.error:
             result.clinician_contour = {"found": False, "error": outcome.error}
+            if late:  # reading failed, unlike a structure set without a GTV: worth a retry
+                raise RuntimeError(f"clinician contour: {outcome.error}")
+        if late and search.contour is None:
+            raise NoClinicianContour("no usable clinician GTV in the structure set(s) that arrived; nothing to send")
         radiomics = None
         if settings.radiomics.enabled:
             with stages.stage("radiomics", required=False) as outcome:
@@ -658,6 +681,11 @@ def run_chain(
         log.info("chain done for series %s", series.series_instance_uid)
     except SeriesRejected:
         log.warning("series at %s rejected by QC: %s", input_path, result.error)
+    except NoClinicianContour as nothing:
+        result.status = "done"
+        result.warnings.append(str(nothing))
+        _record_phase(result, "report", {}, out_dir, on_phase)
+        log.warning("series at %s: %s", input_path, nothing)
     except Exception as exc:  # a job must always leave a result.json saying what broke
         result.status = "failed"
         result.error = f"{type(exc).__name__}: {exc}"

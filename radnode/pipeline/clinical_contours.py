@@ -111,7 +111,7 @@ def select_gtv(rois: list[RoiInfo], patterns: list[str]) -> RoiInfo | None:
     return None
 
 
-def _referenced_series(ds: Dataset) -> set[str]:
+def referenced_series(ds: Dataset) -> set[str]:
     """Series UIDs the structure set says it was drawn on (RT Referenced Series Sequence)."""
     found: set[str] = set()
     for frame in ds.get("ReferencedFrameOfReferenceSequence", []):
@@ -122,7 +122,7 @@ def _referenced_series(ds: Dataset) -> set[str]:
     return found
 
 
-def _frames_of_reference(ds: Dataset) -> set[str]:
+def frames_of_reference(ds: Dataset) -> set[str]:
     return {
         str(item.FrameOfReferenceUID)
         for item in ds.get("ReferencedFrameOfReferenceSequence", [])
@@ -138,12 +138,12 @@ def load_clinician_gtv(source: Path | Dataset, series: CTSeries, settings: Setti
         raise ContourIgnored(f"not a readable RT Structure Set: {exc}") from exc
     if str(ds.get("Manufacturer", "")).strip() == WriterOptions().manufacturer:
         raise ContourIgnored("written by radnode itself, not by a clinician")
-    frames = _frames_of_reference(ds)
+    frames = frames_of_reference(ds)
     if frames and series.frame_of_reference_uid not in frames:
         raise ContourIgnored(
             f"references Frame of Reference {', '.join(sorted(frames))}, not the CT's {series.frame_of_reference_uid}"
         )
-    referenced = _referenced_series(ds)
+    referenced = referenced_series(ds)
     if referenced and series.series_instance_uid not in referenced:
         log.info("RTSTRUCT %s was drawn on series %s; trying it on %s (same Frame of Reference)",
                  ds.get("SOPInstanceUID", "?"), sorted(referenced), series.series_instance_uid)
@@ -199,11 +199,19 @@ def find_clinician_gtv(series: CTSeries, settings: Settings) -> ContourSearch:
     for uid, path in candidates:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ReferencedFrameOfReferenceSequence"])
-            here = series.series_instance_uid in _referenced_series(header)
+            here = series.series_instance_uid in referenced_series(header)
         except Exception:
             here = False
         (drawn_here if here else others).append((uid, path))
-    for uid, path in drawn_here + others:
+    return search_structure_sets(drawn_here + others, series, settings, search)
+
+
+def search_structure_sets(
+    candidates: list[tuple[str, Path]], series: CTSeries, settings: Settings, search: ContourSearch | None = None
+) -> ContourSearch:
+    """The first of ``candidates`` (SOP Instance UID, file) whose GTV fits ``series``; the others' reasons logged."""
+    search = search if search is not None else ContourSearch()
+    for uid, path in candidates:
         search.searched.append(uid)
         try:
             search.contour = load_clinician_gtv(path, series, settings)

@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 
 from radnode.config import Settings
 from radnode.node.ingest import Ingestor, local_ingestor
-from radnode.node.series_attributes import SeriesAttributes, element_value, int_value, series_fields
+from radnode.node.series_attributes import SeriesAttributes, series_fields
 from radnode.node.storage import series_dir
 from radnode.node.stow import StowReceiver
 from radnode.pipeline.archive import (
@@ -36,8 +36,8 @@ from radnode.pipeline.archive import (
     RetrieveResult,
     SweepError,
     _da,
-    _text,
     _uid,
+    sweep_candidates,
 )
 from radnode.pipeline.dicomweb_http import dicomweb_client
 
@@ -156,28 +156,10 @@ class QidoArchiveQuery(_DicomWebArchive):
                 ),
                 "SeriesInstanceUID",
             )
-            for series in matches:
-                series_uid = _uid(series, "SeriesInstanceUID")
-                series_modality = _text(series, "Modality") or ""
-                if not series_uid or series_modality.upper() != modality:
-                    continue  # an archive that ignores the Modality filter still returns others
-                extra = self._instance_facts(study_uid, series_uid) if self.instance_level else {}
-                candidates.append(
-                    SeriesAttributes(
-                        series_instance_uid=series_uid,
-                        study_instance_uid=study_uid,
-                        modality=series_modality,
-                        study_date=_text(found, "StudyDate"),
-                        series_description=_text(series, "SeriesDescription"),
-                        body_part_examined=_text(series, "BodyPartExamined"),
-                        series_number=int_value(element_value(series, "SeriesNumber")),
-                        instance_count=int_value(element_value(series, "NumberOfSeriesRelatedInstances")),
-                        station_name=_text(series, "StationName"),
-                        # Series the sweep fetches come from the archive: it is their sender.
-                        calling_ae=self.pacs.ae_title,
-                        **extra,
-                    )
-                )
+            candidates.extend(sweep_candidates(
+                found, study_uid, matches, modality, self.pacs.ae_title,
+                (lambda series_uid: self._instance_facts(study_uid, series_uid)) if self.instance_level else None,
+            ))
         log.info("sweep QIDO-RS %s..%s: %d study(ies), %d CT series", date_from, date_to, len(studies), len(candidates))
         return candidates
 

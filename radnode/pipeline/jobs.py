@@ -1,8 +1,10 @@
 """The job model: what one unit of pipeline work is, and the states it moves through.
 
 A job processes one received CT series with the chain of :mod:`radnode.pipeline.chain`
-(:attr:`JobKind.PROCESS`), or forwards it unchanged (:attr:`JobKind.FORWARD`, see
-:mod:`radnode.pipeline.forward`); both kinds move through the same states::
+(:attr:`JobKind.PROCESS`), forwards it unchanged (:attr:`JobKind.FORWARD`, see
+:mod:`radnode.pipeline.forward`), or redoes the clinician-contour part of a processed CT for
+a clinician's RT Structure Set that arrived later (:attr:`JobKind.CLINICIAN_CONTOUR`, see
+:mod:`radnode.pipeline.late_contours`); every kind moves through the same states::
 
     queued ──claim──> running ──> done
       ^                  │
@@ -76,6 +78,9 @@ class JobKind(StrEnum):
 
     PROCESS = "process"  # run the chain (worker pool, child process)
     FORWARD = "forward"  # stage the received files unchanged for delivery (forwarder thread)
+    #: a clinician's RT Structure Set arrived after its CT was processed: redo the
+    #: clinician-contour part for that CT (node's worker pool; see radnode.pipeline.late_contours)
+    CLINICIAN_CONTOUR = "clinician_contour"
 
 
 class FailureReason(StrEnum):

@@ -4,6 +4,7 @@
 
     listener --SeriesCompleted--> PipelineService.on_series_complete
                                     │ routing: process / forward / ignore
+                                    │ (+ a clinician's RTSTRUCT for a processed CT: clinician_contour job)
                                     ▼
                                  JobQueue ──claim (process)──> WorkerPool ──child process──> chain
                                     │                             │ phase done
@@ -270,6 +271,7 @@ class PipelineService:
             heartbeat_seconds=heartbeat_seconds,
             poll_seconds=poll_seconds,
             name=pool_name,
+            kinds=(JobKind.PROCESS, JobKind.CLINICIAN_CONTOUR),  # the latter reads this node's index
         )
         self.remote_link = (
             RemoteLink.for_service(settings, self.queue, self.data_dir / RESULTS_DIR, self._stage_phase, self._remote_report_staged)
@@ -447,11 +449,12 @@ class PipelineService:
         attributes = replace(event.attributes, instance_count=event.instance_count, calling_ae=event.calling_ae)
         if attributes.modality is None:
             attributes = replace(attributes, modality=event.modality)
+        late = self._late_clinician_contour(event, attributes)  # besides whatever the rules say
         verdict = decide(self.settings, attributes)
         if verdict.action == "ignore":
             log.info("series %s not processed: %s", series_uid, verdict.reason)
             self._mark_processed(series_uid)
-            return None
+            return late
         if verdict.action == "forward":
             return self._forward(event, verdict)
         latest = self.queue.latest_for_series(series_uid, self.pipeline_version)
@@ -487,6 +490,20 @@ class PipelineService:
                 max_attempts=self.settings.pipeline.max_attempts,
             )
         )
+
+    def _late_clinician_contour(self, event: Any, attributes: Any) -> Job | None:
+        """Queue a clinician-contour job for an RT Structure Set whose CT was already processed
+        (see :mod:`radnode.pipeline.late_contours`); ``None`` for any other series."""
+        from radnode.pipeline.late_contours import is_structure_set, late_contour_job
+
+        if not is_structure_set(attributes):
+            return None
+        spec = late_contour_job(
+            event, attributes, self.settings, self.queue,
+            getattr(self.completion, "index", None) or self._node_index(),  # the listener's, when in this process
+            self.data_dir / RESULTS_DIR, self.pipeline_version,
+        )
+        return self.enqueue(spec) if spec is not None else None
 
     def _mark_processed(self, series_uid: str) -> None:
         try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from radnode.config import Settings
 from radnode.pipeline.child import HEARTBEAT_SECONDS, ChildOutcome, ChildRunner, OutcomeKind, chain_reference
-from radnode.pipeline.jobs import FailureReason, Job, Phase, PhaseState
+from radnode.pipeline.jobs import FailureReason, Job, JobKind, Phase, PhaseState
 from radnode.pipeline.messages import ChainStatus
 from radnode.pipeline.queue import JobQueue, LeaseLost
 
@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 #: Seconds a job's lease lasts without a heartbeat; a node that died longer ago than this
 #: has its running jobs recovered by :meth:`JobQueue.recover`.
 LEASE_SECONDS = 60.0
+
+#: The chain of each job kind other than PROCESS that a pool may claim (PROCESS runs ``chain``).
+KIND_CHAINS: dict[JobKind, str] = {JobKind.CLINICIAN_CONTOUR: "radnode.pipeline.late_contours:run_late_contour_chain"}
 
 #: Called when a phase's objects are on disk: (job, phase, out_dir, the phase's files, as
 #: the chain handed them over) -> number of objects staged.
@@ -57,6 +60,10 @@ class WorkerPool:
         Lease length, heartbeat interval, and idle wait between claims.
     name
         Prefix of the worker ids stored with claimed jobs.
+    kinds
+        Job kinds this pool claims, in order; the node's own pool adds
+        :attr:`JobKind.CLINICIAN_CONTOUR`, which needs the node's index and received files
+        (a remote worker has neither, so it keeps the default).
     """
 
     def __init__(
@@ -72,6 +79,7 @@ class WorkerPool:
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         poll_seconds: float = 2.0,
         name: str | None = None,
+        kinds: tuple[JobKind, ...] = (JobKind.PROCESS,),
     ) -> None:
         if heartbeat_seconds >= lease_seconds:
             raise ValueError(f"heartbeat_seconds ({heartbeat_seconds}) must be shorter than lease_seconds ({lease_seconds})")
@@ -79,6 +87,8 @@ class WorkerPool:
         self.settings = settings
         self.results_dir = Path(results_dir)
         self.chain = chain_reference(chain)
+        # Claimed in this order (processing a new CT goes before redoing an old one's report).
+        self.chains: dict[JobKind, str] = {kind: self.chain if kind is JobKind.PROCESS else KIND_CHAINS[kind] for kind in kinds}
         self.on_phase = on_phase
         self.on_finished = on_finished
         self.lease_seconds = lease_seconds
@@ -139,7 +149,7 @@ class WorkerPool:
     def _loop(self, worker_id: str) -> None:
         while not self._no_claims.is_set():
             try:
-                job = self.queue.claim(worker_id, self.lease_seconds)
+                job = self._claim(worker_id)
             except Exception:  # a locked or broken database must not end the worker thread
                 log.exception("worker %s could not claim a job", worker_id)
                 job = None
@@ -156,6 +166,13 @@ class WorkerPool:
             finally:
                 with self._lock:
                     self._busy.pop(worker_id, None)
+
+    def _claim(self, worker_id: str) -> Job | None:
+        for kind in self.chains:
+            job = self.queue.claim(worker_id, self.lease_seconds, kind=kind)
+            if job is not None:
+                return job
+        return None
 
     def out_dir(self, job: Job) -> Path:
         """The chain's output folder for ``job``."""
@@ -203,7 +220,7 @@ class WorkerPool:
         def keep_going() -> bool:
             return self.queue.heartbeat(job.id, worker_id, self.lease_seconds)
 
-        runner = ChildRunner(self.chain, self.settings, self.settings.pipeline.job_timeout_seconds, self.heartbeat_seconds)
+        runner = ChildRunner(self.chains.get(job.kind, self.chain), self.settings, self.settings.pipeline.job_timeout_seconds, self.heartbeat_seconds)
         outcome = runner.run(job, out_dir, on_progress, deliver, keep_going, self._stopping)
         log.info(
             "job %d series %s: attempt ended (%s%s) after %.1f s",

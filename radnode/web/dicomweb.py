@@ -12,15 +12,10 @@ application/dicom (415), or when its Content-Length exceeds ``dicomweb.max_reque
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
-import socket
-import ssl
-import threading
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -32,7 +27,7 @@ from radnode.node.access import AccessPolicy
 from radnode.node.ingest import Ingestor
 from radnode.node.stow import StowBody, StowReceiver, StowRequestError
 from radnode.node.storage import InvalidUIDError, validate_uid
-from radnode.web.server import is_loopback
+from radnode.web.server import UvicornRunner, is_loopback
 
 LOGGER = logging.getLogger("radnode.dicomweb")
 
@@ -147,62 +142,30 @@ class DicomWebServer:
     """The STOW-RS app served by uvicorn on a background thread (bound in :meth:`start`)."""
 
     def __init__(self, settings: Settings, ingestor: Ingestor) -> None:
+        dw = settings.dicomweb
         self.settings = settings
-        tls = settings.dicomweb.tls
-        self.config = uvicorn.Config(
-            create_dicomweb_app(settings, ingestor),
-            log_level="warning",
-            access_log=False,
-            ssl_certfile=str(tls.cert_file) if tls.enabled and tls.cert_file else None,
-            ssl_keyfile=str(tls.key_file) if tls.enabled and tls.key_file else None,
-            ssl_ca_certs=str(tls.ca_file) if tls.enabled and tls.ca_file else None,
-            ssl_cert_reqs=ssl.CERT_REQUIRED if tls.enabled and tls.require_client_cert else ssl.CERT_NONE,
-            lifespan="off",
-        )
-        self._server = uvicorn.Server(self.config)
-        self._socket: socket.socket | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = UvicornRunner(create_dicomweb_app(settings, ingestor), dw.host, dw.port, dw.tls, "dicomweb")
+        self.config = self._runner.config
 
     @property
     def port(self) -> int:
-        if self._socket is None:
-            raise RuntimeError("the DICOMweb server is not started")
-        return int(self._socket.getsockname()[1])
+        return self._runner.port
 
     @property
     def url(self) -> str:
         """The service root, e.g. ``http://127.0.0.1:8112/dicomweb``."""
-        dw = self.settings.dicomweb
-        return f"{'https' if dw.tls.enabled else 'http'}://{dw.host}:{self.port}{PREFIX}"
+        return f"{self._runner.origin}{PREFIX}"
 
     def start(self) -> None:
         """Bind (``OSError`` when the port is taken), then serve on a daemon thread."""
-        dw = self.settings.dicomweb
-        sock = socket.socket(socket.AF_INET6 if ":" in dw.host else socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((dw.host, dw.port))
-        except OSError:
-            sock.close()
-            raise
-        sock.listen(128)
-        sock.set_inheritable(False)
-        self._socket = sock
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._server.serve(sockets=[sock])), name="radnode-dicomweb", daemon=True
-        )
-        self._thread.start()
+        self._runner.start()
         for warning in dicomweb_warnings(self.settings):
             LOGGER.warning("%s", warning)
         LOGGER.info("DICOMweb STOW-RS on %s/studies", self.url)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Let open requests finish, then stop; close the socket."""
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-        if self._socket is not None:
-            self._socket.close()
+        self._runner.stop(timeout)
 
 
 def start_dicomweb(settings: Settings, ingestor: Ingestor) -> Any:

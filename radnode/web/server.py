@@ -12,10 +12,12 @@ import logging
 import socket
 import ssl
 import threading
+from typing import Any
 
 import uvicorn
 
 from radnode.config import Settings
+from radnode.config.model import TLSSettings
 from radnode.web.app import create_app
 from radnode.web.data import HealthCheck
 
@@ -43,15 +45,19 @@ def exposure_warning(settings: Settings) -> str | None:
     )
 
 
-class DashboardServer:
-    """The dashboard app served by uvicorn on a background thread."""
+class UvicornRunner:
+    """An ASGI app served by uvicorn on a daemon thread, on a socket bound in :meth:`start`.
 
-    def __init__(self, settings: Settings, health: HealthCheck | None = None) -> None:
-        dash = settings.dashboard
-        tls = dash.tls
-        self.settings = settings
+    The one way ``radnode serve`` runs its HTTP apps (dashboard, DICOMweb): binding the
+    socket first makes a busy port fail the start with ``OSError``, and port 0 picks a
+    free one for tests; the TLS settings map onto uvicorn's the same way for every app.
+    """
+
+    def __init__(self, app: Any, host: str, port: int, tls: TLSSettings, name: str) -> None:
+        self.host, self.requested_port, self.name = host, port, name
+        self.scheme = "https" if tls.enabled else "http"
         self.config = uvicorn.Config(
-            create_app(settings, health),
+            app,
             log_level="warning",
             access_log=False,
             ssl_certfile=str(tls.cert_file) if tls.enabled and tls.cert_file else None,
@@ -60,7 +66,6 @@ class DashboardServer:
             ssl_cert_reqs=ssl.CERT_REQUIRED if tls.enabled and tls.require_client_cert else ssl.CERT_NONE,
             lifespan="off",
         )
-        self.app = self.config.app
         self._server = uvicorn.Server(self.config)
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -68,22 +73,20 @@ class DashboardServer:
     @property
     def port(self) -> int:
         if self._socket is None:
-            raise RuntimeError("the dashboard is not started")
+            raise RuntimeError(f"the {self.name} server is not started")
         return int(self._socket.getsockname()[1])
 
     @property
-    def url(self) -> str:
-        scheme = "https" if self.settings.dashboard.tls.enabled else "http"
-        return f"{scheme}://{self.settings.dashboard.host}:{self.port}/"
+    def origin(self) -> str:
+        """``scheme://host:port`` of the running server."""
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self) -> None:
         """Bind (``OSError`` when the port is taken), then serve on a daemon thread."""
-        dash = self.settings.dashboard
-        family = socket.AF_INET6 if ":" in dash.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind((dash.host, dash.port))
+            sock.bind((self.host, self.requested_port))
         except OSError:
             sock.close()
             raise
@@ -91,13 +94,9 @@ class DashboardServer:
         sock.set_inheritable(False)
         self._socket = sock
         self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._server.serve(sockets=[sock])), name="radnode-dashboard", daemon=True
+            target=lambda: asyncio.run(self._server.serve(sockets=[sock])), name=f"radnode-{self.name}", daemon=True
         )
         self._thread.start()
-        warning = exposure_warning(self.settings)
-        if warning:
-            LOGGER.warning("%s", warning)
-        LOGGER.info("dashboard on %s", self.url)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask uvicorn to finish open requests and stop; close the socket."""
@@ -106,4 +105,35 @@ class DashboardServer:
             self._thread.join(timeout)
         if self._socket is not None:
             self._socket.close()
+
+
+class DashboardServer:
+    """The dashboard app served by uvicorn on a background thread."""
+
+    def __init__(self, settings: Settings, health: HealthCheck | None = None) -> None:
+        dash = settings.dashboard
+        self.settings = settings
+        self.app = create_app(settings, health)
+        self._runner = UvicornRunner(self.app, dash.host, dash.port, dash.tls, "dashboard")
+        self.config = self._runner.config
+
+    @property
+    def port(self) -> int:
+        return self._runner.port
+
+    @property
+    def url(self) -> str:
+        return f"{self._runner.origin}/"
+
+    def start(self) -> None:
+        """Bind (``OSError`` when the port is taken), then serve on a daemon thread."""
+        self._runner.start()
+        warning = exposure_warning(self.settings)
+        if warning:
+            LOGGER.warning("%s", warning)
+        LOGGER.info("dashboard on %s", self.url)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask uvicorn to finish open requests and stop; close the socket and the audit log."""
+        self._runner.stop(timeout)
         self.app.state.audit.close()
