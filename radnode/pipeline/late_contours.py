@@ -222,7 +222,7 @@ def run_late_contour_chain(
 
     data_dir = Path(settings.storage.data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    index = NodeIndex(data_dir / INDEX_FILE)
+    index = NodeIndex(data_dir / INDEX_FILE, database_url=settings.database.url)
     try:
         late = resolve(index, data_dir, sorted(p for p in Path(input_path).iterdir() if p.is_file()), settings)
     except LateContourSkipped as skipped:  # the index changed since the job was queued
