@@ -23,8 +23,10 @@ import json
 import logging
 import sqlite3
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from radnode.pipeline.outbox import OUTBOX_DB, Outbox
 from radnode.pipeline.pg_queue import DEFAULT_QUEUE, PostgresJobQueue
@@ -53,13 +55,16 @@ class MigrationReport:
     outbox_items: int = 0
 
 
-def _check_node_stopped(data_dir: Path) -> None:
-    """Refuse while any radnode process runs a pipeline role on ``data_dir`` (its role locks)."""
+def _check_node_stopped(data_dir: Path, roles: Iterable[str] | None = None) -> None:
+    """Refuse while any radnode process holds one of ``roles`` on ``data_dir`` (its role locks).
+
+    The queue needs the pipeline roles stopped (default); the index also the listener.
+    """
     from radnode.service.roles import PIPELINE_ROLES, RoleBusy, RoleLocks
 
     locks = RoleLocks(data_dir)
     try:
-        locks.acquire(PIPELINE_ROLES)
+        locks.acquire(PIPELINE_ROLES if roles is None else roles)
     except RoleBusy as exc:
         raise MigrationError(f"the node is running on {data_dir}; stop it first ({exc})") from exc
     finally:
@@ -125,27 +130,21 @@ class IndexMigrationReport:
     audit_records: int
 
 
-def _check_listener_stopped(data_dir: Path) -> None:
-    """Refuse while any radnode process runs any role on ``data_dir`` (the listener writes the index)."""
-    from radnode.service.roles import ALL_ROLES, RoleBusy, RoleLocks
-
-    locks = RoleLocks(data_dir)
-    try:
-        locks.acquire(ALL_ROLES)
-    except RoleBusy as exc:
-        raise MigrationError(f"the node is running on {data_dir}; stop it first ({exc})") from exc
-    finally:
-        locks.release()
-
-
 def check_index_target(url: str) -> None:
     """Refuse a target whose series index already holds rows (checked before anything is copied)."""
-    from radnode.node.index import POSTGRES_TABLES, postgres_index_store
+    from radnode.node.index import postgres_index_store
 
     with postgres_index_store(url).connect() as conn:
-        for name in ("instances", "series"):
-            if conn.execute(f"SELECT 1 FROM {POSTGRES_TABLES[name]} LIMIT 1").fetchone() is not None:
-                raise MigrationError("the target database already holds a series index; migrate into an empty database")
+        _refuse_a_held_index(conn)
+
+
+def _refuse_a_held_index(conn: Any) -> None:
+    """Raise :class:`MigrationError` when the target's index tables hold any row."""
+    from radnode.node.index import POSTGRES_TABLES
+
+    for name in ("instances", "series"):
+        if conn.execute(f"SELECT 1 FROM {POSTGRES_TABLES[name]} LIMIT 1").fetchone() is not None:
+            raise MigrationError("the target database already holds a series index; migrate into an empty database")
 
 
 def migrate_index(data_dir: Path, url: str) -> IndexMigrationReport:
@@ -157,9 +156,10 @@ def migrate_index(data_dir: Path, url: str) -> IndexMigrationReport:
     from radnode.node.audit import AUDIT_TABLE, audit_store, read_audit
     from radnode.node.index import POSTGRES_TABLES, postgres_index_store
     from radnode.node.storage import AUDIT_FILE, INDEX_FILE
+    from radnode.service.roles import ALL_ROLES
 
     data_dir = Path(data_dir).resolve()
-    _check_listener_stopped(data_dir)
+    _check_node_stopped(data_dir, ALL_ROLES)  # the listener writes the index
     source = data_dir / INDEX_FILE
     copied: dict[str, tuple[list[str], list[tuple[object, ...]]]] = {}
     if source.is_file():
@@ -175,9 +175,7 @@ def migrate_index(data_dir: Path, url: str) -> IndexMigrationReport:
     audit_store(url)  # creates the audit table
     store = postgres_index_store(url)
     with store.write() as conn:
-        for name in ("instances", "series"):
-            if conn.execute(f"SELECT 1 FROM {POSTGRES_TABLES[name]} LIMIT 1").fetchone() is not None:
-                raise MigrationError("the target database already holds a series index; migrate into an empty database")
+        _refuse_a_held_index(conn)  # again inside the transaction: nobody filled it meanwhile
         for table, (columns, rows) in copied.items():
             if rows:
                 conn.executemany(
