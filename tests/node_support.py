@@ -7,6 +7,7 @@ Every peer runs for real on loopback; DCMTK tools get ``TCP_NODELAY=1`` (see
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -133,3 +134,15 @@ def running_node(settings: Settings) -> Iterator[Any]:
         yield node
     finally:
         node.stop(grace_seconds=5)
+
+
+def stop_gracefully(process: subprocess.Popen[bytes]) -> int:
+    """SIGTERM, up to 60 s for a clean exit (its code is what a test checks), else SIGKILL."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+    return int(process.returncode)

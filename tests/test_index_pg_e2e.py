@@ -5,7 +5,6 @@ by one and completed by the other, and no SQLite index is created."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections import Counter
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from node_support import IBSI_SLICES, copy_series, dcmtk_env, echoscu, free_port, storescu, wait_until
+from node_support import IBSI_SLICES, copy_series, dcmtk_env, echoscu, free_port, stop_gracefully, storescu, wait_until
 from pg_support import PgCluster, pg_cluster  # noqa: F401  (session fixture)
 from radnode.node.audit import read_audit_db
 from radnode.node.index import NodeIndex, SeriesState
@@ -26,17 +25,6 @@ def _serve(config: Path, log: Path, roles: str) -> subprocess.Popen[bytes]:
             [sys.executable, "-m", "radnode", "--config", str(config), "serve", "--roles", roles],
             stdout=handle, stderr=subprocess.STDOUT, env=dcmtk_env(),
         )
-
-
-def _stop(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    return int(process.returncode)
 
 
 def test_a_series_received_by_serve_is_indexed_completed_and_audited_in_postgresql(
@@ -71,7 +59,7 @@ def test_a_series_received_by_serve_is_indexed_completed_and_audited_in_postgres
         assert wait_until(lambda: "series-complete" in {r["event"] for r in read_audit_db(url)}, 30), logs()
         assert listener.poll() is None and completion.poll() is None, logs()
     finally:
-        codes = (_stop(listener), _stop(completion))
+        codes = (stop_gracefully(listener), stop_gracefully(completion))
         index.close()
     assert codes == (0, 0), logs()
     events = Counter(r["event"] for r in read_audit_db(url))

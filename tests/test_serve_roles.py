@@ -11,7 +11,6 @@ A third process asking for a role already taken exits 1.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from node_support import IBSI_SLICES, copy_series, free_port, storescu, wait_until
+from node_support import IBSI_SLICES, copy_series, free_port, stop_gracefully, storescu, wait_until
 from pipeline_support import SERVE_ENTRY, chain_ref
 from radnode.node.index import NodeIndex, SeriesState
 from radnode.node.storage import INDEX_FILE
@@ -35,17 +34,6 @@ def _start(config: Path, log: Path, roles: str) -> subprocess.Popen[bytes]:
     command += ["--chain", chain_ref("results_chain")]
     with log.open("ab") as handle:
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, TCP_NODELAY="1"))
-
-
-def _stop(process: subprocess.Popen[bytes]) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-    return int(process.returncode)
 
 
 @pytest.fixture
@@ -119,5 +107,5 @@ def test_listener_and_pipeline_in_two_processes_process_and_deliver_a_series(
         finally:
             index.close()
     finally:
-        codes = (_stop(front), _stop(back))
+        codes = (stop_gracefully(front), stop_gracefully(back))
     assert codes == (0, 0), logs()
