@@ -153,6 +153,18 @@ def pg_cluster() -> Iterator[PgCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+#: The backends a contract test runs on (one parametrised run each).
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def backend_store(request: pytest.FixtureRequest, data_dir: Path, prefix: str) -> tuple[str, Path, str | None]:
+    """(backend, data dir, database URL) for ``request.param``: the URL of a fresh database, or None for SQLite."""
+    if request.param == "postgresql":
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        return request.param, data_dir, cluster.create_database(prefix)
+    return request.param, data_dir, None
+
+
 @pytest.fixture
 def pg_url(pg_cluster: PgCluster) -> str:
     """A fresh, empty database in the session cluster."""

@@ -20,11 +20,10 @@ from typing import Any
 
 import pytest
 
-from pg_support import PgCluster, pg_cluster  # noqa: F401  (session fixture)
+from pg_support import BACKENDS, backend_store, pg_cluster  # noqa: F401  (session fixture)
 from radnode.pipeline.jobs import Backoff, FailureReason, JobKind, JobSource, JobSpec, JobState, Phase, PhaseState, Priority
 from radnode.pipeline.queue import InvalidTransition, JobNotFound, JobQueue, LeaseLost, open_queue
 
-BACKENDS = ["sqlite", "postgresql"]
 
 
 class FakeClock:
@@ -45,10 +44,7 @@ def spec(uid: str, tmp_path: Path, **kwargs: Any) -> JobSpec:
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path, str | None]:
     """(backend, data dir, database URL) of one empty store."""
-    if request.param == "postgresql":
-        cluster: PgCluster = request.getfixturevalue("pg_cluster")
-        return request.param, tmp_path / "data", cluster.create_database("q")
-    return request.param, tmp_path / "data", None
+    return backend_store(request, tmp_path / "data", "q")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pg_support import PgCluster, pg_cluster  # noqa: F401  (session fixture)
+from pg_support import BACKENDS, backend_store, pg_cluster  # noqa: F401  (session fixture)
 from pipeline_support import first_header, write_result_objects
 from radnode.config import Destination, Settings
 from radnode.pipeline.jobs import Backoff, Phase
@@ -31,7 +31,6 @@ from radnode.pipeline.outbox import (
     outbox_exists,
 )
 
-BACKENDS = ["sqlite", "postgresql"]
 BACKOFF = Backoff(base_seconds=10.0, factor=2.0, max_seconds=600.0)
 
 
@@ -49,10 +48,7 @@ class FakeClock:
 @pytest.fixture(params=BACKENDS)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Path, str | None]:
     """(backend, data dir, database URL) of one empty outbox."""
-    if request.param == "postgresql":
-        cluster: PgCluster = request.getfixturevalue("pg_cluster")
-        return request.param, tmp_path / "data", cluster.create_database("o")
-    return request.param, tmp_path / "data", None
+    return backend_store(request, tmp_path / "data", "o")
 
 
 @pytest.fixture
