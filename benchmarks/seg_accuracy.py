@@ -61,22 +61,12 @@ def _model_for(case_id: str, folds: Path | None, bundle: Any) -> Any:
     """The fold's network for ``case_id`` (held-out), or the bundle's; ``None`` if the fold is missing."""
     if folds is None:
         return bundle.model
-    import torch
+    from radnode.models.training.folds import FoldError, load_fold_model
 
-    from radnode.models.raseg import RASeg, RASegConfig
-
-    checkpoint = folds / f"loo-{case_id}" / "last.pt"
-    if not checkpoint.is_file():
-        return None
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if case_id in payload.get("train_ids", []):
-        raise SystemExit(f"{checkpoint}: this fold was trained on {case_id}; it cannot score it as held out")
-    steps = int(payload.get("config", {}).get("steps", 0))
-    if int(payload.get("step", 0)) < steps:
-        raise SystemExit(f"{checkpoint}: the fold is still training (step {payload.get('step')} of {steps})")
-    model = RASeg(RASegConfig.from_dict(payload["architecture"]))
-    model.load_state_dict(payload["model"])
-    return model.eval()
+    try:
+        return load_fold_model(folds, case_id)
+    except FoldError as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def score_case(model: Any, ct: Any, truth: np.ndarray, settings: Any) -> tuple[dict[str, Any], np.ndarray]:

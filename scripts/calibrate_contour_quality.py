@@ -8,22 +8,28 @@ Usage::
 What it does, seeded and in one command:
 
 1. **Unseen real nodules.** ``--crops`` LIDC-IDRI nodule crops of
-   ``lidc_nodule_crops/`` drawn with a fixed seed, leaving out the patients the demo
-   model was trained on (LIDC-IDRI-0001, -0003). Each crop goes through the network path
+   ``lidc_nodule_crops/`` drawn with a fixed seed, leaving out the patients the model
+   was trained on (LIDC-IDRI-0001, -0003, and the crop patients its bundle's ``training``
+   block lists). Each crop goes through the network path
    on the preprocessed grid (the bundle's preprocessing and inference settings; the whole
    crop is the lung region and the a2t box, as a crop has no chest to find the lungs in),
    then through :func:`radnode.models.quality.assess_contour`; Dice against the crop's
    mask on the crop's grid.
-2. **The six real CTs** with a tumour reference (``--real``; loaded with the loaders of
-   ``scripts/train_demo_segmentation.py``) through the chain's whole tumour path
-   (:func:`radnode.models.tumour.network_tumour`: classical lung mask, detector, network,
-   post-processing, quality), Dice against the clinical reference on the CT grid. These are
-   **in the demo model's training set**, so their contours are in-sample; they are listed
-   and counted separately.
+2. **The six real CTs** with a tumour reference (``--real``;
+   :data:`radnode.models.training.real_cases.REAL_CASES`) through the chain's whole tumour
+   path (:func:`radnode.models.tumour.bundle_tumour`: classical lung mask, detector,
+   network, post-processing, quality), Dice against the clinical reference on the CT grid.
+   The bundle was trained on them, so by default their contours are in-sample; with
+   ``--folds WORK`` each is scored instead by the leave-one-out fold of
+   ``scripts/train_demo_segmentation.py --work WORK`` that never saw it (the bundle's
+   settings, the fold's network): unseen planning CTs, which is what the threshold must
+   work on.
 3. **Calibration** (:func:`summarise`): good = Dice ≥ 0.7. The AUC of the score for "good"
    (DeLong 95 % interval) over all cases, and over the crops alone; the threshold is the
    score that maximises Youden's J (sensitivity + specificity − 1 for finding the bad
-   contours), with its sensitivity and specificity. Every case's signals and Dice are
+   contours), with its sensitivity and specificity; then the sensitivity and specificity of
+   the chain's whole verdict, which also flags a competing detection
+   (:data:`radnode.models.quality.COMPETITOR_RATIO`) whatever the score. Every case's signals and Dice are
    written with the entry, so ``tests/test_quality.py`` recomputes the scores, the AUC and
    the threshold from them with this module's functions.
 
@@ -34,7 +40,6 @@ keeps the others.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -47,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from radnode.models.quality import (
+    COMPETITOR_RATIO,
     WEIGHTS,
     QualityCalibration,
     QualitySignals,
@@ -110,6 +116,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     threshold, sensitivity, specificity = youden_threshold(scores, good)
     crops = np.array([r["set"] == "lidc_crop" for r in rows])
     overall = _auc(scores, good)
+    # The verdict also flags a competing detection, whatever the score (not part of the fit).
+    competing = np.array([(r["signals"].get("competitor_ratio") or 0.0) >= COMPETITOR_RATIO for r in rows])
+    flagged = (scores < threshold) | competing
     parts: dict[str, Any] = {}
     for name in WEIGHTS:
         values = np.array([judge(QualitySignals(**{**r["signals"], "tta_dice": tuple(r["signals"]["tta_dice"])}),
@@ -126,6 +135,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "sensitivity_bad": sensitivity,
         "specificity_good": specificity,
         "auc_lidc_crops": (_auc(scores[crops], good[crops]) or {}).get("auc"),
+        "competing_detection_flags": {"good": int((competing & good).sum()), "bad": int((competing & ~good).sum())},
+        "verdict_sensitivity_bad": round(float(flagged[~good].mean()), 4) if (~good).any() else None,
+        "verdict_specificity_good": round(float((~flagged[good]).mean()), 4) if good.any() else None,
         "auc_per_part": parts,
         "good_dice": GOOD_DICE,
     }
@@ -134,22 +146,20 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- cases
 
 
-def _training_script() -> Any:
-    path = Path(__file__).with_name("train_demo_segmentation.py")
-    spec = importlib.util.spec_from_file_location("train_demo_segmentation", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def training_patients(meta: Any) -> tuple[str, ...]:
+    """LIDC patients the model has seen: the slab cases, and the crop patients its bundle lists."""
+    crops = (meta.extra.get("training") or {}).get("crop_patients") or []
+    return tuple(sorted({*TRAINING_PATIENTS, *crops}))
 
 
-def crop_files(data: Path, count: int, seed: int = SEED) -> list[Path]:
+def crop_files(data: Path, count: int, seed: int = SEED, seen: tuple[str, ...] = TRAINING_PATIENTS) -> list[Path]:
     """The first ``count`` crops of a seeded shuffle of the patients outside the model's training set.
 
-    A larger ``count`` draws a superset, so a longer run extends a shorter one.
+    ``seen`` are the patients to leave out (:func:`training_patients`). A larger ``count``
+    draws a superset, so a longer run extends a shorter one.
     """
     images = sorted((data / "lidc_nodule_crops" / "image").glob("*.nii.gz"))
-    unseen = [p for p in images if not p.name.startswith(TRAINING_PATIENTS)]
+    unseen = [p for p in images if not p.name.startswith(tuple(f"{patient}_" for patient in seen))]
     order = np.random.default_rng(seed).permutation(len(unseen))
     return [unseen[i] for i in sorted(order[:count])]
 
@@ -177,18 +187,46 @@ def crop_row(bundle: Any, image_path: Path) -> dict[str, Any]:
                 settings.threshold, network)
 
 
-def real_row(bundle_path: Path, case_id: str, load: Any) -> dict[str, Any]:
-    """The chain's whole tumour path on one real CT; Dice on the CT grid."""
+def real_row(bundle: Any, case_id: str, load: Any, kind: str) -> dict[str, Any]:
+    """The chain's whole tumour path on one real CT with ``bundle`` (its settings, calibration
+    and network: the shipped one, or a held-out fold's); Dice on the CT grid."""
     from radnode.models.lungmask import segment_lungs
     from radnode.models.metrics import dice
-    from radnode.models.tumour import network_tumour
+    from radnode.models.tumour import bundle_tumour
 
     ct, truth = load()
     lung = segment_lungs(ct).lungs
-    result = network_tumour(ct, lung, bundle_path, "cpu")
+    result = bundle_tumour(ct, lung, bundle, "cpu")
     assert result.quality is not None
     network = sum(v for k, v in result.timings.items() if k != "quality")
-    return _row("real_ct_in_training", case_id, dice(result.mask, truth), result.quality, 0.5, network)
+    return _row(kind, case_id, dice(result.mask, truth), result.quality, 0.5, network)
+
+
+def real_cases(bundle: Any, folds: Path | None, data: Path, only: list[str] | None) -> list[tuple[str, str, Any]]:
+    """The real CTs to score: ``(set, case, run)``. With ``folds``, each case is scored by the
+    leave-one-out fold that never saw it (set ``real_ct_held_out``; a case without a fold is
+    left out and logged); without, by the bundle itself (``real_ct_in_training``)."""
+    from dataclasses import replace
+
+    from radnode.models.training.folds import load_fold_model
+    from radnode.models.training.real_cases import REAL_CASES
+
+    todo: list[tuple[str, str, Any]] = []
+    for case_id, load in REAL_CASES.items():
+        if only is not None and case_id not in only:
+            continue
+        if folds is None:
+            todo.append(("real_ct_in_training", case_id,
+                         lambda c=case_id, f=load: real_row(bundle, c, lambda: f(data), "real_ct_in_training")))
+            continue
+        fold = load_fold_model(folds, case_id)
+        if fold is None:
+            log.warning("%s: no leave-one-out fold in %s, not scored", case_id, folds)
+            continue
+        held_out = replace(bundle, model=fold)
+        todo.append(("real_ct_held_out", case_id,
+                     lambda c=case_id, f=load, b=held_out: real_row(b, c, lambda: f(data), "real_ct_held_out")))
+    return todo
 
 
 def _row(kind: str, case_id: str, dice_value: float, quality: Any, probability_threshold: float,
@@ -228,6 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--work", type=Path, default=Path("build/quality"))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--write", type=Path, default=None, help="calibration JSON to update")
+    parser.add_argument("--folds", type=Path, default=None,
+                        help="work folder of the training script's leave-one-out folds: score each real CT "
+                             "with the fold that held it out (unseen contours) instead of the bundle")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -246,14 +287,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for line in rows_path.read_text().splitlines():
             row = json.loads(line)
             done[(row["set"], row["case"])] = row
+    seen = training_patients(bundle.meta)
     todo: list[tuple[str, str, Any]] = [("lidc_crop", p.name.removesuffix(".nii.gz"), lambda p=p: crop_row(bundle, p))
-                                        for p in crop_files(args.data, args.crops)]
+                                        for p in crop_files(args.data, args.crops, seen=seen)]
     if args.real is None or args.real:
-        training = _training_script()
-        for case_id, load in training.REAL_CASES.items():
-            if args.real is None or case_id in args.real:
-                todo.append(("real_ct_in_training", case_id,
-                             lambda c=case_id, f=load: real_row(bundle_path, c, lambda: f(args.data))))
+        todo += real_cases(bundle, args.folds, args.data, args.real)
     with rows_path.open("a") as out:
         for kind, case_id, run in todo:
             if (kind, case_id) in done:
@@ -275,8 +313,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "weights": dict(WEIGHTS),
         "cases": (f"{sum(r['set'] == 'lidc_crop' for r in scored)} LIDC-IDRI nodule crops of patients not in the "
                   f"model's training set (seed {SEED}, of {args.crops} drawn; network on the crop, Dice on the crop "
-                  f"grid) + {sum(r['set'] != 'lidc_crop' for r in scored)} real CTs of its training set (whole chain "
-                  "path, in-sample); cases without any contour are not scored"),
+                  f"grid) + {sum(r['set'] != 'lidc_crop' for r in scored)} real CTs (whole chain path, "
+                  + ("each scored by the leave-one-out fold that held it out" if args.folds else
+                     "in-sample: the model was trained on them")
+                  + "); cases without any contour are not scored"),
         "unscored_no_contour": sorted(r["case"] for r in rows if r["signals"] is None),
         "script": "scripts/calibrate_contour_quality.py",
         "rows": [{k: r[k] for k in ("set", "case", "dice", "signals", "probability_threshold")} for r in scored],

@@ -315,3 +315,24 @@ def test_a_certain_contour_goes_to_every_destination_unchanged(tmp_path: Path, s
     files2 = write_result_objects(header, out2, ["SEG"], version="2")
     items = stage_phase(outbox, files2, settings.destinations[:1], out2, Phase.CONTOURS, job_id=9)
     assert [i.state for i in items] == [ItemState.HELD]
+
+
+def test_the_review_note_says_which_rule_flagged_the_contour() -> None:
+    tumour = np.zeros((12, 40, 40), dtype=bool)
+    tumour[3:9, 12:28, 12:28] = True
+    probability = ndimage.gaussian_filter(tumour.astype(np.float32), 0.7) * 0.98
+    calibration = QualityCalibration(threshold=0.6, calibrated=True, model_name="m", model_version="1")
+
+    def note(tta_dice: float, competitor: float | None) -> str:
+        signals = contour_signals(tumour, probability, np.ones_like(tumour), (1.5, 1.0, 1.0), [tta_dice], competitor)
+        quality = judge(signals, calibration)
+        assert quality.uncertain
+        return chain.review_note(TumourSegmentation(tumour, "m", "1", False, quality=quality), ascii_only=True)
+
+    rival = note(0.95, 0.92)  # a confident contour, but another structure nearly as probable
+    assert rival.startswith(UNCERTAIN_TEXT_ASCII) and "another structure 92% as probable" in rival
+    assert "<" not in rival  # its score is above the threshold: no false comparison is printed
+    low = note(0.0, None)
+    assert "< 0.60" in low and "another structure" not in low
+    both = note(0.0, 0.6)
+    assert "< 0.60" in both and "another structure 60% as probable" in both

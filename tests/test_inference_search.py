@@ -12,11 +12,13 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from radnode.models.candidates import Box
+from radnode.models.candidates import Box, box_from_mask
 from radnode.models.inference import (
     InferenceError,
     InferenceSettings,
+    postprocess_components,
     postprocess_mask,
+    predict_coarse,
     predict_box,
     predict_probabilities,
     segment_preprocessed,
@@ -209,8 +211,13 @@ def test_low_confidence_components_are_dropped_and_the_strongest_kept() -> None:
     assert np.array_equal(postprocess_mask(*args), mask)
     kept = postprocess_mask(*args, probability=probability, min_component_confidence=0.7)
     assert np.array_equal(kept, mask & (probability > 0.7))
-    top = postprocess_mask(*args, probability=probability, max_components=1)
+    top, masses = postprocess_components(*args, probability=probability, max_components=1)
     assert np.array_equal(top, probability == 0.95)  # mass 570 beats 540 and 90
+    # Every eligible component's summed probability (mL at 1.5 mm³ a voxel), the dropped ones too.
+    assert masses == pytest.approx([v * 1.5 / 1000 for v in (570.0, 540.0, 90.0)], rel=1e-5)
+    _kept, confident = postprocess_components(*args, probability=probability, min_component_confidence=0.7)
+    assert confident == pytest.approx([v * 1.5 / 1000 for v in (570.0, 90.0)], rel=1e-5)
+    assert postprocess_components(*args)[1] == []
     with pytest.raises(InferenceError, match="probability"):
         postprocess_mask(*args, probability=probability[:5], min_component_confidence=0.7)
 
@@ -274,12 +281,71 @@ def test_flip_tta_is_the_mean_of_the_unflipped_passes() -> None:
     assert np.array_equal(predict_box(stub, image, box, _settings(roi_size=(8, 24, 24))), plain)
 
 
+# --------------------------------------------------------------------------- coarse pass
+class EdgeStub(nn.Module):
+    """A network with a short reach: tumour only where a bright voxel has a dark one within
+    4 voxels, so the core of a mass wider than that stays unseen (as in a large homogeneous GTV)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = TINY
+
+    def forward(self, image: torch.Tensor, bbox: torch.Tensor) -> torch.Tensor:
+        near_dark = torch.nn.functional.max_pool3d((image < 0.5).float(), 9, stride=1, padding=4)
+        logit = torch.where((image >= 0.5) & (near_dark > 0) & (bbox > 0), 6.0, -6.0)
+        return torch.cat([torch.zeros_like(logit), logit], dim=1)
+
+
+def _mass(nz: int = 24, size: int = 96, radius: int = 16) -> tuple[np.ndarray, np.ndarray, Box]:
+    image = np.zeros((nz, size, size), dtype=np.float32)
+    mass = np.zeros(image.shape, dtype=bool)
+    mass[4:nz - 4] = _disc((size, size), (size // 2, size // 2), radius)
+    image[mass] = 1.0
+    return image, mass, box_from_mask(mass, SPACING)
+
+
+def test_the_coarse_pass_finds_the_core_of_a_mass_wider_than_the_network_sees() -> None:
+    image, mass, box = _mass()
+    case = _case(image, np.ones(image.shape, dtype=bool))
+    centre = (12, 48, 48)
+    plain = _settings(context_mm=10.0, coarse_min_box_mm=0.0)
+    fine = segment_preprocessed(EdgeStub(), case, plain, box=box)
+    core = ndimage.binary_erosion(mass, np.ones((3, 3, 3)), iterations=5)  # beyond the reach of 4
+    assert fine.probability[centre] < 0.01 and fine.probability[core].max() < 0.01  # a rim only
+    coarse = segment_preprocessed(EdgeStub(), case, replace_settings(plain, coarse_factor=4.0), box=box)
+    assert coarse.probability[centre] > 0.5 and (coarse.probability[core] >= 0.5).mean() > 0.8
+    assert np.all(coarse.probability >= fine.probability - 1e-6)  # max: the coarse pass only adds
+    assert (coarse.mask & ~ndimage.binary_dilation(mass, iterations=3)).sum() == 0  # and stays on the mass
+    averaged = segment_preprocessed(EdgeStub(), case, replace_settings(plain, coarse_factor=4.0, coarse_combine="mean"),
+                                    box=box)
+    # mean: where the fine pass saw nothing, half the coarse probability; never above the maximum
+    assert averaged.probability[centre] == pytest.approx(coarse.probability[centre] / 2, abs=0.01)
+    assert np.all(averaged.probability <= coarse.probability + 1e-6)
+    # A box below coarse_min_box_mm (the mass is 32 mm wide) gets no coarse pass.
+    small = segment_preprocessed(EdgeStub(), case, replace_settings(plain, coarse_factor=4.0, coarse_min_box_mm=40.0),
+                                 box=box)
+    assert np.array_equal(small.probability, fine.probability)
+
+
+def test_the_coarse_pass_returns_a_blob_where_it_was() -> None:
+    image = np.zeros((20, 60, 70), dtype=np.float32)
+    blob = np.zeros(image.shape, dtype=bool)
+    blob[4:12, 8:28, 40:62] = True  # off-centre, not a multiple of the factor
+    image[blob] = 0.95
+    back = predict_coarse(ConfidenceStub(), image, np.ones_like(image), 2.0, _settings(roi_size=(16, 48, 48)))
+    assert back.shape == image.shape
+    found = back >= 0.5
+    assert 2 * (found & blob).sum() / (found.sum() + blob.sum()) > 0.9
+
+
 def test_new_settings_are_validated_and_round_trip() -> None:
     for bad in ({"search_region": "chest"}, {"tta_flips": (3,)}, {"tta_flips": (2, 2)},
-                {"min_component_confidence": 1.0}, {"max_components": 0}, {"box_growth_rounds": -1}):
+                {"min_component_confidence": 1.0}, {"max_components": 0}, {"box_growth_rounds": -1},
+                {"coarse_factor": 1.0}, {"coarse_combine": "min"}):
         with pytest.raises(InferenceError):
             _settings(**bad)
-    settings = _settings(search_region="hull", tta_flips=(2,), box_growth_rounds=1, min_component_confidence=0.7)
+    settings = _settings(search_region="hull", tta_flips=(2,), box_growth_rounds=1, min_component_confidence=0.7,
+                         coarse_factor=2.0, coarse_combine="mean")
     again = InferenceSettings.from_dict(json.loads(json.dumps(settings.to_dict())))
     assert again == settings
 

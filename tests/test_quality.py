@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from radnode.models.inference import GridSegmentation, InferenceSettings, postpr
 from radnode.models.preprocess import PreprocessedCase, PreprocessParams, PreprocessRecord
 from radnode.models.quality import (
     CALIBRATION_FILE,
+    COMPETING_DETECTION,
+    COMPETITOR_RATIO,
     DEFAULT_THRESHOLD,
     UNCERTAIN_TEXT,
     WEIGHTS,
@@ -25,6 +29,7 @@ from radnode.models.quality import (
     TTAParams,
     assess_contour,
     calibration_for,
+    competitor_ratio,
     contour_signals,
     judge,
     tta_agreement,
@@ -78,11 +83,28 @@ def test_each_signal_moves_the_score_by_its_weight(phantom: tuple[np.ndarray, np
     base = contour_signals(tumour, smooth_probability(tumour, 0.98), lungs, (2.5, 1.0, 1.0), tta_dice=[1.0])
     calibration = QualityCalibration(threshold=0.5, calibrated=True)
     before = judge(base, calibration)
-    from dataclasses import replace
-
     worse = judge(replace(base, tta_dice=(0.0,)), calibration)
     assert before.score - worse.score == pytest.approx(WEIGHTS["tta_agreement"], abs=1e-6)
     assert sum(WEIGHTS.values()) == pytest.approx(1.0)
+
+
+def test_a_competing_detection_flags_a_contour_whatever_its_score(phantom: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    _hu, lungs, tumour = phantom
+    assert competitor_ratio([14.3, 13.2, 11.9], max_components=1) == pytest.approx(13.2 / 14.3)
+    assert competitor_ratio([14.3, 13.2, 1.0], max_components=2) == pytest.approx(1.0 / 13.2)
+    assert competitor_ratio([14.3], max_components=1) is None  # nothing was chosen between
+    assert competitor_ratio([14.3, 13.2], max_components=None) is None  # both kept
+    calibration = QualityCalibration(threshold=0.6, calibrated=True)
+    clear = contour_signals(tumour, smooth_probability(tumour, 0.98), lungs, (2.5, 1.0, 1.0), [0.95],
+                            competitor=competitor_ratio([250.0, 57.0], 1))
+    assert not judge(clear, calibration).uncertain
+    rival = replace(clear, competitor_ratio=competitor_ratio([14.3, 13.2], 1))
+    verdict = judge(rival, calibration)
+    assert verdict.score == judge(clear, calibration).score > 0.6  # the score is not what flags it
+    assert verdict.uncertain and verdict.reasons[0] == COMPETING_DETECTION
+    assert verdict.to_dict()["signals"]["competitor_ratio"] == pytest.approx(13.2 / 14.3, abs=1e-4)
+    just_below = replace(clear, competitor_ratio=COMPETITOR_RATIO - 0.01)
+    assert not judge(just_below, calibration).uncertain
 
 
 def test_no_contour_is_not_flagged_and_empty_signals_are_refused(phantom: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
@@ -171,12 +193,28 @@ def test_the_shipped_calibration_is_what_the_script_computes_from_its_cases() ->
                 "auc_lidc_crops", "auc_per_part"):
         assert summary[key] == entry[key], key
     assert entry["n"] == len(entry["rows"]) and entry["n_good"] + entry["n_bad"] == entry["n"]
-    assert {r["set"] for r in entry["rows"]} == {"lidc_crop", "real_ct_in_training"}
+    sets = {r["set"] for r in entry["rows"]}
+    assert "lidc_crop" in sets and len(sets & {"real_ct_in_training", "real_ct_held_out"}) == 1, sets
     # No crop of a patient in the model's training set.
-    assert not [r for r in entry["rows"] if r["case"].startswith(("LIDC-IDRI-0001_", "LIDC-IDRI-0003_"))]
+    seen = _script().training_patients(meta)
+    assert {"LIDC-IDRI-0001", "LIDC-IDRI-0003"} <= set(seen)
+    assert not [r for r in entry["rows"] if r["set"] == "lidc_crop" and r["case"].split("_")[0] in seen]
     # The chain uses this entry for the shipped model.
     found = calibration_for(meta.name, meta.version, DEMO_BUNDLE_PATH)
     assert found.calibrated and found.threshold == entry["threshold"] and found.auc == entry["auc"]
+
+
+def test_calibration_crops_leave_out_every_patient_the_model_was_trained_on(shared_data: Path) -> None:
+    script = _script()
+    trained_on = {"LIDC-IDRI-0004", "LIDC-IDRI-0005"}
+    meta = SimpleNamespace(extra={"training": {"crop_patients": sorted(trained_on)}})
+    seen = script.training_patients(meta)
+    assert set(seen) == trained_on | {"LIDC-IDRI-0001", "LIDC-IDRI-0003"}
+    every = {p.name.split("_")[0] for p in script.crop_files(shared_data, 10_000)}
+    assert trained_on <= every, "the test needs crops of these patients in the shared data"
+    drawn = {p.name.split("_")[0] for p in script.crop_files(shared_data, 10_000, seen=seen)}
+    assert drawn and not drawn & set(seen)
+    assert script.training_patients(SimpleNamespace(extra={})) == ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
 
 
 def test_youden_threshold_flags_the_bad_contours() -> None:

@@ -267,3 +267,26 @@ def test_train_cli_writes_a_bundle(tmp_path: Path, phantom: SyntheticVolume) -> 
     assert again.exit_code == 2 and "already exists" in again.output
     bad = CliRunner().invoke(app, [*args[:6], "--fold", "x", "--overwrite"])
     assert bad.exit_code == 2
+
+
+def test_a_fold_scores_only_the_case_it_held_out(tmp_path: Path, crop_case: TrainingCase) -> None:
+    from radnode.models.training.folds import FoldError, fold_checkpoint, load_fold_model
+
+    config = TrainConfig(steps=2, batch_size=1, patch_size=(16, 32, 32), augment=False, device="cpu", num_threads=1)
+    trained = train_model([crop_case], [], TINY, config, tmp_path / "loo-held-out-case").model
+    loaded = load_fold_model(tmp_path, "held-out-case")
+    assert loaded is not None and not loaded.training
+    for (name, a), b in zip(trained.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert load_fold_model(tmp_path, "no-such-case") is None
+    # A fold whose training cases include the case cannot score it as held out.
+    train_model([crop_case], [], TINY, config, tmp_path / f"loo-{crop_case.case_id}")
+    with pytest.raises(FoldError, match="trained on p3"):
+        load_fold_model(tmp_path, crop_case.case_id)
+    # Nor can a fold that has not finished its steps.
+    checkpoint = fold_checkpoint(tmp_path, "held-out-case")
+    payload = torch.load(checkpoint, weights_only=False)
+    payload["config"]["steps"] = 10
+    torch.save(payload, checkpoint)
+    with pytest.raises(FoldError, match="still training"):
+        load_fold_model(tmp_path, "held-out-case")

@@ -27,7 +27,8 @@ code value                meaning
                           finding on a segment (radnode.models.quality); value
                           ``CQUNCERTAIN`` or ``CQACCEPTABLE``.
 ``CQUNCERTAIN``           "Contour uncertain, review required": the reference-free quality
-                          score is below the model's calibrated threshold.
+                          score is below the model's calibrated threshold, or a competing
+                          detection made the choice of structure a guess.
 ``CQACCEPTABLE``          "Contour quality acceptable": at or above that threshold.
 ``CQSCORE``               "Contour quality score" (0-1, UCUM "1"; no standard concept).
 ========================  ==============================================================

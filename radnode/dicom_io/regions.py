@@ -221,8 +221,9 @@ class RegionMeasurements:
 class ContourQualityFinding:
     """The reference-free quality assessment of a contour, as the SR reports it.
 
-    ``uncertain`` means the score is below the model's calibrated threshold and a person
-    must review the contour (see :mod:`radnode.models.quality`).
+    ``uncertain`` means the score is below the model's calibrated threshold, or the
+    network found a competing structure almost as probable, and a person must review the
+    contour (see :mod:`radnode.models.quality`).
     """
 
     score: float

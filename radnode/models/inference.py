@@ -133,6 +133,16 @@ class InferenceSettings:
     tta_flips
         Axes (0 = z, 1 = y, 2 = x) whose flipped copies are also run and averaged with the
         plain pass (test-time augmentation); each costs one more network pass per box.
+    coarse_factor
+        When set, a box whose longest edge reaches ``coarse_min_box_mm`` is also run at
+        this factor coarser (the region resampled, e.g. 2: 2 × 2 × 3 mm) and the coarse
+        probabilities, resampled back, are combined with the fine ones by ``coarse_combine``.
+        A large homogeneous mass fills the network's whole field of view at the fine scale,
+        where its core has no edge to recognise; at the coarse scale it is tumour-sized.
+    coarse_min_box_mm
+        Boxes smaller than this on every axis get no coarse pass.
+    coarse_combine
+        ``max`` (the coarse pass can only add tumour) or ``mean``.
     """
 
     roi_size: tuple[int, int, int] = (64, 96, 96)
@@ -159,6 +169,9 @@ class InferenceSettings:
     min_component_confidence: float | None = None
     max_components: int | None = None
     tta_flips: tuple[int, ...] = ()
+    coarse_factor: float | None = None
+    coarse_min_box_mm: float = 50.0
+    coarse_combine: Literal["max", "mean"] = "max"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roi_size", tuple(int(v) for v in self.roi_size))
@@ -172,6 +185,10 @@ class InferenceSettings:
             raise InferenceError(f"min_component_confidence: must be in [0, 1) or None, got {self.min_component_confidence}")
         if self.max_components is not None and self.max_components < 1:
             raise InferenceError(f"max_components: must be >= 1 or None, got {self.max_components}")
+        if self.coarse_factor is not None and not self.coarse_factor > 1.0:
+            raise InferenceError(f"coarse_factor: must be > 1 or None, got {self.coarse_factor}")
+        if self.coarse_combine not in ("max", "mean"):
+            raise InferenceError(f"coarse_combine: max or mean, got {self.coarse_combine!r}")
         if any(a not in (0, 1, 2) for a in self.tta_flips) or len(set(self.tta_flips)) != len(self.tta_flips):
             raise InferenceError(f"tta_flips: distinct axes among 0, 1, 2, got {self.tta_flips}")
         if len(self.roi_size) != 3 or min(self.roi_size) < 1:
@@ -294,7 +311,32 @@ def postprocess_mask(
     min_component_confidence: float | None = None,
     max_components: int | None = None,
 ) -> np.ndarray:
-    """Clean a binary tumour mask.
+    """Clean a binary tumour mask: :func:`postprocess_components` without the list of masses."""
+    return postprocess_components(
+        mask, lung, spacing_zyx, min_component_mm3, min_lung_fraction, fill_holes, lung_margin_mm,
+        probability, min_component_confidence, max_components,
+    )[0]
+
+
+def postprocess_components(
+    mask: np.ndarray,
+    lung: np.ndarray,
+    spacing_zyx: Sequence[float],
+    min_component_mm3: float = 30.0,
+    min_lung_fraction: float = 0.1,
+    fill_holes: bool = True,
+    lung_margin_mm: float | None = None,
+    probability: np.ndarray | None = None,
+    min_component_confidence: float | None = None,
+    max_components: int | None = None,
+) -> tuple[np.ndarray, list[float]]:
+    """Clean a binary tumour mask; also return the summed probability (mL) of every component
+    that passed the size, lung and confidence rules, largest first, including those that
+    ``max_components`` then dropped (empty without ``probability``).
+
+    The masses show how clear the choice among components was: a runner-up almost as
+    probable as the component kept means the network saw two tumour-like structures and
+    ``max_components`` picked one (see :mod:`radnode.models.quality`).
 
     With ``lung_margin_mm`` set, first drops every voxel farther than that from ``lung``
     (the classical lung mask keeps juxtapleural tumours inside, so this cuts a network's
@@ -316,18 +358,20 @@ def postprocess_mask(
     if lung_margin_mm is not None and mask.any():
         mask = mask & near_lung(mask, lung, spacing_zyx, lung_margin_mm)
     labels, count = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+    masses: list[float] = []
     if count:
         index = np.arange(1, count + 1)
         sizes = ndimage.sum_labels(np.ones_like(mask, dtype=np.int32), labels, index)
         in_lung = ndimage.sum_labels(lung != 0, labels, index)
-        volume = sizes * float(np.prod(spacing_zyx))
-        keep = (volume >= min_component_mm3) & (in_lung >= min_lung_fraction * sizes)
-        if probability is not None and (min_component_confidence is not None or max_components is not None):
+        voxel_mm3 = float(np.prod(spacing_zyx))
+        keep = (sizes * voxel_mm3 >= min_component_mm3) & (in_lung >= min_lung_fraction * sizes)
+        if probability is not None:
             if probability.shape != mask.shape:
                 raise InferenceError(f"probability {probability.shape} and mask {mask.shape} must have the same shape")
             mass = ndimage.sum_labels(probability, labels, index)
             if min_component_confidence is not None:
                 keep &= mass >= min_component_confidence * sizes
+            masses = sorted((float(m) * voxel_mm3 / 1000.0 for m in mass[keep]), reverse=True)
             if max_components is not None and keep.sum() > max_components:
                 order = np.argsort(np.where(keep, -mass, np.inf), kind="stable")
                 keep[order[max_components:]] = False
@@ -337,7 +381,7 @@ def postprocess_mask(
         mask = ndimage.binary_fill_holes(mask)
         for z in np.nonzero(mask.any(axis=(1, 2)))[0]:
             mask[z] = ndimage.binary_fill_holes(mask[z])
-    return mask
+    return mask, masses
 
 
 def near_lung(mask: np.ndarray, lung: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float) -> np.ndarray:
@@ -419,6 +463,33 @@ def predict_box(
     if settings.tta_flips:
         total /= 1 + len(settings.tta_flips)
     return total
+
+
+def _resample(array: np.ndarray, shape: Sequence[int], mode: str) -> np.ndarray:
+    """``array`` resampled to ``shape`` (trilinear for images and probabilities, nearest for masks)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    kwargs = {"align_corners": False} if mode == "trilinear" else {}
+    return F.interpolate(tensor, size=tuple(int(v) for v in shape), mode=mode, **kwargs)[0, 0].numpy()
+
+
+def predict_coarse(
+    model: RASeg, image: np.ndarray, box_mask: np.ndarray, factor: float, settings: InferenceSettings
+) -> np.ndarray:
+    """:func:`predict_box` on the region resampled ``factor`` times coarser, brought back to its grid."""
+    small = tuple(max(1, int(round(n / factor))) for n in image.shape)
+    coarse = predict_box(model, _resample(image, small, "trilinear"), _resample(box_mask, small, "nearest"), settings)
+    return np.clip(_resample(coarse, image.shape, "trilinear"), 0.0, 1.0)
+
+
+def _with_coarse(model: RASeg, image: np.ndarray, box_mask: np.ndarray, fine: np.ndarray, box: Box | None,
+                 spacing: Sequence[float], settings: InferenceSettings) -> np.ndarray:
+    """``fine`` combined with the coarse pass when ``settings.coarse_factor`` asks for it and the box is large."""
+    if settings.coarse_factor is None or box is None:
+        return fine
+    if max(n * s for n, s in zip(box.shape, spacing)) < settings.coarse_min_box_mm:
+        return fine
+    coarse = predict_coarse(model, image, box_mask, settings.coarse_factor, settings)
+    return np.maximum(fine, coarse) if settings.coarse_combine == "max" else (fine + coarse) / 2
 
 
 def _box_in(box: Box | None, region: Box) -> np.ndarray:
@@ -558,6 +629,10 @@ class GridSegmentation:
     search
         The tumour search region the post-processing kept tumour in (see
         :func:`tumour_search_region`; ``None`` when built by older code).
+    component_masses
+        Summed probability (mL) of each component the post-processing could have kept,
+        largest first, including those ``max_components`` dropped
+        (:func:`postprocess_components`).
     """
 
     mask: np.ndarray
@@ -568,6 +643,7 @@ class GridSegmentation:
     features: np.ndarray | None
     timings: dict[str, float]
     search: np.ndarray | None = field(default=None, repr=False)
+    component_masses: list[float] = field(default_factory=list)
 
     @property
     def box(self) -> Box | None:
@@ -641,6 +717,7 @@ def segment_preprocessed(
                 break
             log.info("tumour runs out of box %s: re-running with %s", current.to_dict(), larger.to_dict())
             current = larger
+        local = _with_coarse(model, case.image[region.slices], box_mask, local, current, spacing, settings)
         window = probability[region.slices]
         np.maximum(window, local, out=window)
         regions.append(region)
@@ -657,7 +734,7 @@ def segment_preprocessed(
         search = tumour_search_region(case.lung, settings.search_region, slices)
     timings["search_region"] += time.perf_counter() - start
     start = time.perf_counter()
-    mask = postprocess_mask(
+    mask, masses = postprocess_components(
         predicted, search, spacing,
         settings.min_component_mm3, settings.min_lung_fraction, settings.fill_holes, settings.lung_margin_mm,
         probability=probability, min_component_confidence=settings.min_component_confidence,
@@ -675,7 +752,8 @@ def segment_preprocessed(
             box_input[:] = 1.0
         features = deep_feature_vector(model, case.image, box_input, mask, settings)
         timings["features"] = time.perf_counter() - start
-    return GridSegmentation(mask, probability, final_boxes, regions, candidates, features, timings, search)
+    return GridSegmentation(mask, probability, final_boxes, regions, candidates, features, timings, search,
+                            component_masses=masses)
 
 
 @dataclass

@@ -22,6 +22,16 @@ score combines signals that go with a wrong contour on the cases we could measur
 * **volume** (0.05): plausible GTV volumes (0.5-800 mL) score 1, falling off on a log
   scale to 0 at 0.03 mL and 1500 mL.
 
+Besides the score, one rule flags a contour whatever its score: a **competing detection**.
+When the post-processing keeps only the most probable component(s) (``max_components``) and
+a dropped one holds at least :data:`COMPETITOR_RATIO` of the kept one's summed probability,
+the network found two comparably tumour-like structures and radnode picked one; that pick
+is a guess a planner must check. It catches the confidently wrong contour that the
+self-consistency signals cannot see (a vessel bundle found with high probability and
+stable under mirroring, while the nodule lay elsewhere). The ratio was fixed at one half
+before it was measured, and it does not enter the score, so the calibrated threshold is
+unchanged by it.
+
 The weights are fixed a priori (agreement and confidence carry most, as in the TTA and
 probability-based quality-control literature); only the **threshold** is fitted, on the
 calibration set of ``scripts/calibrate_contour_quality.py``, and written with the
@@ -78,6 +88,11 @@ WEIGHTS: dict[str, float] = {
     "shape": 0.10,
     "volume": 0.05,
 }
+#: A dropped component with at least this share of the kept one's summed probability makes
+#: the choice between them a guess: the contour is flagged whatever its score.
+COMPETITOR_RATIO = 0.5
+#: The reason given for that flag.
+COMPETING_DETECTION = "competing_detection"
 #: Sphericity from which the shape part is 1.
 FULL_SPHERICITY = 0.6
 #: Plausible GTV volumes (mL): 1 inside, log-scale ramp to 0 at the outer limits.
@@ -127,6 +142,7 @@ class QualitySignals:
     outside_lung_fraction: float
     volume_ml: float
     sphericity: float | None
+    competitor_ratio: float | None = None
 
     @property
     def tta_agreement(self) -> float | None:
@@ -161,7 +177,8 @@ class ContourQuality:
     score
         Weighted mean of ``parts`` (:data:`WEIGHTS`); ``None`` when there is no contour.
     uncertain
-        ``score < calibration.threshold``: the contour needs a person's review.
+        ``score < calibration.threshold``, or a competing detection (:data:`COMPETITOR_RATIO`):
+        the contour needs a person's review.
     reasons
         The parts below 0.5, worst first (what a reviewer should look at).
     calibration
@@ -246,14 +263,29 @@ def combine(parts: Mapping[str, float]) -> float:
     return float(sum(WEIGHTS[k] * parts[k] for k in WEIGHTS))
 
 
+def competitor_ratio(component_masses: Sequence[float], max_components: int | None) -> float | None:
+    """The best dropped component's summed probability over the weakest kept one's.
+
+    ``component_masses`` are those of :func:`~radnode.models.inference.postprocess_components`
+    (largest first); ``None`` when nothing was chosen between (no ``max_components``, or
+    no more components than it keeps): then there was no pick to doubt.
+    """
+    if max_components is None or len(component_masses) <= max_components:
+        return None
+    kept = component_masses[max_components - 1]
+    return float(component_masses[max_components] / kept) if kept > 0 else None
+
+
 def contour_signals(
     mask: np.ndarray,
     probability: np.ndarray,
     lung: np.ndarray,
     spacing_zyx: Sequence[float],
     tta_dice: Sequence[float] = (),
+    competitor: float | None = None,
 ) -> QualitySignals:
-    """The signals of a non-empty contour on one grid (all arrays the same shape)."""
+    """The signals of a non-empty contour on one grid (all arrays the same shape);
+    ``competitor`` is :func:`competitor_ratio` of the post-processing's choice."""
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != probability.shape or mask.shape != lung.shape:
         raise QualityError(f"mask {mask.shape}, probability {probability.shape} and lung {lung.shape} must match")
@@ -276,6 +308,7 @@ def contour_signals(
         outside_lung_fraction=float(1.0 - (lung[mask] != 0).mean()),
         volume_ml=float(mask.sum() * np.prod(spacing_zyx) / 1000.0),
         sphericity=None if math.isnan(spher) else spher,
+        competitor_ratio=competitor,
     )
 
 
@@ -436,7 +469,11 @@ def judge(signals: QualitySignals | None, calibration: QualityCalibration, proba
     parts = score_parts(signals, probability_threshold)
     score = combine(parts)
     reasons = [k for k, v in sorted(parts.items(), key=lambda kv: kv[1]) if v < 0.5]
-    return ContourQuality(signals, parts, score, score < calibration.threshold, reasons, calibration, seconds, notes)
+    competing = signals.competitor_ratio is not None and signals.competitor_ratio >= COMPETITOR_RATIO
+    if competing:
+        reasons.insert(0, COMPETING_DETECTION)
+    uncertain = score < calibration.threshold or competing
+    return ContourQuality(signals, parts, score, uncertain, reasons, calibration, seconds, notes)
 
 
 def assess_contour(
@@ -452,5 +489,6 @@ def assess_contour(
     signals = None
     if grid.mask.any():
         agreement = tta_agreement(model, case, grid, settings, params)
-        signals = contour_signals(grid.mask, grid.probability, case.lung, case.record.spacing_zyx, agreement)
+        signals = contour_signals(grid.mask, grid.probability, case.lung, case.record.spacing_zyx, agreement,
+                                  competitor_ratio(grid.component_masses, settings.max_components))
     return judge(signals, calibration, settings.threshold, time.perf_counter() - start)

@@ -28,6 +28,7 @@ import SimpleITK as sitk
 from radnode.config.model import ModelSettings
 
 if TYPE_CHECKING:
+    from radnode.models.bundle import Bundle
     from radnode.models.quality import ContourQuality
 
 log = logging.getLogger(__name__)
@@ -103,15 +104,27 @@ def network_tumour(
 ) -> TumourSegmentation:
     """Segment with the RA-Seg network of a bundle (checksum, pin and architecture verified)."""
     from radnode.models.bundle import load_bundle
-    from radnode.models.inference import resolve_device, segment_ct
-    from radnode.models.quality import UNCERTAIN_TEXT, assess_contour, calibration_for
+    from radnode.models.inference import resolve_device
 
     bundle = load_bundle(bundle_path, device=resolve_device(device), expected_sha256=expected_sha256)
+    return bundle_tumour(ct, lung, bundle, device)
+
+
+def bundle_tumour(ct: sitk.Image, lung: np.ndarray, bundle: Bundle, device: str) -> TumourSegmentation:
+    """The tumour path of a loaded bundle: network, post-processing and the contour's quality.
+
+    Separate from loading so that the quality calibration can run a leave-one-out fold's
+    network through exactly the chain's path, with the bundle's settings and calibration.
+    """
+    from radnode.models.inference import segment_ct
+    from radnode.models.quality import UNCERTAIN_TEXT, assess_contour, calibration_for
+
     settings = bundle.inference_settings(device=device)
     seg = segment_ct(bundle.model, ct, lung.astype(np.uint8), settings=settings)
     meta = bundle.meta
     assert seg.case is not None
-    quality = assess_contour(bundle.model, seg.case, seg.grid, settings, calibration_for(meta.name, meta.version, bundle_path))
+    quality = assess_contour(bundle.model, seg.case, seg.grid, settings,
+                             calibration_for(meta.name, meta.version, bundle.path))
     seg.grid.timings["quality"] = quality.seconds
     if quality.uncertain:
         log.warning("%s: quality score %.2f below %.2f (%s)", UNCERTAIN_TEXT, quality.score,

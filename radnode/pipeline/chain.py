@@ -58,7 +58,7 @@ from radnode.pipeline.clinical_contours import (
 )
 from radnode.pipeline.review import LUNGS_ONLY_DIR, QUALITY_FILE
 from radnode.pipeline.version import PIPELINE_VERSION
-from radnode.models.quality import UNCERTAIN_SUFFIX, UNCERTAIN_TEXT, UNCERTAIN_TEXT_ASCII
+from radnode.models.quality import COMPETING_DETECTION, UNCERTAIN_SUFFIX, UNCERTAIN_TEXT, UNCERTAIN_TEXT_ASCII
 from radnode.models.tumour import NO_MODEL, TumourSegmentation, segment_tumour
 from radnode.models.verify import verify_configured_bundles
 from radnode.models.external.lungs import replace_lungs
@@ -257,7 +257,13 @@ def review_note(tumour: TumourSegmentation, ascii_only: bool = False) -> str:
     quality = tumour.quality
     assert quality is not None and quality.score is not None
     text = UNCERTAIN_TEXT_ASCII if ascii_only else UNCERTAIN_TEXT
-    return f"{text} (quality score {quality.score:.2f} < {quality.calibration.threshold:.2f})"
+    why = []
+    if quality.score < quality.calibration.threshold:
+        why.append(f"quality score {quality.score:.2f} < {quality.calibration.threshold:.2f}")
+    ratio = quality.signals.competitor_ratio if quality.signals is not None else None
+    if COMPETING_DETECTION in quality.reasons and ratio is not None:
+        why.append(f"another structure {ratio:.0%} as probable")
+    return f"{text} ({'; '.join(why)})"
 
 
 def review_summary(tumour: TumourSegmentation) -> dict[str, Any]:
