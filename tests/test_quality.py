@@ -171,6 +171,29 @@ def test_tta_agreement_separates_a_stable_network_from_a_guessing_one() -> None:
     assert verdict.seconds > 0
 
 
+def test_tta_judges_a_large_tumour_with_the_coarse_pass_it_was_found_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    from radnode.models import inference
+
+    calls: list[tuple[int, ...]] = []
+    real = inference.predict_coarse
+
+    def counted(model, image, box_mask, factor, settings):  # type: ignore[no-untyped-def]
+        calls.append(image.shape)
+        return real(model, image, box_mask, factor, settings)
+
+    monkeypatch.setattr(inference, "predict_coarse", counted)
+    base = dict(roi_size=(16, 32, 32), device="cpu", num_threads=1, deep_features=False, coarse_factor=2.0)
+    # The ball is 18 mm wide: with the 5 mm box margin on each side its box is 28 mm.
+    large = InferenceSettings(**base, coarse_min_box_mm=25.0)
+    case, grid = _case_and_grid(ThresholdNet(), large)
+    agreement = tta_agreement(ThresholdNet(), case, grid, large, TTAParams(flip_axes=(2,), shift_vox=(3, 5, 5)))
+    assert len(calls) == 2 and agreement == pytest.approx([1.0, 1.0], abs=0.05)  # the flip and the shift
+    calls.clear()
+    small = InferenceSettings(**base, coarse_min_box_mm=30.0)
+    tta_agreement(ThresholdNet(), case, grid, small, TTAParams(flip_axes=(2,)))
+    assert calls == []
+
+
 # --- calibration ----------------------------------------------------------------------------
 
 

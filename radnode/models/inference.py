@@ -481,12 +481,20 @@ def predict_coarse(
     return np.clip(_resample(coarse, image.shape, "trilinear"), 0.0, 1.0)
 
 
-def _with_coarse(model: RASeg, image: np.ndarray, box_mask: np.ndarray, fine: np.ndarray, box: Box | None,
-                 spacing: Sequence[float], settings: InferenceSettings) -> np.ndarray:
-    """``fine`` combined with the coarse pass when ``settings.coarse_factor`` asks for it and the box is large."""
-    if settings.coarse_factor is None or box is None:
-        return fine
-    if max(n * s for n, s in zip(box.shape, spacing)) < settings.coarse_min_box_mm:
+def box_extent_mm(box: Box | None, spacing: Sequence[float]) -> float | None:
+    """The longest edge of ``box`` in mm (``None`` without a box)."""
+    return None if box is None else float(max(n * s for n, s in zip(box.shape, spacing)))
+
+
+def with_coarse(model: RASeg, image: np.ndarray, box_mask: np.ndarray, fine: np.ndarray, extent_mm: float | None,
+                settings: InferenceSettings) -> np.ndarray:
+    """``fine`` combined with the coarse pass (:func:`predict_coarse`) when ``settings.coarse_factor``
+    asks for it and the tumour box's longest edge ``extent_mm`` reaches ``coarse_min_box_mm``.
+
+    The quality assessment's augmented passes go through this too, so that they judge the
+    same prediction the contour came from.
+    """
+    if settings.coarse_factor is None or extent_mm is None or extent_mm < settings.coarse_min_box_mm:
         return fine
     coarse = predict_coarse(model, image, box_mask, settings.coarse_factor, settings)
     return np.maximum(fine, coarse) if settings.coarse_combine == "max" else (fine + coarse) / 2
@@ -717,7 +725,7 @@ def segment_preprocessed(
                 break
             log.info("tumour runs out of box %s: re-running with %s", current.to_dict(), larger.to_dict())
             current = larger
-        local = _with_coarse(model, case.image[region.slices], box_mask, local, current, spacing, settings)
+        local = with_coarse(model, case.image[region.slices], box_mask, local, box_extent_mm(current, spacing), settings)
         window = probability[region.slices]
         np.maximum(window, local, out=window)
         regions.append(region)

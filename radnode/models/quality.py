@@ -60,7 +60,14 @@ import numpy as np
 from scipy import ndimage
 
 from radnode.models.candidates import Box, box_from_mask, mm_to_voxels
-from radnode.models.inference import GridSegmentation, InferenceSettings, postprocess_mask, predict_probabilities
+from radnode.models.inference import (
+    GridSegmentation,
+    InferenceSettings,
+    box_extent_mm,
+    postprocess_mask,
+    predict_probabilities,
+    with_coarse,
+)
 from radnode.models.metrics import dice
 from radnode.models.preprocess import PreprocessedCase
 from radnode.models.raseg import RASeg
@@ -315,6 +322,18 @@ def contour_signals(
 # --------------------------------------------------------------------------- test-time augmentation
 
 
+def _largest_component_box(mask: np.ndarray, spacing: Sequence[float]) -> Box:
+    """The bounding box of the largest 26-connected component of a non-empty ``mask``."""
+    whole = box_from_mask(mask, spacing)
+    assert whole is not None
+    labels, _count = ndimage.label(mask[whole.slices], structure=_FULL_CONNECTIVITY)
+    largest = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
+    local = box_from_mask(largest, spacing)
+    assert local is not None
+    return Box(tuple(a + o for a, o in zip(local.start, whole.start)),  # type: ignore[arg-type]
+               tuple(b + o for b, o in zip(local.stop, whole.start)))  # type: ignore[arg-type]
+
+
 def _assessed_region(mask: np.ndarray, spacing: Sequence[float], settings: InferenceSettings,
                      params: TTAParams) -> Box:
     """Where the augmentations run: the largest component's box plus the margin, at most one
@@ -323,14 +342,7 @@ def _assessed_region(mask: np.ndarray, spacing: Sequence[float], settings: Infer
     The largest component is the one that matters most to a planner; scattered islands
     are already counted by the ``one_object`` part.
     """
-    whole = box_from_mask(mask, spacing)
-    assert whole is not None
-    labels, _count = ndimage.label(mask[whole.slices], structure=_FULL_CONNECTIVITY)
-    largest = labels == int(np.argmax(np.bincount(labels.ravel())[1:])) + 1
-    local = box_from_mask(largest, spacing)
-    assert local is not None
-    box = Box(tuple(a + o for a, o in zip(local.start, whole.start)),  # type: ignore[arg-type]
-              tuple(b + o for b, o in zip(local.stop, whole.start)))  # type: ignore[arg-type]
+    box = _largest_component_box(mask, spacing)
     region = box.grow(mm_to_voxels(params.margin_mm, spacing), mask.shape)
     start, stop = list(region.start), list(region.stop)
     for i, (size, limit) in enumerate(zip(region.shape, settings.roi_size)):
@@ -376,7 +388,8 @@ def tta_agreement(
     """Dice of each augmented, post-processed contour with the contour sent (``grid.mask``).
 
     Each augmentation runs the main path's own functions (sliding-window
-    :func:`predict_probabilities`, then :func:`postprocess_mask` with the same settings)
+    :func:`predict_probabilities` and, for a large tumour, the coarse pass of
+    :func:`~radnode.models.inference.with_coarse`, then :func:`postprocess_mask` with the same settings)
     on the assessed region; the flip is undone before comparing, the shifted pass runs on
     the region with a few voxels cut off one side (:func:`_offset_window`) and is compared
     on that window.
@@ -399,12 +412,19 @@ def tta_agreement(
             max_components=settings.max_components,
         )
 
+    # A large tumour had the coarse pass too; judge the prediction it came from. Its box is
+    # taken as the detector's would be: the component plus the box margin on each side.
+    extent = box_extent_mm(_largest_component_box(grid.mask, spacing), spacing)
+    extent = None if extent is None else extent + 2 * settings.detector.box_margin_mm
+
+    def predict(image: np.ndarray, box_mask: np.ndarray) -> np.ndarray:
+        return with_coarse(model, image, box_mask, predict_probabilities(model, image, box_mask, settings), extent,
+                           settings)
+
     agreement: list[float] = []
     image, box_mask = case.image[region.slices], boxes[region.slices]
     for axis in params.flip_axes:
-        flipped = predict_probabilities(
-            model, np.ascontiguousarray(np.flip(image, axis)), np.ascontiguousarray(np.flip(box_mask, axis)), settings
-        )
+        flipped = predict(np.ascontiguousarray(np.flip(image, axis)), np.ascontiguousarray(np.flip(box_mask, axis)))
         agreement.append(dice(contour(region, np.flip(flipped, axis)), grid.mask[region.slices]))
     if params.shift_vox is not None:
         contour_box = box_from_mask(grid.mask[region.slices], spacing)
@@ -412,7 +432,7 @@ def tta_agreement(
         local = _offset_window(Box((0, 0, 0), region.shape), contour_box, params.shift_vox)
         moved = Box(tuple(a + o for a, o in zip(local.start, region.start)),  # type: ignore[arg-type]
                     tuple(b + o for b, o in zip(local.stop, region.start)))  # type: ignore[arg-type]
-        probability = predict_probabilities(model, case.image[moved.slices], boxes[moved.slices], settings)
+        probability = predict(case.image[moved.slices], boxes[moved.slices])
         agreement.append(dice(contour(moved, probability), grid.mask[moved.slices]))
     return agreement
 
