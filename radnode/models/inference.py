@@ -299,23 +299,9 @@ def predict_probabilities(
     return probs[0, TUMOUR_CLASS].float().numpy()
 
 
-def postprocess_mask(
-    mask: np.ndarray,
-    lung: np.ndarray,
-    spacing_zyx: Sequence[float],
-    min_component_mm3: float = 30.0,
-    min_lung_fraction: float = 0.1,
-    fill_holes: bool = True,
-    lung_margin_mm: float | None = None,
-    probability: np.ndarray | None = None,
-    min_component_confidence: float | None = None,
-    max_components: int | None = None,
-) -> np.ndarray:
-    """Clean a binary tumour mask: :func:`postprocess_components` without the list of masses."""
-    return postprocess_components(
-        mask, lung, spacing_zyx, min_component_mm3, min_lung_fraction, fill_holes, lung_margin_mm,
-        probability, min_component_confidence, max_components,
-    )[0]
+def postprocess_mask(*args: Any, **kwargs: Any) -> np.ndarray:
+    """Clean a binary tumour mask: :func:`postprocess_components` (same arguments), the mask alone."""
+    return postprocess_components(*args, **kwargs)[0]
 
 
 def postprocess_components(
