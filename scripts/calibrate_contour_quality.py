@@ -28,8 +28,9 @@ What it does, seeded and in one command:
    (DeLong 95 % interval) over all cases, and over the crops alone; the threshold is the
    score that maximises Youden's J (sensitivity + specificity − 1 for finding the bad
    contours), with its sensitivity and specificity; then the sensitivity and specificity of
-   the chain's whole verdict, which also flags a competing detection
-   (:data:`radnode.models.quality.COMPETITOR_RATIO`) whatever the score. Every case's signals and Dice are
+   the chain's whole verdict, which also flags a competing detection whatever the score;
+   its share (``competitor_ratio``) is fitted after the threshold (:func:`competitor_gate`).
+   Every case's signals and Dice are
    written with the entry, so ``tests/test_quality.py`` recomputes the scores, the AUC and
    the threshold from them with this module's functions.
 
@@ -52,7 +53,6 @@ from typing import Any
 import numpy as np
 
 from radnode.models.quality import (
-    COMPETITOR_RATIO,
     WEIGHTS,
     QualityCalibration,
     QualitySignals,
@@ -99,6 +99,29 @@ def youden_threshold(scores: np.ndarray, good: np.ndarray) -> tuple[float, float
     return round(best[1], 4), round(best[2], 4), round(best[3], 4)
 
 
+def competitor_gate(scores: np.ndarray, ratios: np.ndarray, good: np.ndarray, threshold: float) -> float:
+    """The competing-detection share that, on top of the score threshold, best finds the bad contours.
+
+    ``ratios`` are the contours' competitor ratios (0 where nothing was chosen between).
+    Candidate gates lie midway between consecutive distinct ratios (plus one above them
+    all: the gate that never fires); each is scored by Youden's J of the whole verdict
+    (score below ``threshold`` or ratio at or above the gate). Among the gates with the
+    best J, the middle one is taken: the widest margin on both sides, since a handful of
+    good contours with a competitor bound the plateau from below.
+    """
+    values = np.unique(np.concatenate([ratios, [0.0]]))
+    candidates = np.concatenate([(values[:-1] + values[1:]) / 2, [values[-1] + 1e-3]])  # survives rounding
+    candidates = candidates[candidates > 0]
+    js = []
+    for gate in candidates:
+        flagged = (scores < threshold) | (ratios >= gate)
+        sens = float(flagged[~good].mean()) if (~good).any() else 0.0
+        spec = float((~flagged[good]).mean()) if good.any() else 0.0
+        js.append(sens + spec - 1.0)
+    best = candidates[np.isclose(js, max(js), atol=1e-12)]
+    return round(float(best[(len(best) - 1) // 2]), 4)
+
+
 def _auc(scores: np.ndarray, good: np.ndarray) -> dict[str, Any] | None:
     from radnode.models.classifiers.delong import auc_confidence_interval
 
@@ -116,8 +139,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     threshold, sensitivity, specificity = youden_threshold(scores, good)
     crops = np.array([r["set"] == "lidc_crop" for r in rows])
     overall = _auc(scores, good)
-    # The verdict also flags a competing detection, whatever the score (not part of the fit).
-    competing = np.array([(r["signals"].get("competitor_ratio") or 0.0) >= COMPETITOR_RATIO for r in rows])
+    # The verdict also flags a competing detection, whatever the score: its share is fitted
+    # once the threshold is fixed.
+    ratios = np.array([r["signals"].get("competitor_ratio") or 0.0 for r in rows])
+    gate = competitor_gate(scores, ratios, good, threshold)
+    competing = ratios >= gate
     flagged = (scores < threshold) | competing
     parts: dict[str, Any] = {}
     for name in WEIGHTS:
@@ -135,7 +161,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "sensitivity_bad": sensitivity,
         "specificity_good": specificity,
         "auc_lidc_crops": (_auc(scores[crops], good[crops]) or {}).get("auc"),
-        "competing_detection_flags": {"good": int((competing & good).sum()), "bad": int((competing & ~good).sum())},
+        "competitor_ratio": gate,
+        "competing_detection_flags": {"good": int((competing & good).sum()), "bad": int((competing & ~good).sum()),
+                                      "bad_only_by_it": int((competing & ~good & (scores >= threshold)).sum())},
         "verdict_sensitivity_bad": round(float(flagged[~good].mean()), 4) if (~good).any() else None,
         "verdict_specificity_good": round(float((~flagged[good]).mean()), 4) if good.any() else None,
         "auc_per_part": parts,

@@ -105,6 +105,8 @@ def test_a_competing_detection_flags_a_contour_whatever_its_score(phantom: tuple
     assert verdict.to_dict()["signals"]["competitor_ratio"] == pytest.approx(13.2 / 14.3, abs=1e-4)
     just_below = replace(clear, competitor_ratio=COMPETITOR_RATIO - 0.01)
     assert not judge(just_below, calibration).uncertain
+    # A model's calibration sets its own share.
+    assert judge(just_below, replace(calibration, competitor_ratio=0.3)).uncertain
 
 
 def test_no_contour_is_not_flagged_and_empty_signals_are_refused(phantom: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
@@ -213,7 +215,8 @@ def test_the_shipped_calibration_is_what_the_script_computes_from_its_cases() ->
     assert entry["weights"] == WEIGHTS, "the score's weights changed: rerun scripts/calibrate_contour_quality.py"
     summary = _script().summarise(entry["rows"])
     for key in ("threshold", "auc", "auc_ci95", "n", "n_good", "n_bad", "sensitivity_bad", "specificity_good",
-                "auc_lidc_crops", "auc_per_part"):
+                "auc_lidc_crops", "auc_per_part", "competitor_ratio", "competing_detection_flags",
+                "verdict_sensitivity_bad", "verdict_specificity_good"):
         assert summary[key] == entry[key], key
     assert entry["n"] == len(entry["rows"]) and entry["n_good"] + entry["n_bad"] == entry["n"]
     sets = {r["set"] for r in entry["rows"]}
@@ -225,6 +228,7 @@ def test_the_shipped_calibration_is_what_the_script_computes_from_its_cases() ->
     # The chain uses this entry for the shipped model.
     found = calibration_for(meta.name, meta.version, DEMO_BUNDLE_PATH)
     assert found.calibrated and found.threshold == entry["threshold"] and found.auc == entry["auc"]
+    assert found.competitor_ratio == entry["competitor_ratio"]
 
 
 def test_calibration_crops_leave_out_every_patient_the_model_was_trained_on(shared_data: Path) -> None:
@@ -238,6 +242,18 @@ def test_calibration_crops_leave_out_every_patient_the_model_was_trained_on(shar
     drawn = {p.name.split("_")[0] for p in script.crop_files(shared_data, 10_000, seen=seen)}
     assert drawn and not drawn & set(seen)
     assert script.training_patients(SimpleNamespace(extra={})) == ("LIDC-IDRI-0001", "LIDC-IDRI-0003")
+
+
+def test_the_competitor_gate_is_the_middle_of_the_best_plateau() -> None:
+    gate = _script().competitor_gate
+    scores = np.array([0.9, 0.9, 0.9, 0.9, 0.9, 0.5])
+    good = np.array([True, True, False, False, True, False])
+    ratios = np.array([0.0, 0.2, 0.4, 0.46, 0.05, 0.0])  # the bad ones above every good one
+    found = gate(scores, ratios, good, threshold=0.7)
+    assert 0.2 < found <= 0.4 and found == pytest.approx(0.3)  # between the plateau's ends (0.3 and 0.43 midpoints)
+    assert not ((ratios >= found) & good).any() and ((ratios >= found) | (scores < 0.7))[~good].all()
+    # When a competitor never separates, the gate sits above every ratio: it never fires.
+    assert gate(scores, np.array([0.0, 0.9, 0.0, 0.0, 0.0, 0.0]), good, threshold=0.7) > 0.9
 
 
 def test_youden_threshold_flags_the_bad_contours() -> None:

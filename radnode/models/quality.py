@@ -24,13 +24,13 @@ score combines signals that go with a wrong contour on the cases we could measur
 
 Besides the score, one rule flags a contour whatever its score: a **competing detection**.
 When the post-processing keeps only the most probable component(s) (``max_components``) and
-a dropped one holds at least :data:`COMPETITOR_RATIO` of the kept one's summed probability,
-the network found two comparably tumour-like structures and radnode picked one; that pick
-is a guess a planner must check. It catches the confidently wrong contour that the
+a dropped one holds at least a given share of the kept one's summed probability, the
+network found two comparably tumour-like structures and radnode picked one; that pick is a
+guess a planner must check. It catches the confidently wrong contour that the
 self-consistency signals cannot see (a vessel bundle found with high probability and
-stable under mirroring, while the nodule lay elsewhere). The ratio was fixed at one half
-before it was measured, and it does not enter the score, so the calibrated threshold is
-unchanged by it.
+stable under mirroring, while the nodule lay elsewhere). The share is calibrated per model
+like the threshold (``competitor_ratio`` of the calibration entry, fitted after the
+threshold); uncalibrated models use :data:`COMPETITOR_RATIO`. It does not enter the score.
 
 The weights are fixed a priori (agreement and confidence carry most, as in the TTA and
 probability-based quality-control literature); only the **threshold** is fitted, on the
@@ -96,7 +96,8 @@ WEIGHTS: dict[str, float] = {
     "volume": 0.05,
 }
 #: A dropped component with at least this share of the kept one's summed probability makes
-#: the choice between them a guess: the contour is flagged whatever its score.
+#: the choice between them a guess: the contour is flagged whatever its score (the value for
+#: a model whose calibration does not fit its own).
 COMPETITOR_RATIO = 0.5
 #: The reason given for that flag.
 COMPETING_DETECTION = "competing_detection"
@@ -163,6 +164,7 @@ class QualityCalibration:
 
     threshold: float
     calibrated: bool
+    competitor_ratio: float = COMPETITOR_RATIO
     model_name: str | None = None
     model_version: str | None = None
     auc: float | None = None
@@ -184,8 +186,8 @@ class ContourQuality:
     score
         Weighted mean of ``parts`` (:data:`WEIGHTS`); ``None`` when there is no contour.
     uncertain
-        ``score < calibration.threshold``, or a competing detection (:data:`COMPETITOR_RATIO`):
-        the contour needs a person's review.
+        ``score < calibration.threshold``, or a competing detection
+        (``calibration.competitor_ratio``): the contour needs a person's review.
     reasons
         The parts below 0.5, worst first (what a reviewer should look at).
     calibration
@@ -467,7 +469,9 @@ def calibration_for(model_name: str, model_version: str, bundle_path: Path | Non
                 except (KeyError, TypeError, ValueError) as exc:
                     raise QualityError(f"{path}: calibration of {model_name} {model_version} has no numeric threshold") from exc
                 return QualityCalibration(
-                    threshold=threshold, calibrated=True, model_name=model_name, model_version=str(model_version),
+                    threshold=threshold, calibrated=True,
+                    competitor_ratio=float(entry.get("competitor_ratio", COMPETITOR_RATIO)),
+                    model_name=model_name, model_version=str(model_version),
                     auc=entry.get("auc"), n=entry.get("n"), date=entry.get("date"), source=path.name,
                 )
     return QualityCalibration(threshold=DEFAULT_THRESHOLD, calibrated=False, model_name=model_name,
@@ -489,7 +493,7 @@ def judge(signals: QualitySignals | None, calibration: QualityCalibration, proba
     parts = score_parts(signals, probability_threshold)
     score = combine(parts)
     reasons = [k for k, v in sorted(parts.items(), key=lambda kv: kv[1]) if v < 0.5]
-    competing = signals.competitor_ratio is not None and signals.competitor_ratio >= COMPETITOR_RATIO
+    competing = signals.competitor_ratio is not None and signals.competitor_ratio >= calibration.competitor_ratio
     if competing:
         reasons.insert(0, COMPETING_DETECTION)
     uncertain = score < calibration.threshold or competing
