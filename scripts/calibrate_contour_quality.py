@@ -79,6 +79,13 @@ def score_of(row: dict[str, Any]) -> float:
     return quality.score
 
 
+def sensitivity_specificity(flagged: np.ndarray, good: np.ndarray) -> tuple[float, float]:
+    """Share of the bad contours flagged, and share of the good ones not flagged (0 when a class is empty)."""
+    sens = float(flagged[~good].mean()) if (~good).any() else 0.0
+    spec = float((~flagged[good]).mean()) if good.any() else 0.0
+    return sens, spec
+
+
 def youden_threshold(scores: np.ndarray, good: np.ndarray) -> tuple[float, float, float]:
     """The threshold (flag below it) maximising sensitivity + specificity for bad contours.
 
@@ -90,9 +97,7 @@ def youden_threshold(scores: np.ndarray, good: np.ndarray) -> tuple[float, float
     candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
     best = (-1.0, 0.0, 0.0, 0.0)
     for t in candidates:
-        flagged = scores < t
-        sens = float(flagged[~good].mean()) if (~good).any() else 0.0
-        spec = float((~flagged[good]).mean()) if good.any() else 0.0
+        sens, spec = sensitivity_specificity(scores < t, good)
         j = sens + spec - 1.0
         if j >= best[0] - 1e-12:
             best = (j, float(t), sens, spec)
@@ -114,10 +119,7 @@ def competitor_gate(scores: np.ndarray, ratios: np.ndarray, good: np.ndarray, th
     candidates = candidates[candidates > 0]
     js = []
     for gate in candidates:
-        flagged = (scores < threshold) | (ratios >= gate)
-        sens = float(flagged[~good].mean()) if (~good).any() else 0.0
-        spec = float((~flagged[good]).mean()) if good.any() else 0.0
-        js.append(sens + spec - 1.0)
+        js.append(sum(sensitivity_specificity((scores < threshold) | (ratios >= gate), good)) - 1.0)
     best = candidates[np.isclose(js, max(js), atol=1e-12)]
     return round(float(best[(len(best) - 1) // 2]), 4)
 
@@ -144,7 +146,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ratios = np.array([r["signals"].get("competitor_ratio") or 0.0 for r in rows])
     gate = competitor_gate(scores, ratios, good, threshold)
     competing = ratios >= gate
-    flagged = (scores < threshold) | competing
+    verdict_sens, verdict_spec = sensitivity_specificity((scores < threshold) | competing, good)
     parts: dict[str, Any] = {}
     for name in WEIGHTS:
         values = np.array([judge(QualitySignals(**{**r["signals"], "tta_dice": tuple(r["signals"]["tta_dice"])}),
@@ -164,8 +166,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "competitor_ratio": gate,
         "competing_detection_flags": {"good": int((competing & good).sum()), "bad": int((competing & ~good).sum()),
                                       "bad_only_by_it": int((competing & ~good & (scores >= threshold)).sum())},
-        "verdict_sensitivity_bad": round(float(flagged[~good].mean()), 4) if (~good).any() else None,
-        "verdict_specificity_good": round(float((~flagged[good]).mean()), 4) if good.any() else None,
+        "verdict_sensitivity_bad": round(verdict_sens, 4) if (~good).any() else None,
+        "verdict_specificity_good": round(verdict_spec, 4) if good.any() else None,
         "auc_per_part": parts,
         "good_dice": GOOD_DICE,
     }

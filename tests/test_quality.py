@@ -282,17 +282,18 @@ def test_calibration_lookup_prefers_the_bundle_and_falls_back_to_the_default(tmp
 
 
 def test_the_augmented_region_is_one_window_around_the_largest_component() -> None:
-    from radnode.models.quality import _assessed_region
+    from radnode.models.quality import _assessed_region, _largest_component_box
 
     settings = InferenceSettings(roi_size=(16, 32, 32), device="cpu")
     mask = np.zeros((60, 120, 120), dtype=bool)
     mask[10:50, 20:100, 30:110] = True  # larger than one window on every axis
     mask[55:58, 5:8, 5:8] = True  # a far island
-    region = _assessed_region(mask, SPACING, settings, TTAParams())
+    region = _assessed_region(_largest_component_box(mask, SPACING), mask.shape, SPACING, settings, TTAParams())
     assert region.shape == (16, 32, 32)
     centre = [(a + b) / 2 for a, b in zip(region.start, region.stop)]
     assert centre == pytest.approx([30, 60, 70], abs=1)
     small = np.zeros_like(mask)
     small[20:24, 50:56, 50:56] = True
-    region = _assessed_region(small, SPACING, settings, TTAParams(margin_mm=3.0))
+    region = _assessed_region(_largest_component_box(small, SPACING), small.shape, SPACING, settings,
+                              TTAParams(margin_mm=3.0))
     assert region.start == (18, 47, 47) and region.stop == (26, 59, 59)  # the box + 3 mm, under the cap

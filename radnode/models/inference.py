@@ -467,9 +467,9 @@ def predict_coarse(
     return np.clip(_resample(coarse, image.shape, "trilinear"), 0.0, 1.0)
 
 
-def box_extent_mm(box: Box | None, spacing: Sequence[float]) -> float | None:
-    """The longest edge of ``box`` in mm (``None`` without a box)."""
-    return None if box is None else float(max(n * s for n, s in zip(box.shape, spacing)))
+def box_extent_mm(box: Box, spacing: Sequence[float]) -> float:
+    """The longest edge of ``box`` in mm."""
+    return float(max(n * s for n, s in zip(box.shape, spacing)))
 
 
 def with_coarse(model: RASeg, image: np.ndarray, box_mask: np.ndarray, fine: np.ndarray, extent_mm: float | None,
@@ -711,7 +711,8 @@ def segment_preprocessed(
                 break
             log.info("tumour runs out of box %s: re-running with %s", current.to_dict(), larger.to_dict())
             current = larger
-        local = with_coarse(model, case.image[region.slices], box_mask, local, box_extent_mm(current, spacing), settings)
+        extent = None if current is None else box_extent_mm(current, spacing)
+        local = with_coarse(model, case.image[region.slices], box_mask, local, extent, settings)
         window = probability[region.slices]
         np.maximum(window, local, out=window)
         regions.append(region)

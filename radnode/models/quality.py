@@ -336,21 +336,21 @@ def _largest_component_box(mask: np.ndarray, spacing: Sequence[float]) -> Box:
                tuple(b + o for b, o in zip(local.stop, whole.start)))  # type: ignore[arg-type]
 
 
-def _assessed_region(mask: np.ndarray, spacing: Sequence[float], settings: InferenceSettings,
+def _assessed_region(box: Box, shape: Sequence[int], spacing: Sequence[float], settings: InferenceSettings,
                      params: TTAParams) -> Box:
-    """Where the augmentations run: the largest component's box plus the margin, at most one
-    ``roi_size`` window (centred on that component), so each augmentation is one network pass.
+    """Where the augmentations run: the largest component's ``box`` (:func:`_largest_component_box`)
+    plus the margin, at most one ``roi_size`` window (centred on that component) of a grid of
+    ``shape``, so each augmentation is one network pass.
 
     The largest component is the one that matters most to a planner; scattered islands
     are already counted by the ``one_object`` part.
     """
-    box = _largest_component_box(mask, spacing)
-    region = box.grow(mm_to_voxels(params.margin_mm, spacing), mask.shape)
+    region = box.grow(mm_to_voxels(params.margin_mm, spacing), shape)
     start, stop = list(region.start), list(region.stop)
     for i, (size, limit) in enumerate(zip(region.shape, settings.roi_size)):
         if size > limit:
             centre = (box.start[i] + box.stop[i]) // 2
-            start[i] = int(np.clip(centre - limit // 2, 0, mask.shape[i] - limit))
+            start[i] = int(np.clip(centre - limit // 2, 0, shape[i] - limit))
             stop[i] = start[i] + limit
     return Box(tuple(start), tuple(stop))  # type: ignore[arg-type]
 
@@ -401,7 +401,8 @@ def tta_agreement(
         return []
     spacing = case.record.spacing_zyx
     shape = case.image.shape
-    region = _assessed_region(grid.mask, spacing, settings, params)
+    component = _largest_component_box(grid.mask, spacing)
+    region = _assessed_region(component, shape, spacing, settings, params)
     boxes = box_input(grid, shape)
 
     def contour(window: Box, probability: np.ndarray) -> np.ndarray:
@@ -416,8 +417,7 @@ def tta_agreement(
 
     # A large tumour had the coarse pass too; judge the prediction it came from. Its box is
     # taken as the detector's would be: the component plus the box margin on each side.
-    extent = box_extent_mm(_largest_component_box(grid.mask, spacing), spacing)
-    extent = None if extent is None else extent + 2 * settings.detector.box_margin_mm
+    extent = box_extent_mm(component, spacing) + 2 * settings.detector.box_margin_mm
 
     def predict(image: np.ndarray, box_mask: np.ndarray) -> np.ndarray:
         return with_coarse(model, image, box_mask, predict_probabilities(model, image, box_mask, settings), extent,
